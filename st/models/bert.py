@@ -1,0 +1,190 @@
+"""A BERT encoder with differentiable head and FFN masks, readable top to bottom.
+
+Dimensions: B batch, T tokens, D hidden, H heads (of this layer), Dh head dim, F FFN width,
+L layers, H0 heads per layer in the pre-trained model (masks are always indexed by those).
+
+Masks are forward arguments, never module state (Michel et al. 2019; Liang et al. 2021):
+  head_mask (L, H0) or (B, L, H0) multiplies each head's context before the output projection;
+  ffn_mask  (L,)    or (B, L)     multiplies the FFN output before residual + LayerNorm.
+Attention runs through F.scaled_dot_product_attention, so a mask never forces a slow path.
+A physically pruned model keeps, per layer, the original indices of its surviving heads, so a
+mask or ticket made for the full model applies to it unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int  # H0: heads per layer before pruning; fixes the head dim D / H0
+    intermediate_size: int  # F0: FFN width before pruning
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    # After physical pruning: the original indices of each layer's kept heads, and each layer's
+    # FFN width (0 = FFN removed). None means "all heads" / "full width".
+    kept_heads: tuple[tuple[int, ...], ...] | None = None
+    ffn_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        for name, per_layer in (("kept_heads", self.kept_heads), ("ffn_sizes", self.ffn_sizes)):
+            if per_layer is not None and len(per_layer) != self.num_layers:
+                raise ValueError(f"{name} has {len(per_layer)} entries for {self.num_layers} layers")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def layer_heads(self, layer: int) -> tuple[int, ...]:
+        return tuple(range(self.num_heads)) if self.kept_heads is None else self.kept_heads[layer]
+
+    def layer_ffn_size(self, layer: int) -> int:
+        return self.intermediate_size if self.ffn_sizes is None else self.ffn_sizes[layer]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        d = dict(d)
+        if d.get("kept_heads") is not None:
+            d["kept_heads"] = tuple(tuple(h) for h in d["kept_heads"])
+        if d.get("ffn_sizes") is not None:
+            d["ffn_sizes"] = tuple(d["ffn_sizes"])
+        return cls(**d)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.word = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # B,T,D
+        return self.dropout(self.norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: BertConfig, layer: int):
+        super().__init__()
+        heads = c.layer_heads(layer)
+        self.n_heads, self.head_dim = len(heads), c.head_dim
+        inner = self.n_heads * self.head_dim
+        # One fused projection for Q, K and V: one matmul instead of three, forward and backward.
+        self.qkv = nn.Linear(c.hidden_size, 3 * inner)  # rows: [Q heads | K heads | V heads]
+        self.out = nn.Linear(inner, c.hidden_size)
+        self.dropout_p = c.attention_dropout
+        # Original head indices, to pick this layer's entries out of a full-size (.., H0) mask.
+        full = heads == tuple(range(c.num_heads))
+        self.register_buffer("kept", None if full else torch.tensor(heads, dtype=torch.long), persistent=False)
+
+    def forward(self, x: Tensor, key_padding: Tensor | None, head_mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × B,H,T,Dh
+        dropout = self.dropout_p if self.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding, dropout_p=dropout)  # B,H,T,Dh
+        if head_mask is not None:  # (H0,) or (B, H0)
+            if self.kept is not None:
+                head_mask = head_mask[..., self.kept]
+            ctx = ctx * head_mask.reshape(-1, self.n_heads, 1, 1).to(ctx.dtype)
+        return self.out(ctx.transpose(1, 2).reshape(B, T, -1))  # B,T,D
+
+
+class FeedForward(nn.Module):
+    def __init__(self, c: BertConfig, width: int):
+        super().__init__()
+        self.up = nn.Linear(c.hidden_size, width)  # D -> F
+        self.down = nn.Linear(width, c.hidden_size)  # F -> D
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))  # exact (erf) GELU, as BERT's "gelu"
+
+
+class Layer(nn.Module):
+    def __init__(self, c: BertConfig, layer: int):
+        super().__init__()
+        self.attention = Attention(c, layer)
+        self.attention_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        width = c.layer_ffn_size(layer)
+        # A removed FFN block keeps its LayerNorm: the layer then computes LayerNorm(attention_out).
+        self.ffn = FeedForward(c, width) if width > 0 else None
+        self.ffn_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout)
+
+    def forward(self, x, key_padding, head_mask, ffn_mask):
+        a = self.attention_norm(x + self.dropout(self.attention(x, key_padding, head_mask)))  # B,T,D
+        if self.ffn is None:
+            return self.ffn_norm(a)
+        f = self.dropout(self.ffn(a))  # B,T,D
+        if ffn_mask is not None:  # () or (B,)
+            f = f * ffn_mask.reshape(-1, 1, 1).to(f.dtype)
+        return self.ffn_norm(a + f)
+
+
+class Bert(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_layers))
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def forward(
+        self,
+        input_ids: Tensor,  # B,T
+        token_type_ids: Tensor | None = None,  # B,T
+        attention_mask: Tensor | None = None,  # B,T: 1 for real tokens, 0 for padding
+        head_mask: Tensor | None = None,  # L,H0 or B,L,H0
+        ffn_mask: Tensor | None = None,  # L or B,L
+    ) -> Tensor:  # B,T,D
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        key_padding = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_padding = attention_mask.bool()[:, None, None, :]  # B,1,1,T: True = attend
+        x = self.embeddings(input_ids, token_type_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, key_padding, _layer_slice(head_mask, i, 2), _layer_slice(ffn_mask, i, 1))
+        return x
+
+
+def _layer_slice(mask: Tensor | None, i: int, unbatched_dims: int) -> Tensor | None:
+    """Layer i's entries of a mask shaped (L, ...) or, with a batch dimension, (B, L, ...)."""
+    if mask is None:
+        return None
+    return mask[i] if mask.dim() == unbatched_dims else mask[:, i]
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: normal(0, std) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,50 @@
+"""Pooler and task layer on top of the encoder: BERT's [CLS] pooler, dropout, one linear layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from st.models.bert import Bert, init_weights
+
+
+class Pooler(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # B,T,D -> B,D
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class TaskHead(nn.Module):
+    """Dropout and a linear layer: num_labels logits, or one score for regression (num_labels=1)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, pooled: Tensor) -> Tensor:  # B,D -> B,num_labels
+        return self.out(self.dropout(pooled))
+
+
+class BertClassifier(nn.Module):
+    """Encoder + pooler + task head: the paper's ST-DNN."""
+
+    def __init__(self, encoder: Bert, num_labels: int, head_dropout: float = 0.1):
+        super().__init__()
+        d = encoder.config.hidden_size
+        self.encoder = encoder
+        self.pooler = Pooler(d)
+        self.classifier = TaskHead(d, num_labels, head_dropout)
+        for module in (self.pooler, self.classifier):
+            module.apply(lambda m: init_weights(m, encoder.config.initializer_range))
+
+    @property
+    def num_labels(self) -> int:
+        return self.classifier.out.out_features
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, head_mask=None, ffn_mask=None) -> Tensor:
+        hidden = self.encoder(input_ids, token_type_ids, attention_mask, head_mask, ffn_mask)  # B,T,D
+        return self.classifier(self.pooler(hidden))  # B,num_labels
