@@ -1,0 +1,44 @@
+"""Our own checkpoints: a folder with config.json and model.safetensors (encoder, pooler, task head).
+
+config.json = {"format": "st", "encoder": BertConfig fields, "head": {"num_labels", "dropout"}, ...meta}
+where meta is whatever made the checkpoint (task, training config, ticket) so every output folder
+carries the config that made it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from st.errors import UserError
+from st.io import write_json, write_safetensors
+from st.models.bert import Bert, BertConfig
+from st.models.heads import BertClassifier
+from st.models.weights import ST_FORMAT, read_config, read_tensors
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def save_checkpoint(folder: str | Path, model: BertClassifier, **meta) -> None:
+    folder = Path(folder)
+    head = {"num_labels": model.num_labels, "dropout": model.classifier.dropout.p}
+    # Weights first, config last: a folder whose config.json exists holds finished weights.
+    write_safetensors(folder / WEIGHTS, model.state_dict())
+    write_json(folder / CONFIG, {"format": ST_FORMAT, "encoder": model.encoder.config.to_dict(), "head": head, **meta})
+
+
+def load_checkpoint(folder: str | Path) -> tuple[BertClassifier, dict]:
+    """(model, config.json contents) of a checkpoint written by `save_checkpoint`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint folder {folder} does not exist; pass the --out folder of `st finetune`")
+    cfg = read_config(folder)
+    if cfg.get("format") != ST_FORMAT or "head" not in cfg:
+        raise UserError(f"{folder} is not an st fine-tuned checkpoint (its config.json lacks \"format\": \"st\"); run `st finetune` first")
+    encoder = Bert(BertConfig.from_dict(cfg["encoder"]))
+    model = BertClassifier(encoder, cfg["head"]["num_labels"], cfg["head"]["dropout"])
+    tensors, source = read_tensors(folder)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise UserError(f"{source}: {'missing' if missing else 'unknown'} key {key!r}; the checkpoint does not match its config.json")
+    return model, cfg
