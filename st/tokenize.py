@@ -1,0 +1,137 @@
+"""WordPiece tokenisation through the `tokenizers` library, matching HF's BertTokenizerFast.
+
+Tokenise a whole dataset once with `encode_unpadded`, then pad per batch with `collate`;
+`encode` does both for a single batch.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers import models, normalizers, pre_tokenizers, processors
+
+from st.errors import UserError
+
+Item = tuple[list[int], list[int]]  # (input_ids, token_type_ids) of one example, unpadded
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def _from_vocab(vocab_file: Path, cfg: dict, specials: dict[str, str]) -> Backend:
+    # Read vocab.txt the way HF's BertTokenizer does (strip only "\n", a repeated line keeps
+    # its last index), so ids agree even on odd vocab files.
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    missing = [t for t in (specials["unk"], specials["cls"], specials["sep"], specials["pad"]) if t not in vocab]
+    if missing:
+        raise UserError(f"{vocab_file} lacks the special tokens {missing}: is this a BERT vocabulary?")
+    tok = Backend(models.WordPiece(vocab, unk_token=specials["unk"], max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
+        strip_accents=cfg.get("strip_accents"),
+        lowercase=cfg.get("do_lower_case", True),
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = specials["cls"], specials["sep"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
+    )
+    # HF registers the special tokens as added tokens, so "[SEP]" typed in a text stays one token.
+    tok.add_special_tokens([t for t in specials.values() if t in vocab])
+    return tok
+
+
+def _follow_config(tok: Backend, cfg: dict) -> None:
+    # tokenizer_config.json wins over tokenizer.json's normalizer, as in HF's BertTokenizerFast:
+    # a cased model shipped with a lower-casing tokenizer.json must still be cased.
+    if not isinstance(tok.normalizer, normalizers.BertNormalizer):
+        return
+    state = json.loads(tok.normalizer.__getstate__())
+    want = {
+        "lowercase": cfg.get("do_lower_case", True),
+        "strip_accents": cfg.get("strip_accents"),
+        "handle_chinese_chars": cfg.get("tokenize_chinese_chars", True),
+    }
+    if any(state.get(k, v) != v for k, v in want.items()):
+        state.pop("type")
+        tok.normalizer = normalizers.BertNormalizer(**{**state, **want})
+
+
+class Tokenizer:
+    """BERT WordPiece: [CLS] A [SEP] (B [SEP]), longest-first truncation to `max_length`."""
+
+    def __init__(self, backend: Backend, pad_id: int, max_length: int):
+        if max_length < 3:
+            raise UserError(f"max_length is {max_length}: it must be at least 3 to fit [CLS] A [SEP] B [SEP]")
+        self.backend, self.pad_id, self.max_length = backend, pad_id, max_length
+        backend.no_padding()  # tokenizer.json may ask for fixed padding; we pad per batch in `collate`
+        backend.enable_truncation(max_length, strategy="longest_first")
+
+    @classmethod
+    def from_dir(cls, path: str | Path, max_length: int = 128) -> "Tokenizer":
+        folder = Path(path)
+        cfg = _read_config(folder)
+        defaults = {"unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]"}
+        specials = {k: str(cfg.get(f"{k}_token") or v) for k, v in defaults.items()}
+        if (folder / "tokenizer.json").is_file():
+            try:
+                backend = Backend.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # the Rust side raises a bare Exception on a bad file
+                raise UserError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
+            if not isinstance(backend.model, models.WordPiece):
+                raise UserError(f"{folder / 'tokenizer.json'} is not a WordPiece (BERT) tokenizer")
+            _follow_config(backend, cfg)
+        elif (folder / "vocab.txt").is_file():
+            backend = _from_vocab(folder / "vocab.txt", cfg, specials)
+        else:
+            raise UserError(f"{folder} has no tokenizer: expected tokenizer.json or vocab.txt (with an optional tokenizer_config.json)")
+        pad_id = backend.token_to_id(specials["pad"])
+        if pad_id is None:
+            raise UserError(f"the tokenizer in {folder} has no {specials['pad']} token to pad with")
+        return cls(backend, pad_id, max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        # Largest id + 1, i.e. the embedding rows needed, even if the vocabulary has holes.
+        return max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
+
+    def encode_unpadded(self, texts_a: list[str], texts_b: list[str] | None = None) -> list[Item]:
+        if texts_b is not None and len(texts_b) != len(texts_a):
+            raise ValueError(f"{len(texts_a)} first texts but {len(texts_b)} second texts")
+        inputs = list(texts_a) if texts_b is None else list(zip(texts_a, texts_b))
+        return [(e.ids, e.type_ids) for e in self.backend.encode_batch(inputs)]
+
+    def encode(self, texts_a: list[str], texts_b: list[str] | None = None) -> dict[str, torch.Tensor]:
+        return collate(self.encode_unpadded(texts_a, texts_b), self.pad_id)
+
+
+def collate(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example: input_ids, token_type_ids, attention_mask, each (B, T)."""
+    T = max(len(ids) for ids, _ in items)
+    pad = [T - len(ids) for ids, _ in items]
+    return {
+        "input_ids": torch.tensor([ids + [pad_id] * n for (ids, _), n in zip(items, pad)], dtype=torch.long),
+        "token_type_ids": torch.tensor([tt + [0] * n for (_, tt), n in zip(items, pad)], dtype=torch.long),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * n for (ids, _), n in zip(items, pad)], dtype=torch.long),
+    }
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None:
+    """Ids beyond the embedding table would crash on GPU with an unreadable device assert."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise UserError(
+            f"tokenizer in {where} has {tokenizer.vocab_size} tokens but the model's embeddings have "
+            f"{model_vocab_size} rows: the tokenizer and weights come from different models"
+        )
