@@ -23,6 +23,7 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; results are meant to be shared
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -51,3 +52,9 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def write_torch(path: str | Path, obj) -> None:
+    """Training state (tensors, numbers, lists, dicts only), read back with torch.load(weights_only=True)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from st.models.bert import Bert, init_weights
@@ -48,3 +49,15 @@ class BertClassifier(nn.Module):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, head_mask=None, ffn_mask=None) -> Tensor:
         hidden = self.encoder(input_ids, token_type_ids, attention_mask, head_mask, ffn_mask)  # B,T,D
         return self.classifier(self.pooler(hidden))  # B,num_labels
+
+
+def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:  # B,C and B -> B
+    """Cross-entropy per example, or squared error for a one-output regression head."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def predict(logits: Tensor) -> Tensor:  # B,C -> B
+    """Label index, or the score itself for regression."""
+    return logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)

@@ -1,0 +1,174 @@
+"""The `st` command line: each command turns options into one library call.
+
+Only this package reads argv and the environment. User errors (`st.errors.UserError`) become one
+line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from st.errors import UserError
+
+console = Console(stderr=True)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=Group)
+@click.option("--user-dir", type=click.Path(), help="A .py file or package whose @register_task tasks to add.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
+def cli(user_dir, verbose):
+    """st: find super tickets in pre-trained BERT models (Liang et al., ACL 2021)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if user_dir:
+        from st.tasks import import_user_dir
+
+        import_user_dir(user_dir)
+
+
+# ---- shared options ---------------------------------------------------------------------------
+
+
+def task_options(f):
+    """--task and the options that locate and describe its data."""
+    options = [
+        click.option("--task", required=True, help="Task name (see `st tasks`)."),
+        click.option("--data-dir", type=click.Path(), default=None, help="Task data folder (GLUE: defaults to $GLUE_DIR/<Task>)."),
+        click.option("--text-columns", default=None, help="csv/jsonl tasks: text column, or two comma-separated for pairs."),
+        click.option("--label-column", default=None, help="csv/jsonl tasks: label column."),
+        click.option("--labels", "label_set", default=None, help="csv/jsonl tasks: comma-separated label set (default: from train)."),
+        click.option("--regression", is_flag=True, default=None, help="csv/jsonl tasks: a real-valued label."),
+        click.option("--max-length", default=128, show_default=True, type=click.IntRange(8, 512), help="Tokens per example."),
+    ]
+    return functools.reduce(lambda g, o: o(g), reversed(options), f)
+
+
+def train_options(f):
+    """The paper's fine-tuning defaults, each overridable."""
+    options = [
+        click.option("--model", default="minilm-l6", show_default=True, help="Folder, alias (minilm-l6) or cached hub id."),
+        click.option("--epochs", default=3, show_default=True, type=click.IntRange(1)),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1)),
+        click.option("--lr", default=5e-5, show_default=True, type=click.FloatRange(min=0, min_open=True)),
+        click.option("--warmup", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="Fraction of steps with linear warm-up."),
+        click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0)),
+        click.option("--clip", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Gradient-norm clipping."),
+        click.option("--dropout", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
+        click.option("--head-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help="Default: the task's (MNLI 0.2, CoLA 0.05, else 0.1)."),
+        click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1), help="Gradient accumulation steps."),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--train-size", default=None, type=click.IntRange(1), help="Use N training examples, sampled with the seed."),
+        click.option("--train-fraction", default=None, type=float, help="Use this fraction (0, 1] of the training set."),
+    ]
+    return functools.reduce(lambda g, o: o(g), reversed(options), device_options(f))
+
+
+def device_options(f):
+    f = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Autocast on CUDA.")(f)
+    return click.option("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun, this rank's GPU).")(f)
+
+
+def make_task_options(text_columns, label_column, label_set, regression) -> tuple:
+    given = {"text_columns": text_columns, "label_column": label_column, "labels": label_set, "regression": regression}
+    return tuple((k, v) for k, v in given.items() if v is not None)
+
+
+def make_job(kw: dict, **extra):
+    from st.pipeline import Job
+    from st.train import TrainConfig
+
+    from st import dist
+
+    if kw["train_fraction"] is not None and not 0 < kw["train_fraction"] <= 1:
+        raise UserError(f"--train-fraction must be in (0, 1], got {kw['train_fraction']}")
+    train = TrainConfig(
+        epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], warmup=kw["warmup"],
+        weight_decay=kw["weight_decay"], clip=kw["clip"], grad_accum=kw["grad_accum"], seed=kw["seed"],
+        device=dist.pick_device(kw["device"]), precision=kw["precision"],
+    )
+    return Job(
+        task=kw["task"], model=kw["model"], data_dir=kw["data_dir"],
+        task_options=make_task_options(kw["text_columns"], kw["label_column"], kw["label_set"], kw["regression"]),
+        train_size=kw["train_size"], train_fraction=kw["train_fraction"], max_length=kw["max_length"],
+        dropout=kw["dropout"], head_dropout=kw["head_dropout"], train=train, **extra,
+    )
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+@cli.command("tasks")
+def tasks_command():
+    """List the registered tasks and their metrics."""
+    from rich.table import Table
+
+    from st.tasks import TASKS
+
+    table = Table("task", "metrics", "main metric", title="tasks")
+    for name in sorted(TASKS):
+        cls = TASKS[name]
+        table.add_row(name, ", ".join(getattr(cls, "metrics", ()) or ("(set by options)",)), getattr(cls, "main_metric", "") or "")
+    Console().print(table)
+
+
+@cli.command("finetune")
+@task_options
+@train_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumes if interrupted).")
+@click.option("--ticket", type=click.Path(exists=True, dir_okay=False), help="ticket.json: rewind and fine-tune the subnetwork.")
+@click.option("--init", type=click.Path(exists=True, file_okay=False), help="Continue from a fine-tuned checkpoint folder.")
+def finetune_command(out, ticket, init, **kw):
+    """Fine-tune a pre-trained BERT on one task (ST-DNN), optionally a ticket's subnetwork."""
+    from st import dist
+    from st.pipeline import run_finetune
+    from cli.progress import training_progress
+
+    with dist.session():
+        job = make_job(kw, ticket=ticket, init=init)
+        with training_progress(enabled=dist.is_main()) as (on_step, on_epoch):
+            result = run_finetune(job, out, on_step=on_step, on_epoch=on_epoch)
+        if dist.is_main():
+            dev = ", ".join(f"{k} {v:.4f}" for k, v in result["dev"].items())
+            console.print(f"[bold]{result['task']}[/]: best epoch {result['best_epoch']}, dev {dev} -> {out}")
+
+
+@cli.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(), help="A folder written by `st finetune`.")
+@click.option("--task", default=None, help="Default: the checkpoint's task.")
+@click.option("--data-dir", type=click.Path(), default=None)
+@click.option("--split", default="dev", show_default=True, help="dev or test (or a task's split name, e.g. dev_mismatched).")
+@click.option("--predictions", type=click.Path(dir_okay=False), default=None, help="Write predictions here (GLUE submission format).")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@device_options
+def eval_command(checkpoint, task, data_dir, split, predictions, batch_size, device, precision):
+    """Evaluate a fine-tuned checkpoint on a split; write predictions."""
+    from st import dist
+    from st.evaluate import evaluate_checkpoint
+
+    with dist.session():
+        metrics = evaluate_checkpoint(checkpoint, task, data_dir, split, predictions, batch_size, dist.pick_device(device), precision)
+        if dist.is_main():
+            for name, values in metrics.items():
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items()) or "predictions written"
+                console.print(f"[bold]{name}[/]: {shown}")
+
+
+def main():
+    cli(prog_name="st")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""From names to a run: task + tokenizer + model (+ ticket) + data, then the training loop.
+
+`st finetune`, `st eval` and `st sweep` all go through here, so a sweep's runs are exactly the
+runs a user would get by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from st import dist
+from st.data import EncodedSet, encode_examples
+from st.models import BertClassifier, load_checkpoint, load_pretrained, resolve_model_dir
+from st.prune import prune_classifier
+from st.tasks import Example, Task, get_task
+from st.tasks.sampling import check_nonempty, subsample
+from st.tickets import Ticket
+from st.tokenize import Tokenizer, check_vocab
+from st.train import TrainConfig, check_run_settings, finetune
+
+log = logging.getLogger("st")
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that defines one fine-tuning run."""
+
+    task: str
+    model: str = "minilm-l6"
+    data_dir: str | None = None
+    task_options: tuple[tuple[str, str], ...] = ()  # e.g. (("text_columns", "a,b"),) for csv tasks
+    train_size: int | None = None
+    train_fraction: float | None = None
+    max_length: int = 128
+    dropout: float = 0.1
+    head_dropout: float | None = None  # None: the task's own (MNLI 0.2, CoLA 0.05, else 0.1)
+    ticket: str | None = None  # ticket.json: rewind to pre-trained weights and train the subnetwork
+    init: str | None = None  # a fine-tuned checkpoint to continue from
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def settings(self) -> dict:
+        """What identifies the run's result (the device does not: a run may resume elsewhere)."""
+        d = asdict(self)
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "eval_batch_size")}
+        d["task_options"] = dict(self.task_options)
+        return d
+
+
+def build_task(job: Job) -> Task:
+    return get_task(job.task, data_dir=job.data_dir, **dict(job.task_options))
+
+
+def model_dir(job: Job) -> Path:
+    return Path(job.init) if job.init else resolve_model_dir(job.model)
+
+
+def build_tokenizer(job: Job) -> Tokenizer:
+    return Tokenizer.from_dir(model_dir(job), max_length=job.max_length)
+
+
+def build_model(job: Job, task: Task) -> BertClassifier:
+    """Pre-trained encoder + a task head initialised from the seed, pruned to the ticket if given."""
+    if job.init:
+        model, _ = load_checkpoint(job.init)
+        if model.num_labels != task.num_labels:  # a new task (domain adaptation): a fresh head
+            torch.manual_seed(job.train.seed)
+            head = BertClassifier(model.encoder, task.num_labels, _head_dropout(job, task))
+            head.pooler.load_state_dict(model.pooler.state_dict())
+            model = head
+    else:
+        encoder = load_pretrained(job.model, hidden_dropout=job.dropout, attention_dropout=job.dropout)
+        torch.manual_seed(job.train.seed)  # the same seed gives the same head, with or without a ticket
+        model = BertClassifier(encoder, task.num_labels, _head_dropout(job, task))
+        _load_pretrained_pooler(model, job.model)
+    if job.ticket:
+        ticket = Ticket.load(job.ticket)
+        ticket.check_matches(model.encoder.config)
+        model = prune_classifier(model, ticket.head_mask_tensor(), ticket.ffn_mask_tensor())
+    return model
+
+
+def _head_dropout(job: Job, task: Task) -> float:
+    return task.head_dropout if job.head_dropout is None else job.head_dropout
+
+
+def _load_pretrained_pooler(model: BertClassifier, name: str) -> None:
+    from st.models.weights import load_pretrained_parts
+
+    _, _, pooler, _ = load_pretrained_parts(name)
+    if pooler is not None:  # BERT's pre-trained pooler; MiniLM-style checkpoints may lack one
+        model.pooler.load_state_dict(pooler)
+
+
+def load_split(task: Task, tokenizer: Tokenizer, split: str) -> tuple[list[Example], EncodedSet]:
+    examples = check_nonempty(task.load(split), task, split)
+    return examples, encode_examples(tokenizer, examples, regression=task.num_labels == 1)
+
+
+def load_train(job: Job, task: Task, tokenizer: Tokenizer) -> EncodedSet:
+    examples = check_nonempty(task.load("train"), task, "train")
+    examples = subsample(examples, train_size=job.train_size, train_fraction=job.train_fraction, seed=job.train.seed)
+    return encode_examples(tokenizer, examples, regression=task.num_labels == 1)
+
+
+def run_finetune(job: Job, out: str | Path, on_step=None, on_epoch=None) -> dict:
+    """Fine-tune `job` into `out`; a finished run is returned as it is, an interrupted one resumed."""
+    out = Path(out)
+    finished = check_run_settings(out, job.settings())
+    if finished is not None:
+        log.info("%s already finished; nothing to do", out)
+        return finished
+    task = build_task(job)
+    tokenizer = build_tokenizer(job)
+    model = build_model(job, task)
+    check_vocab(tokenizer, model.encoder.config.vocab_size, model_dir(job))
+    train = load_train(job, task, tokenizer)
+    _, dev = load_split(task, tokenizer, task.dev_splits[0])
+    if dist.is_main():
+        copy_tokenizer(model_dir(job), out)
+    meta = {"task": task.name, "labels": list(task.labels), "job": job.settings()}
+    return finetune(model, train, dev, task, job.train, out, tokenizer.pad_id, on_step=on_step, on_epoch=on_epoch, meta=meta)
+
+
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """Checkpoints carry their tokenizer, so `st eval`/`st export` need nothing else."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists() and source.resolve() != out.resolve():
+            shutil.copyfile(source / name, out / name)
+
+
+def with_train(job: Job, **changes) -> Job:
+    return replace(job, train=replace(job.train, **changes))

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random BERT checkpoint in Hugging Face layout and a tiny learnable task."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was", "very", "plot", "acting"]
+POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
+
+
+def write_tiny_bert(folder: Path, num_layers: int = 2, num_heads: int = 4, hidden: int = 16, ffn: int = 32, seed: int = 0) -> Path:
+    """A random BertModel saved by transformers itself: config.json, model.safetensors, vocab.txt."""
+    from transformers import BertConfig, BertModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ","]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                        intermediate_size=ffn, max_position_embeddings=64, initializer_range=0.2)
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_sentiment_csv(folder: Path, n_train: int = 192, n_dev: int = 48, seed: int = 0) -> Path:
+    """Sentences whose label is whether they contain a positive or a negative word."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_dev)):
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sentence", "label"])
+            for _ in range(n):
+                label = rng.random() < 0.5
+                filler = rng.sample(WORDS[8:], 3)
+                words = filler + [rng.choice(POSITIVE if label else NEGATIVE)]
+                rng.shuffle(words)
+                writer.writerow([" ".join(words), "pos" if label else "neg"])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def sentiment_dir(tmp_path_factory) -> Path:
+    return write_sentiment_csv(tmp_path_factory.mktemp("sentiment"))
