@@ -25,6 +25,7 @@ from st.importance import Scores, check_fingerprint, fingerprint
 from st.io import read_json, write_json
 from st.models.bert import Bert, BertConfig
 from st.models.heads import BertClassifier
+from st.prune import config_for_masks
 
 KINDS = ("winning", "random", "losing")
 
@@ -201,9 +202,7 @@ def pruned_config(config: BertConfig, ticket: Ticket) -> BertConfig:
     if config.kept_heads is not None or config.ffn_sizes is not None:
         raise UserError("the model is already pruned: apply tickets to the full model's config")
     ticket.check_matches(config)
-    kept = tuple(tuple(h for h, m in enumerate(row) if m) for row in ticket.head_mask)
-    widths = tuple(config.intermediate_size if m else 0 for m in ticket.ffn_mask)
-    return replace(config, kept_heads=kept, ffn_sizes=widths)
+    return config_for_masks(config, ticket.head_mask_tensor(), ticket.ffn_mask_tensor())
 
 
 def percent_remaining(config: BertConfig, ticket: Ticket, num_labels: int = 2) -> dict[str, float]:
@@ -215,9 +214,10 @@ def percent_remaining(config: BertConfig, ticket: Ticket, num_labels: int = 2) -
     def numel(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
+    small = pruned_config(config, ticket)
     with torch.device("meta"):
         dense = BertClassifier(Bert(config), num_labels)
-        pruned = BertClassifier(Bert(pruned_config(config, ticket)), num_labels)
+        pruned = BertClassifier(Bert(small), num_labels)
     return {"model": 100.0 * numel(pruned) / numel(dense),
             "encoder": 100.0 * numel(pruned.encoder) / numel(dense.encoder)}
 

@@ -165,14 +165,20 @@ def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: P
     unknown = sorted(set(hf) - known)
     if unknown:
         raise UserError(f"{source}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all); is this a BERT checkpoint?")
+    expected = {k: tuple(v.shape) for k, v in Bert(config).state_dict().items()}  # the one source of truth for shapes
+    d = config.hidden_size
+    expected_pooler = {"dense.weight": (d, d), "dense.bias": (d,)}
+    # Check every HF tensor before Q, K and V are concatenated: a wrong width would otherwise fail
+    # inside torch.cat, and a wrong length would be reported as the sum of three keys.
+    for table, shapes in ((encoder_table, expected), (POOLER_TABLE, expected_pooler)):
+        for ours, names in table.items():
+            part = (shapes[ours][0] // len(names), *shapes[ours][1:])
+            for n in names:
+                if n in hf and tuple(hf[n].shape) != part:
+                    raise UserError(f"{source}: {n} has shape {tuple(hf[n].shape)}, config.json implies {part}")
     encoder = _gather(hf, encoder_table, source)
     has_pooler = all(n in hf for names in POOLER_TABLE.values() for n in names)
     pooler = _gather(hf, POOLER_TABLE, source) if has_pooler else None
-    expected = Bert(config).state_dict()  # cheap at BERT sizes; the one source of truth for shapes
-    for name, tensor in encoder.items():
-        if tensor.shape != expected[name].shape:
-            hf_names = " + ".join(encoder_table[name])
-            raise UserError(f"{source}: {hf_names} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
     return encoder, pooler
 
 
