@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 
 import click
@@ -164,6 +163,69 @@ def eval_command(checkpoint, task, data_dir, split, predictions, batch_size, dev
             for name, values in metrics.items():
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items()) or "predictions written"
                 console.print(f"[bold]{name}[/]: {shown}")
+
+
+@cli.command("score")
+@click.option("--checkpoint", required=True, type=click.Path(), help="A folder written by `st finetune` (the full model).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="scores.json to write; a heatmap PNG goes beside it.")
+@click.option("--num-examples", default=None, type=click.IntRange(1), help="Score a seeded sample of N training examples.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@device_options
+def score_command(checkpoint, out, num_examples, batch_size, seed, device, precision):
+    """Importance of every head and FFN block: E_x |dL/d mask| over the training set."""
+    from st import dist
+    from st.importance import plot_heatmap
+    from st.pipeline import score_checkpoint
+
+    with dist.session():
+        scores = score_checkpoint(checkpoint, num_examples=num_examples, batch_size=batch_size, device=dist.pick_device(device), seed=seed)
+        if dist.is_main():
+            scores.save(out)
+            plot_heatmap(scores, Path(out).with_suffix(".png"))
+            console.print(f"scored {scores.num_examples} examples -> {out} (+ {Path(out).with_suffix('.png').name})")
+
+
+@cli.command("prune")
+@click.option("--scores", "scores_path", required=True, type=click.Path(), help="scores.json from `st score`.")
+@click.option("--ratio", required=True, type=float, help="Fraction of heads and FFN blocks to prune, in [0, 1).")
+@click.option("--kind", type=click.Choice(["winning", "random", "losing"]), default="winning", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int, help="For random tickets.")
+@click.option("--checkpoint", type=click.Path(), default=None, help="The scored checkpoint: checks the scores and counts weights remaining.")
+@click.option("--model", default=None, help="Or the pre-trained model, to count weights remaining (default: the scores' model).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ticket.json to write.")
+def prune_command(scores_path, ratio, kind, seed, checkpoint, model, out):
+    """Make a ticket: prune round(r*L*H) heads and round(r*L) FFN blocks by importance."""
+    from st.importance import Scores
+    from st.tickets import Pruner
+
+    from st.models import load_checkpoint, load_pretrained
+
+    scores = Scores.load(scores_path)
+    config, num_labels = None, 2
+    if checkpoint:
+        classifier, _ = load_checkpoint(checkpoint)
+        config, num_labels = classifier.encoder.config, classifier.num_labels
+    elif model:
+        config = load_pretrained(model).config
+    ticket = Pruner(scores).ticket(ratio, kind, seed, config=config, num_labels=num_labels)
+    ticket.save(out)
+    remaining = ticket.percent_remaining
+    shown = f", {remaining['model']:.1f}% of weights remain ({remaining['encoder']:.1f}% of the encoder)" if remaining else ""
+    console.print(f"{kind} ticket at r={ratio}: {ticket.heads_pruned} heads and {ticket.ffn_pruned} FFN blocks pruned{shown} -> {out}")
+
+
+@cli.command("export")
+@click.option("--checkpoint", required=True, type=click.Path(), help="A folder written by `st finetune`.")
+@click.option("--ticket", type=click.Path(exists=True, dir_okay=False), default=None, help="Prune to this ticket first.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the physically pruned model.")
+@click.option("--hf", "hf_out", type=click.Path(file_okay=False), default=None, help="Also write a Hugging Face BertForSequenceClassification folder here.")
+def export_command(checkpoint, ticket, out, hf_out):
+    """Write a physically smaller model (fewer heads, FFN blocks removed) that loads back anywhere."""
+    from st.pipeline import export_checkpoint
+
+    stats = export_checkpoint(checkpoint, ticket, out, hf_out)
+    console.print(f"exported {stats['parameters']:,} parameters ({stats['percent']:.1f}% of the checkpoint's) -> {out}" + (f" and {hf_out}" if hf_out else ""))
 
 
 def main():

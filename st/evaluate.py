@@ -6,24 +6,17 @@ from pathlib import Path
 
 from st import dist
 from st.errors import UserError
-from st.models import load_checkpoint
-from st.pipeline import load_split
-from st.tasks import get_task
-from st.tokenize import Tokenizer
+from st.pipeline import checkpoint_job, load_split
 from st.train import TrainConfig, predict_set
 
 
 def evaluate_checkpoint(checkpoint, task_name, data_dir, split, predictions, batch_size, device, precision) -> dict:
     """{split: metrics} for `split` ("dev", "test" or an exact split name); metrics are empty for
     unlabelled test splits, whose predictions go to `predictions` (one file per split)."""
-    checkpoint = Path(checkpoint)
-    model, cfg = load_checkpoint(checkpoint)
-    job = cfg.get("job", {})
-    task = get_task(task_name or cfg["task"], data_dir=data_dir or job.get("data_dir"), **job.get("task_options", {}))
+    model, job, task, tokenizer = checkpoint_job(checkpoint, task=task_name, data_dir=data_dir)
     if model.num_labels != task.num_labels:
         raise UserError(f"{checkpoint} has {model.num_labels} outputs but task {task.name} needs {task.num_labels}; pass the task it was fine-tuned on")
     splits = {"dev": task.dev_splits, "test": task.test_splits}.get(split, (split,))
-    tokenizer = Tokenizer.from_dir(checkpoint, max_length=job.get("max_length", 128))
     train_cfg = TrainConfig(device=device, precision=precision, eval_batch_size=batch_size)
     model.to(device)
     results = {}

@@ -7,26 +7,26 @@ runs a user would get by hand.
 from __future__ import annotations
 
 import logging
-import shutil
+import random
+
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from st import dist
-from st.data import EncodedSet, encode_examples
+from st.data import EncodedSet, encode_examples, make_batch
+from st.errors import UserError
+from st.importance import Scores, compute_importance
 from st.models import BertClassifier, load_checkpoint, load_pretrained, resolve_model_dir
-from st.prune import prune_classifier
+from st.prune import export, export_hf, prune_classifier
 from st.tasks import Example, Task, get_task
 from st.tasks.sampling import check_nonempty, subsample
 from st.tickets import Ticket
-from st.tokenize import Tokenizer, check_vocab
+from st.tokenize import Tokenizer, check_vocab, copy_tokenizer
 from st.train import TrainConfig, check_run_settings, finetune
 
 log = logging.getLogger("st")
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-
 
 @dataclass(frozen=True)
 class Job:
@@ -128,13 +128,57 @@ def run_finetune(job: Job, out: str | Path, on_step=None, on_epoch=None) -> dict
     return finetune(model, train, dev, task, job.train, out, tokenizer.pad_id, on_step=on_step, on_epoch=on_epoch, meta=meta)
 
 
-def copy_tokenizer(source: Path, out: Path) -> None:
-    """Checkpoints carry their tokenizer, so `st eval`/`st export` need nothing else."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).exists() and source.resolve() != out.resolve():
-            shutil.copyfile(source / name, out / name)
-
-
 def with_train(job: Job, **changes) -> Job:
     return replace(job, train=replace(job.train, **changes))
+
+
+def checkpoint_job(checkpoint: str | Path, **changes) -> tuple[BertClassifier, Job, Task, Tokenizer]:
+    """A fine-tuned checkpoint with the job that made it (`changes` override it, e.g. task or
+    data_dir), its task and its tokenizer."""
+    model, cfg = load_checkpoint(checkpoint)
+    job = job_from_settings(cfg["job"], init=str(checkpoint), **{k: v for k, v in changes.items() if v is not None})
+    task = build_task(job)
+    return model, job, task, Tokenizer.from_dir(checkpoint, max_length=job.max_length)
+
+
+def job_from_settings(settings: dict, **changes) -> Job:
+    fields = {**settings, "task_options": tuple(settings.get("task_options", {}).items())}
+    fields["train"] = TrainConfig(**fields["train"])
+    return replace(Job(**fields), **changes)
+
+
+def score_checkpoint(checkpoint: str | Path, *, num_examples: int | None = None, batch_size: int = 32,
+                     device: str = "cpu", seed: int = 0) -> Scores:
+    """Importance of every head and FFN block of a fine-tuned checkpoint over its training set
+    (the examples it was fine-tuned on; `num_examples` samples fewer, with the seed)."""
+    model, job, task, tokenizer = checkpoint_job(checkpoint)
+    if model.encoder.config.kept_heads is not None or model.encoder.config.ffn_sizes is not None:
+        raise UserError(f"{checkpoint} is physically pruned; score the full fine-tuned model")
+    train = load_train(job, task, tokenizer)
+    order = list(range(len(train)))
+    if num_examples is not None and num_examples < len(order):
+        order = sorted(random.Random(seed).sample(order, num_examples))
+    mine = order[dist.rank() :: dist.world_size()]
+    batches = (make_batch(train, mine[i : i + batch_size], tokenizer.pad_id) for i in range(0, len(mine), batch_size))
+    return compute_importance(model, batches, device=device)
+
+
+def export_checkpoint(checkpoint: str | Path, ticket_path: str | Path | None, out: str | Path, hf_out: str | Path | None = None) -> dict:
+    """Physically prune a fine-tuned checkpoint (to a ticket, if given) into `out`, and optionally
+    a Hugging Face folder; finished exports are never overwritten."""
+    for folder in filter(None, (out, hf_out)):
+        if (Path(folder) / "config.json").exists():
+            raise UserError(f"{folder} already holds an exported model; choose another folder or delete it")
+    model, cfg = load_checkpoint(checkpoint)
+    masks, meta = {}, {k: v for k, v in cfg.items() if k not in ("format", "encoder", "head")}
+    if ticket_path:
+        ticket = Ticket.load(ticket_path)
+        ticket.check_matches(model.encoder.config)
+        masks = {"head_mask": ticket.head_mask_tensor(), "ffn_mask": ticket.ffn_mask_tensor()}
+        meta["ticket"] = ticket.to_json()
+    copy_tokenizer(checkpoint, out)
+    small = export(model, out, **masks, **meta)
+    if hf_out:
+        export_hf(model, hf_out, id2label=cfg.get("labels") or None, **masks, tokenizer_from=checkpoint)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"parameters": count(small), "percent": 100.0 * count(small) / count(model)}

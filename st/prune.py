@@ -16,7 +16,7 @@ using HF's own `pruned_heads` config field; transformers itself is never importe
 
 from __future__ import annotations
 
-import shutil
+
 from pathlib import Path
 
 import torch
@@ -28,9 +28,7 @@ from st.models.bert import Bert, BertConfig
 from st.models.checkpoint import save_checkpoint
 from st.models.heads import BertClassifier
 from st.models.weights import hf_key_table
-
-# Files of a tokenizer that `export_hf(..., tokenizer_from=...)` copies beside the weights.
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from st.tokenize import copy_tokenizer
 
 
 # ---- masks -> config ----------------------------------------------------------------------------
@@ -271,8 +269,6 @@ def export_hf(
     config = hf_config(model, id2label)  # validates id2label before anything is written
     write_safetensors(folder / "model.safetensors", hf_state(model), metadata={"format": "pt"})
     if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_from) / name).exists():
-                shutil.copyfile(Path(tokenizer_from) / name, folder / name)
+        copy_tokenizer(tokenizer_from, folder)
     write_json(folder / "config.json", config)  # last: a folder with config.json is complete
     return model

@@ -5,6 +5,7 @@ Tokenise a whole dataset once with `encode_unpadded`, then pad per batch with `c
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,6 +13,9 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
 from st.errors import UserError
+
+# The files that make a tokenizer; checkpoints and exports carry copies so they need nothing else.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 Item = tuple[list[int], list[int]]  # (input_ids, token_type_ids) of one example, unpadded
 
@@ -135,3 +139,14 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None
             f"tokenizer in {where} has {tokenizer.vocab_size} tokens but the model's embeddings have "
             f"{model_vocab_size} rows: the tokenizer and weights come from different models"
         )
+
+
+def copy_tokenizer(source: str | Path, dest: str | Path) -> None:
+    """Copy the tokenizer files of folder `source` that exist into `dest`."""
+    source, dest = Path(source), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if source.resolve() == dest.resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)

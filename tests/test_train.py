@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import replace
@@ -44,7 +43,7 @@ def test_same_seed_same_metrics_other_seed_differs(tiny_bert_dir, sentiment_dir,
     job = make_job(tiny_bert_dir, sentiment_dir, epochs=1, lr=5e-4)
     a = run_finetune(job, tmp_path / "a")
     b = run_finetune(job, tmp_path / "b")
-    c = run_finetune(replace(job, train=replace(job.train, seed=1)), tmp_path / "c")
+    run_finetune(replace(job, train=replace(job.train, seed=1)), tmp_path / "c")
     assert a["epochs"][0]["dev"] == b["epochs"][0]["dev"]
     wa, _ = load_checkpoint(tmp_path / "a")
     wb, _ = load_checkpoint(tmp_path / "b")
