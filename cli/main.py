@@ -15,7 +15,7 @@ from rich.console import Console
 
 from st.errors import UserError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break paths across lines
 
 
 class Group(click.Group):

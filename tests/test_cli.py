@@ -1,0 +1,123 @@
+"""The CLI end to end on a tiny model: finetune -> score -> prune -> rewind -> export -> eval,
+and every bad input answered with one line that says how to fix it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import cli
+from st.models import load_checkpoint, load_pretrained
+from st.tickets import Ticket
+
+
+def st(*args: str, ok: bool = True) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code != 0, result.output
+        assert "Traceback" not in result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_bert_dir, sentiment_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "full"
+    st("finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--epochs", 2,
+       "--batch-size", 8, "--lr", 5e-3, "--out", out, "--device", "cpu")
+    return out
+
+
+def test_paper_pipeline_through_the_cli(finetuned, tiny_bert_dir, sentiment_dir, tmp_path):
+    metrics = json.loads((finetuned / "metrics.json").read_text())
+    assert set(metrics["dev"]) == {"accuracy", "f1"}
+
+    st("score", "--checkpoint", finetuned, "--out", tmp_path / "scores.json", "--device", "cpu")
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert len(scores["head"]) == 2 and len(scores["head"][0]) == 4
+    assert (tmp_path / "scores.png").stat().st_size > 0
+
+    out = st("prune", "--scores", tmp_path / "scores.json", "--ratio", 0.5, "--checkpoint", finetuned, "--out", tmp_path / "ticket.json")
+    ticket = Ticket.load(tmp_path / "ticket.json")
+    assert ticket.heads_pruned == 4 and ticket.ffn_pruned == 1
+    assert 0 < ticket.percent_remaining["encoder"] < 100 and "% of weights remain" in out
+
+    rewound = tmp_path / "rewound"
+    st("finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--epochs", 1,
+       "--batch-size", 8, "--lr", 5e-3, "--ticket", tmp_path / "ticket.json", "--out", rewound, "--device", "cpu")
+    model, cfg = load_checkpoint(rewound)
+    assert sum(len(h) for h in model.encoder.config.kept_heads) == 4
+
+    st("export", "--checkpoint", finetuned, "--ticket", tmp_path / "ticket.json", "--out", tmp_path / "small", "--hf", tmp_path / "hf")
+    small = load_pretrained(tmp_path / "small")
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in load_pretrained(finetuned).parameters())
+    st("export", "--checkpoint", finetuned, "--out", tmp_path / "small", ok=False)  # never overwritten
+
+    evaluated = st("eval", "--checkpoint", finetuned, "--split", "test", "--predictions", tmp_path / "pred.tsv", "--device", "cpu")
+    assert "accuracy" in evaluated
+    lines = (tmp_path / "pred.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 49 and {l.split("\t")[1] for l in lines[1:]} <= {"neg", "pos"}
+
+
+def test_rewinding_resets_kept_weights_to_pretrained(finetuned, tiny_bert_dir, sentiment_dir, tmp_path):
+    """The rewound subnetwork starts from pre-trained values, not the fine-tuned ones."""
+    from st.pipeline import Job, build_model, build_task
+
+    ticket = Ticket.full(load_pretrained(tiny_bert_dir).config)
+    ticket.save(tmp_path / "t.json")
+    job = Job(task="csv", model=str(tiny_bert_dir), data_dir=str(sentiment_dir), ticket=str(tmp_path / "t.json"))
+    rewound = build_model(job, build_task(job))
+    pretrained = load_pretrained(tiny_bert_dir)
+    for name, tensor in pretrained.state_dict().items():
+        assert torch.equal(rewound.encoder.state_dict()[name], tensor), name
+    again = build_model(job, build_task(job))  # the task head is re-initialised with the same seed
+    assert torch.equal(again.classifier.out.weight, rewound.classifier.out.weight)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["finetune", "--task", "no_such_task", "--out", "{tmp}/x"], "unknown task"),
+        (["finetune", "--task", "rotten_tomatos", "--out", "{tmp}/x"], "Did you mean: rotten_tomatoes"),
+        (["finetune", "--task", "csv", "--data-dir", "{tmp}/missing", "--model", "{model}", "--out", "{tmp}/x"], "missing"),
+        (["finetune", "--task", "csv", "--data-dir", "{data}", "--model", "{model}", "--train-fraction", "1.5", "--out", "{tmp}/x"], "(0, 1]"),
+        (["finetune", "--task", "csv", "--data-dir", "{data}", "--model", "{tmp}", "--out", "{tmp}/x"], "config.json"),
+        (["finetune", "--task", "csv", "--data-dir", "{data}", "--model", "no-such/model", "--out", "{tmp}/x"], "Hugging Face cache"),
+        (["prune", "--scores", "{tmp}/nope.json", "--ratio", "0.2", "--out", "{tmp}/t.json"], "not found"),
+        (["eval", "--checkpoint", "{tmp}/nope"], "does not exist"),
+        (["score", "--checkpoint", "{tmp}/nope", "--out", "{tmp}/s.json"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, tmp_path, tiny_bert_dir, sentiment_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    args = [a.format(tmp=tmp_path, model=tiny_bert_dir, data=sentiment_dir) for a in args]
+    out = st(*args, ok=False)
+    assert message in out and out.strip().startswith("Error:") and len(out.strip().splitlines()) == 1
+
+
+def test_prune_rejects_bad_ratio_and_mismatched_scores(finetuned, tmp_path):
+    st("score", "--checkpoint", finetuned, "--out", tmp_path / "scores.json", "--device", "cpu")
+    for ratio in ("-0.1", "1.0"):
+        assert "[0, 1)" in st("prune", "--scores", tmp_path / "scores.json", "--ratio", ratio, "--out", tmp_path / "t.json", ok=False)
+    other = tmp_path / "other"
+    from tests.conftest import write_tiny_bert
+
+    write_tiny_bert(other, num_layers=3)
+    out = st("prune", "--scores", tmp_path / "scores.json", "--ratio", "0.2", "--model", other, "--out", tmp_path / "t.json", ok=False)
+    assert "2×4" in out and "3×4" in out
+
+
+def test_ticket_for_another_model_is_refused(finetuned, tiny_bert_dir, sentiment_dir, tmp_path):
+    from st.models import BertConfig
+
+    wrong = Ticket.full(BertConfig(vocab_size=10, hidden_size=16, num_layers=3, num_heads=4, intermediate_size=8))
+    wrong.save(tmp_path / "wrong.json")
+    out = st("finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--ticket", tmp_path / "wrong.json",
+             "--out", tmp_path / "x", ok=False)
+    assert "wrong.json" in out and "3×4" in out
+    out = st("export", "--checkpoint", finetuned, "--ticket", tmp_path / "wrong.json", "--out", tmp_path / "e", ok=False)
+    assert "3×4" in out
