@@ -228,6 +228,45 @@ def export_command(checkpoint, ticket, out, hf_out):
     console.print(f"exported {stats['parameters']:,} parameters ({stats['percent']:.1f}% of the checkpoint's) -> {out}" + (f" and {hf_out}" if hf_out else ""))
 
 
+@cli.command("share")
+@click.option("--tasks", "task_list", required=True, help="Comma-separated task names, or glue for the nine GLUE tasks.")
+@click.option("--data-dir", "data_dirs", multiple=True, help="TASK=DIR, for each task that needs one (GLUE: $GLUE_DIR/<Task> by default).")
+@click.option("--tickets", multiple=True, help="Per task (repeat, or separate with commas): TASK=PATH, or paths in --tasks order. "
+              "A ticket.json / super_ticket.json, or an `st sweep` folder (with --ratios: scores.json, or a folder holding it).")
+@click.option("--ratios", default=None, help="Comma-separated: make winning tickets at these ratios (one for all, or one per task) from the --tickets scores.")
+@click.option("--no-tickets", is_flag=True, help="Plain MT-DNN: every task uses and updates every weight.")
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(8, 512), help="Tokens per example.")
+@train_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumes if interrupted).")
+def share_command(task_list, data_dirs, tickets, ratios, no_tickets, max_length, out, **kw):
+    """Multi-task training with ticket sharing (Algorithm 1), or plain MT-DNN with --no-tickets."""
+    from st import dist
+    from st.models import load_pretrained
+    from st.share import parse_pairs, parse_tasks, report_table, resolve_tickets, run_share
+    from cli.progress import training_progress
+
+    names = parse_tasks(task_list)
+    if no_tickets == bool(tickets) or (no_tickets and ratios):
+        raise UserError("pass --tickets (one per task, optionally with --ratios) or --no-tickets, not both or neither")
+    dirs = parse_pairs(data_dirs, "--data-dir")
+    unknown = [name for name in dirs if name not in names]
+    if unknown:
+        raise UserError(f"--data-dir names task {unknown[0]}, which is not in --tasks")
+    try:
+        ratio_values = [float(r) for r in ratios.split(",")] if ratios else None
+    except ValueError:
+        raise UserError(f"--ratios takes comma-separated numbers in [0, 1), got {ratios!r}") from None
+    with dist.session():
+        chosen = None if no_tickets else resolve_tickets(names, tickets, load_pretrained(kw["model"]).config, ratio_values)
+        options = {"data_dir": None, "text_columns": None, "label_column": None, "label_set": None, "regression": None, "max_length": max_length}
+        jobs = [make_job({**kw, **options, "task": name, "data_dir": dirs.get(name)}) for name in names]
+        with training_progress(enabled=dist.is_main()) as (on_step, on_epoch):
+            result = run_share(jobs, chosen, out, on_step=on_step, on_epoch=on_epoch)
+        if dist.is_main():
+            Console().print(report_table(result))
+            console.print(f"average dev {result['average']:.4f}, report -> {Path(out) / 'report.md'}")
+
+
 def main():
     cli(prog_name="st")
 

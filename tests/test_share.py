@@ -1,0 +1,311 @@
+"""Ticket sharing (Algorithm 1): a task's step changes exactly its ticket, weights no task chose are
+removed, tasks are sampled by size with every batch once, MT-DNN without tickets, bad inputs, and
+a two-task run end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import cli
+from st.errors import UserError
+from st.importance import Scores
+from st.models.bert import Bert, BertConfig
+from st.pipeline import Job, build_task, build_tokenizer, load_split
+from st.share import (GLUE_TASKS, TicketSharer, epoch_plan, load_task_model, parse_tasks, resolve_tickets,
+                      run_share)
+from st.tickets import Ticket
+from st.train import TrainConfig, evaluate
+from tests.conftest import WORDS
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: several intra-op threads only fight each other (and the other processes on a
+    busy machine: 10x slower here), so this module runs on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CONFIG = BertConfig(vocab_size=30, hidden_size=16, num_layers=3, num_heads=4, intermediate_size=32,
+                    max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
+# Union: layer 0 heads 0-2, layer 1 heads 0-1, layer 2 all; FFN 0 (A only), 1 (B only); FFN 2 and
+# heads L0h3, L1h2, L1h3 chosen by nobody. Shared by both: L0h1, L1h0, L2h2, L2h3.
+A = Ticket(((1, 1, 0, 0), (1, 0, 0, 0), (1, 1, 1, 1)), (1, 0, 0), 0.3, "winning")
+B = Ticket(((0, 1, 1, 0), (1, 1, 0, 0), (0, 0, 1, 1)), (0, 1, 0), 0.3, "winning")
+
+
+def stub_task(name: str, num_labels: int) -> SimpleNamespace:
+    return SimpleNamespace(name=name, num_labels=num_labels, head_dropout=0.0, main_metric="accuracy", labels=())
+
+
+def make_sharer(tickets=(A, B)) -> TicketSharer:
+    torch.manual_seed(0)
+    return TicketSharer.create(Bert(CONFIG), [stub_task("a", 2), stub_task("b", 3)], list(tickets) if tickets else None)
+
+
+def batch(seed: int, num_labels: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    attention = torch.ones(4, 7, dtype=torch.long)
+    attention[1, 5:] = 0
+    return {"input_ids": torch.randint(5, 30, (4, 7), generator=g) * attention, "token_type_ids": torch.zeros(4, 7, dtype=torch.long),
+            "attention_mask": attention, "labels": torch.randint(0, num_labels, (4,), generator=g)}
+
+
+def outside(model, ticket: Ticket, task: int) -> dict[str, torch.Tensor]:
+    """Elements a step of `task` must not change, written out from the ticket independently of st.share."""
+    c, Dh = model.encoder.config, model.encoder.config.head_dim
+    result = {}
+    for name, p in model.named_parameters():
+        m = torch.zeros_like(p, dtype=torch.bool)
+        if name.startswith("heads."):
+            m[:] = int(name.split(".")[1]) != task
+        elif name.startswith("encoder.layers."):
+            layer = int(name.split(".")[2])
+            heads = c.layer_heads(layer)
+            if ".ffn." in name:
+                m[:] = not ticket.ffn_mask[layer]
+            for pos, h in enumerate(heads):
+                if ticket.head_mask[layer][h]:
+                    continue
+                if ".attention.qkv." in name:
+                    for block in range(3):  # the head's rows in Q, K and V
+                        start = block * len(heads) * Dh + pos * Dh
+                        m[start : start + Dh] = True
+                elif name.endswith("attention.out.weight"):
+                    m[:, pos * Dh : (pos + 1) * Dh] = True
+        result[name] = m
+    return result
+
+
+def snapshot(sharer, optimizer):
+    params = {n: p.detach().clone() for n, p in sharer.model.named_parameters()}
+    states = {n: {k: v.clone() for k, v in optimizer.state[p].items() if v.shape == p.shape}
+              for n, p in sharer.model.named_parameters()}
+    return params, states
+
+
+OPTIMIZERS = {
+    "adamax": lambda params: torch.optim.Adamax(params, lr=1e-2, weight_decay=0.01),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_a_task_step_changes_exactly_its_ticket_and_optimizer_state(optimizer):
+    sharer = make_sharer()
+    opt = OPTIMIZERS[optimizer](sharer.model.parameters())
+    cfg = TrainConfig(clip=1.0)
+    labels = {"a": 2, "b": 3}
+    for i, name in enumerate("bab"):  # momentum and state for every element of both tickets
+        sharer.step(name, batch(i, labels[name]), opt, cfg)
+    state_keys = {"adamax": ("exp_avg", "exp_inf"), "adamw": ("exp_avg", "exp_avg_sq")}[optimizer]
+    qkv0 = dict(sharer.model.named_parameters())["encoder.layers.0.attention.qkv.weight"]
+    assert opt.state[qkv0]["exp_avg"][8:12].abs().sum() > 0  # B-only head L0h2 carries momentum into A's step
+
+    for seed, (name, ticket, index) in enumerate([("a", A, 0), ("b", B, 1), ("a", A, 0)], start=10):
+        params, states = snapshot(sharer, opt)
+        sharer.step(name, batch(seed, labels[name]), opt, cfg)
+        masks = outside(sharer.model, ticket, index)
+        for pname, p in sharer.model.named_parameters():
+            out = masks[pname]
+            assert torch.equal(p.detach()[out], params[pname][out]), f"{name} step moved {pname} outside its ticket"
+            for key in state_keys:
+                if key in states[pname]:
+                    assert torch.equal(opt.state[p][key][out], states[pname][key][out]), f"{name} step moved {key} of {pname}"
+            if (~out).any():
+                assert not torch.equal(p.detach()[~out], params[pname][~out]), f"{name} step left {pname} unchanged inside its ticket"
+        # head by head: L0h0 is A's alone, L0h1 shared, L0h2 B's alone (rows of Q at positions 0, 1, 2)
+        q = dict(sharer.model.named_parameters())["encoder.layers.0.attention.qkv.weight"].detach()
+        before = params["encoder.layers.0.attention.qkv.weight"]
+        moved = [not torch.equal(q[h * 4 : h * 4 + 4], before[h * 4 : h * 4 + 4]) for h in range(3)]
+        assert moved == ([True, True, False] if name == "a" else [False, True, True])
+
+
+def test_weights_no_task_chose_are_removed_and_each_task_keeps_its_ticket():
+    sharer = make_sharer()
+    c = sharer.model.encoder.config
+    assert c.kept_heads == ((0, 1, 2), (0, 1), (0, 1, 2, 3)) and c.ffn_sizes == (32, 32, 0)
+    D, Dh, F = 16, 4, 32
+    per_head, per_ffn = 3 * (D * Dh + Dh) + D * Dh, D * F + F + F * D + D
+    counts = sharer.parameter_counts()
+    assert counts["dense_encoder"] == sum(p.numel() for p in Bert(CONFIG).parameters())
+    assert counts["encoder"] == sum(p.numel() for p in sharer.model.encoder.parameters())
+    assert counts["dense_encoder"] - counts["encoder"] == 3 * per_head + per_ffn
+    assert sharer.percent_remaining()["encoder"] == pytest.approx(100 * counts["encoder"] / counts["dense_encoder"])
+
+    sharer.model.eval()
+    x = batch(0, 2)
+    x.pop("labels")
+    for name, ticket in (("a", A), ("b", B)):
+        single = sharer.task_model(name).eval()  # physically pruned to the task's ticket
+        kept = tuple(tuple(h for h in range(4) if ticket.head_mask[l][h]) for l in range(3))
+        assert single.encoder.config.kept_heads == kept
+        assert single.encoder.config.ffn_sizes == tuple(32 if f else 0 for f in ticket.ffn_mask)
+        with torch.no_grad():
+            torch.testing.assert_close(single(**x), sharer.view(name)(**x))  # masked forward = its subnetwork
+
+
+def test_no_tickets_is_mt_dnn_and_trains_every_weight():
+    sharer = make_sharer(None)
+    assert sharer.model.encoder.config.kept_heads is None and sharer.model.encoder.config.ffn_sizes is None
+    assert sharer.percent_remaining() == {"encoder": 100.0, "model": 100.0}
+    assert sharer.masks("a") == (None, None)
+    opt = torch.optim.Adamax(sharer.model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in sharer.model.named_parameters()}
+    sharer.step("a", batch(0, 2), opt, TrainConfig())
+    for name, p in sharer.model.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == (not name.startswith("heads.1.")), name  # all of the encoder and pooler; b's head untouched
+
+
+def test_tasks_are_sampled_by_size_and_every_batch_is_used_once():
+    plan = epoch_plan([5, 2, 9], seed=0, epoch=0)
+    assert Counter(plan) == {0: 5, 1: 2, 2: 9}
+    assert plan == epoch_plan([5, 2, 9], seed=0, epoch=0)
+    assert plan != sorted(plan) and plan != epoch_plan([5, 2, 9], seed=0, epoch=1)
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+
+
+def test_task_lists():
+    assert parse_tasks("glue") == list(GLUE_TASKS) == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    assert parse_tasks("rte, mrpc") == ["rte", "mrpc"]
+    with pytest.raises(UserError, match="listed twice"):
+        parse_tasks("rte,mrpc,rte")
+    with pytest.raises(UserError, match="listed twice"):
+        TicketSharer.create(Bert(CONFIG), [stub_task("a", 2), stub_task("a", 2)])
+
+
+def test_ticket_sources(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "sweep_b"
+    A.save(a)
+    b.mkdir()
+    (b / "super_ticket.json").write_text(json.dumps({**B.to_json(), "task": "b", "dev_score": 0.9}))
+    assert resolve_tickets(["a", "b"], [f"a={a}", f"b={b}"], CONFIG) == {"a": A, "b": B}
+    assert resolve_tickets(["a", "b"], [str(a), str(b)], CONFIG) == {"a": A, "b": B}  # by position
+    with pytest.raises(UserError, match="made for task b, not a"):
+        resolve_tickets(["a", "b"], [str(b), str(a)], CONFIG)
+    with pytest.raises(UserError, match="task b has no ticket"):
+        resolve_tickets(["a", "b"], [f"a={a}"], CONFIG)
+    with pytest.raises(UserError, match="two --tickets values"):
+        resolve_tickets(["a", "b"], [f"a={a}", f"a={a}", f"b={b}"], CONFIG)
+    with pytest.raises(UserError, match="not in --tasks"):
+        resolve_tickets(["a"], [f"a={a}", f"c={a}"], CONFIG)
+
+    other_shape = tmp_path / "deep.json"
+    Ticket(((1, 1, 1, 1),) * 4, (1,) * 4, 0.0, "winning").save(other_shape)
+    with pytest.raises(UserError, match="shape 4×4 for a model with 3×4"):
+        resolve_tickets(["a"], [f"a={other_shape}"], CONFIG)
+    other_model = tmp_path / "wide.json"
+    Ticket(A.head_mask, A.ffn_mask, 0.3, "winning", model_fingerprint={"num_layers": 3, "num_heads": 4, "hidden_size": 768}).save(other_model)
+    with pytest.raises(UserError, match="different model.*hidden_size 768 vs 16"):
+        resolve_tickets(["a"], [f"a={other_model}"], CONFIG)
+
+    # --ratios: winning tickets from importance scores
+    rng = random.Random(0)
+    Scores([[rng.random() for _ in range(4)] for _ in range(3)], [1.0, 2.0, 3.0], 10).save(b / "seed0" / "scores.json")  # sweep layout
+    made = resolve_tickets(["b"], [str(b)], CONFIG, ratios=[0.5])["b"]
+    assert made.heads_pruned == 6 and made.ffn_mask == (0, 0, 1)  # round(1.5) FFN blocks, lowest scores first
+    with pytest.raises(UserError, match="add --ratios"):
+        resolve_tickets(["b"], [str(b / "seed0" / "scores.json")], CONFIG)
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+def write_topic_jsonl(folder, n_train=128, n_dev=48, seed=1):
+    """A second task on the same words with another rule: does the sentence talk about the plot or the acting?"""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_dev)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                topic = rng.choice(["plot", "acting"])
+                words = rng.sample(WORDS[:11], 3) + [topic]
+                rng.shuffle(words)
+                f.write(json.dumps({"sentence": " ".join(words), "label": topic}) + "\n")
+    return folder
+
+
+TA = Ticket(((1, 1, 0, 0), (1, 0, 1, 0)), (1, 0), 0.4, "winning")
+TB = Ticket(((0, 1, 1, 0), (1, 0, 0, 0)), (1, 0), 0.4, "winning")
+
+
+def test_two_task_run_end_to_end(tiny_bert_dir, sentiment_dir, tmp_path):
+    topic_dir = write_topic_jsonl(tmp_path / "topic")
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=5e-3, seed=0)
+    jobs = [Job(task=task, model=str(tiny_bert_dir), data_dir=str(d), dropout=0.0, head_dropout=0.0, train=cfg)
+            for task, d in (("csv", sentiment_dir), ("jsonl", topic_dir))]
+    out = tmp_path / "mtl"
+    result = run_share(jobs, {"csv": TA, "jsonl": TB}, out)
+
+    assert set(result["dev"]) == {"csv", "jsonl"} and set(result["dev"]["csv"]) == {"accuracy", "f1"}
+    assert result["dev"]["csv"]["accuracy"] >= 0.7 and result["dev"]["jsonl"]["accuracy"] >= 0.7
+    assert result["average"] == pytest.approx((result["dev"]["csv"]["accuracy"] + result["dev"]["jsonl"]["accuracy"]) / 2)
+    assert all(e["batches"] == {"csv": 12, "jsonl": 8} for e in result["epochs"])  # 192/16 and 128/16, each once
+    assert 0 < result["percent_remaining"]["encoder"] < 100 and result["tickets"] == "shared"
+    for name in ("model.safetensors", "config.json", "tickets/csv.json", "tickets/jsonl.json", "metrics.json", "report.md", "vocab.txt"):
+        assert (out / name).exists(), name
+    report = (out / "report.md").read_text()
+    assert "| csv | accuracy |" in report and "average" in report and "union" in report
+    assert json.loads((out / "metrics.json").read_text())["dev"] == result["dev"]
+
+    # one task out of the multi-task folder: its ticket kept, the reported metrics reproduced
+    job = jobs[0]
+    task, tokenizer = build_task(job), build_tokenizer(job)
+    model = load_task_model(out, "csv")
+    assert model.encoder.config.kept_heads == ((0, 1), (0, 2)) and model.encoder.config.ffn_sizes == (32, 0)
+    _, dev = load_split(task, tokenizer, "dev")
+    assert evaluate(model, dev, task, cfg, tokenizer.pad_id) == result["dev"]["csv"]
+    with pytest.raises(UserError, match="not in this multi-task model"):
+        load_task_model(out, "sst2")
+    assert run_share(jobs, {"csv": TA, "jsonl": TB}, out) == json.loads((out / "metrics.json").read_text())  # finished: kept
+
+    class Interrupt(Exception):
+        pass
+
+    def crash(epoch, metrics):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_share(jobs, {"csv": TA, "jsonl": TB}, tmp_path / "resumed", on_epoch=crash)
+    resumed = run_share(jobs, {"csv": TA, "jsonl": TB}, tmp_path / "resumed")
+    assert [e["dev"] for e in resumed["epochs"]] == [e["dev"] for e in result["epochs"]]
+    with pytest.raises(UserError, match="tickets"):  # the same folder with other tickets is refused
+        run_share(jobs, {"csv": TB, "jsonl": TA}, tmp_path / "resumed")
+
+
+def st(*args, ok: bool = True) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert (result.exit_code == 0) == ok, result.output
+    if not ok:
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+def test_cli_no_tickets_and_bad_inputs(tiny_bert_dir, sentiment_dir, tmp_path):
+    topic_dir = write_topic_jsonl(tmp_path / "topic", n_train=48, n_dev=16)
+    common = ["--model", tiny_bert_dir, "--data-dir", f"csv={sentiment_dir}", "--data-dir", f"jsonl={topic_dir}",
+              "--epochs", 1, "--batch-size", 32, "--device", "cpu"]
+    out = st("share", "--tasks", "csv,jsonl", "--no-tickets", *common, "--out", tmp_path / "mtdnn")
+    assert "average" in out
+    metrics = json.loads((tmp_path / "mtdnn" / "metrics.json").read_text())
+    assert metrics["tickets"] == "none" and metrics["percent_remaining"]["encoder"] == 100.0
+
+    TA.save(tmp_path / "a.json")
+    assert "listed twice" in st("share", "--tasks", "csv,csv", "--no-tickets", *common, "--out", tmp_path / "x", ok=False)
+    assert "task jsonl has no ticket" in st("share", "--tasks", "csv,jsonl", "--tickets", f"csv={tmp_path / 'a.json'}",
+                                            *common, "--out", tmp_path / "x", ok=False)
+    Ticket(((1, 1, 1, 1),) * 3, (1,) * 3, 0.0, "winning").save(tmp_path / "deep.json")
+    assert "shape 3×4" in st("share", "--tasks", "csv", "--tickets", tmp_path / "deep.json", *common[:2], "--out", tmp_path / "x", ok=False)
+    assert "--no-tickets" in st("share", "--tasks", "csv", *common[:2], "--out", tmp_path / "x", ok=False)
