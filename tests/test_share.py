@@ -5,6 +5,7 @@ a two-task run end to end."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import random
 from collections import Counter
 from types import SimpleNamespace
@@ -269,6 +270,15 @@ def test_two_task_run_end_to_end(tiny_bert_dir, sentiment_dir, tmp_path):
     with pytest.raises(UserError, match="not in this multi-task model"):
         load_task_model(out, "sst2")
     assert run_share(jobs, {"csv": TA, "jsonl": TB}, out) == json.loads((out / "metrics.json").read_text())  # finished: kept
+
+    # "+ ST fine-tuning": `st finetune --init MTL_DIR --task t` continues from task t's head and ticket
+    from st.models import load_checkpoint
+    from st.pipeline import run_finetune
+
+    tuned = run_finetune(replace(job, init=str(out), train=replace(cfg, epochs=1)), tmp_path / "after_mtl")
+    after, _ = load_checkpoint(tmp_path / "after_mtl")
+    assert after.encoder.config.kept_heads == ((0, 1), (0, 2)) and after.encoder.config.ffn_sizes == (32, 0)
+    assert tuned["dev"]["accuracy"] >= 0.7
 
     class Interrupt(Exception):
         pass
