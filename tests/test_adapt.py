@@ -1,0 +1,55 @@
+"""Domain adaptation: every (start, fraction, seed) is a run; the table has Table 4's shape."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from st.adapt import run_adapt
+from st.errors import UserError
+from st.pipeline import Job, run_finetune
+from st.train import TrainConfig
+
+
+def test_adapt_from_pretrained_and_from_a_checkpoint(tiny_bert_dir, sentiment_dir, tmp_path):
+    base = Job(task="csv", model=str(tiny_bert_dir), data_dir=str(sentiment_dir), dropout=0.0, head_dropout=0.0,
+               train=TrainConfig(epochs=1, batch_size=8, lr=5e-3))
+    source = run_finetune(replace(base, train=replace(base.train, epochs=4)), tmp_path / "source")
+    assert source["dev"]["accuracy"] >= 0.8
+    result = run_adapt(base, {"pretrained": str(tiny_bert_dir), "finetuned": str(tmp_path / "source")},
+                       fractions=(0.1, 1.0), seeds=(0, 1), out=tmp_path / "adapt")
+    assert len(result["rows"]) == 2 * 2 * 2
+    runs = json.loads((tmp_path / "adapt" / "pretrained" / "fraction0.1-seed0" / "run.json").read_text())
+    assert runs["train_fraction"] == 0.1 and runs["init"] is None
+    runs = json.loads((tmp_path / "adapt" / "finetuned" / "fraction1-seed1" / "run.json").read_text())
+    assert runs["train_fraction"] is None and runs["init"] == str(tmp_path / "source") and runs["train"]["seed"] == 1
+    # starting from the fine-tuned checkpoint beats starting from scratch on the same task
+    assert result["table"]["finetuned"][0.1]["mean"] > result["table"]["pretrained"][0.1]["mean"]
+    report = (tmp_path / "adapt" / "report.md").read_text()
+    assert "| finetuned |" in report and "10.0%" in report and "100.0%" in report
+    again = run_adapt(base, {"pretrained": str(tiny_bert_dir), "finetuned": str(tmp_path / "source")},
+                      fractions=(0.1, 1.0), seeds=(0, 1), out=tmp_path / "adapt")
+    assert again["table"] == result["table"]  # finished runs are reused, not retrained
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fractions", "0,1"], "(0, 1]"),
+    (["--fractions", "a"], "comma-separated"),
+    (["--from", "x"], "must be TASK=PATH"),
+    (["--from", "x={tmp}/nowhere"], "not a folder"),
+])
+def test_adapt_bad_input(args, message, tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = CliRunner().invoke(cli, ["adapt", "--task", "csv", "--data-dir", str(sentiment_dir), "--model", str(tiny_bert_dir),
+                                      *args, "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_adapt_needs_a_source():
+    with pytest.raises(UserError, match="--from"):
+        run_adapt(Job(task="csv"), {}, out="unused")
