@@ -18,7 +18,7 @@ $(BIN)/st: pyproject.toml
 	touch $@
 
 demo: $(BIN)/st
-	$(BIN)/st finetune --task rotten_tomatoes --model minilm-l6 --train-size 2000 --epochs 2 --out $(DEMO_OUT)
+	$(BIN)/st sweep --out $(DEMO_OUT)
 
 test: $(BIN)/st
 	$(BIN)/python -m pytest

@@ -6,6 +6,7 @@ line on stderr and exit code 1, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -61,7 +62,8 @@ def train_options(f):
         click.option("--model", default="minilm-l6", show_default=True, help="Folder, alias (minilm-l6) or cached hub id."),
         click.option("--epochs", default=3, show_default=True, type=click.IntRange(1)),
         click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1)),
-        click.option("--lr", default=5e-5, show_default=True, type=click.FloatRange(min=0, min_open=True)),
+        click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="Default: the paper's 5e-5 for BERT-base and larger, 2e-4 for smaller encoders (hidden < 768)."),
         click.option("--warmup", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="Fraction of steps with linear warm-up."),
         click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0)),
         click.option("--clip", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Gradient-norm clipping."),
@@ -87,14 +89,14 @@ def make_task_options(text_columns, label_column, label_set, regression) -> tupl
 
 def make_job(kw: dict, **extra):
     from st.pipeline import Job
-    from st.train import TrainConfig
+    from st.train import TrainConfig, default_lr
 
     from st import dist
 
     if kw["train_fraction"] is not None and not 0 < kw["train_fraction"] <= 1:
         raise UserError(f"--train-fraction must be in (0, 1], got {kw['train_fraction']}")
     train = TrainConfig(
-        epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], warmup=kw["warmup"],
+        epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"] or default_lr(kw["model"]), warmup=kw["warmup"],
         weight_decay=kw["weight_decay"], clip=kw["clip"], grad_accum=kw["grad_accum"], seed=kw["seed"],
         device=dist.pick_device(kw["device"]), precision=kw["precision"],
     )
@@ -265,6 +267,131 @@ def share_command(task_list, data_dirs, tickets, ratios, no_tickets, max_length,
         if dist.is_main():
             Console().print(report_table(result))
             console.print(f"average dev {result['average']:.4f}, report -> {Path(out) / 'report.md'}")
+
+
+# ---- sweep and report -------------------------------------------------------------------------
+
+
+def _task_optional(f):
+    """After task_options: --task may be left out (`st sweep` then runs the packaged main job)."""
+    for param in f.__click_params__:
+        if param.name == "task":
+            param.required = False
+            param.help = "Task name (see `st tasks`); without it, the main job: rotten_tomatoes on minilm-l6."
+    return f
+
+
+def _comma_list(text: str, option: str, convert=str) -> list:
+    try:
+        return [convert(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated numbers, e.g. 0.1,0.2,0.3; got {text!r}") from None
+
+
+@contextlib.contextmanager
+def _log_level(level):
+    logger = logging.getLogger("st")
+    before = logger.level
+    if level is not None:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+@cli.command("sweep")
+@_task_optional
+@task_options
+@train_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder; the same command again resumes it.")
+@click.option("--ratios", default=None, help="Comma-separated pruning ratios in [0, 1)  [default: 0.1,0.2,...,0.8]")
+@click.option("--kinds", default="winning,random,losing", show_default=True, help="Comma-separated ticket kinds.")
+@click.option("--seeds", default=None, type=int, help="How many seeds: --seed, --seed+1, ...  [default: 3]")
+@click.option("--select-fraction", default=0.5, show_default=True, type=float, help="Part of the dev sample that chooses epochs and the ticket; the rest only reports.")
+@click.option("--dev-size", default=None, type=click.IntRange(1), help="A seeded sample of N dev examples (default: all; the main job: 400).")
+@click.option("--score-examples", default=None, type=click.IntRange(1), help="Importance over a seeded sample of N training examples (default: all).")
+@click.option("--jobs", default=None, type=int, help="Runs at once: processes on CPU, at most one per GPU (default 1; the main job: 2).")
+@click.option("--quick", is_flag=True, help="A one-minute look: 1 seed, ratios 0.3,0.6, all three kinds, 192 examples, 2 epochs.")
+@click.pass_context
+def sweep_command(ctx, out, ratios, kinds, seeds, select_fraction, dev_size, score_examples, jobs, quick, **kw):
+    """Phase transition: the full model and winning/random/losing tickets at every ratio and seed; the super ticket.
+
+    Without --task: the main job, rotten_tomatoes on minilm-l6 with 256 training examples, 2 epochs,
+    batch 16, lr 5e-4, max length 64, 400 dev examples and 2 processes (about 15 minutes on 2 CPU
+    cores); --quick: a one-minute version. Defaults shown below are for a --task of your own; an
+    option you give always wins.
+    """
+    import os
+
+    from click.core import ParameterSource
+
+    from st import dist
+    from st.pipeline import build_task
+    from st.report import RunPrinter, phase_table, render, summary_lines
+    from st.sweep import DEMO, QUICK, RATIOS, SweepConfig, run_sweep
+
+    given = lambda name: ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)  # noqa: E731
+    preset = QUICK if quick else DEMO if kw["task"] is None else None
+    if preset:  # the packaged defaults, for every option not given on the command line
+        for name in ("task", "model", "train_size", "epochs", "batch_size", "lr", "max_length"):
+            kw[name] = kw[name] if given(name) else getattr(preset, name)
+        dev_size = dev_size if given("dev_size") else preset.dev_size
+        seeds = seeds if given("seeds") else preset.seeds
+        jobs = jobs if given("jobs") else min(preset.jobs, os.cpu_count() or 1)
+    ratio_list = _comma_list(ratios, "--ratios", float) if ratios is not None else list(preset.ratios if preset else RATIOS)
+    quiet = not ctx.find_root().params.get("verbose")  # the table says which runs had finished earlier
+    with dist.session(), _log_level(logging.WARNING if quiet else None):
+        job = make_job(kw)
+        cfg = SweepConfig(job, ratios=tuple(ratio_list), kinds=tuple(_comma_list(kinds, "--kinds")), seeds=3 if seeds is None else seeds,
+                          select_fraction=select_fraction, dev_size=dev_size, score_examples=score_examples)
+        starting = lambda n: console.print(f"sweep of {job.task} on {job.model}: {cfg.seeds} seed(s) x (full model + {len(cfg.kinds)} "  # noqa: E731
+                                           f"kinds x {len(cfg.ratios)} ratios), {n} run(s) at a time -> {out}")
+        doc = run_sweep(cfg, out, jobs=1 if jobs is None else jobs, on_start=starting, on_result=RunPrinter(console, build_task(job).main_metric))
+        if dist.is_main():
+            selection = render(out)
+            Console().print(phase_table(doc, selection))
+            for line in summary_lines(selection):
+                console.print(line)
+            console.print(f"-> {Path(out) / 'report.md'}, phase.png, super_ticket.json, results.json")
+            failed = [r for r in doc["runs"] if r["error"]]
+            if failed:
+                raise UserError(f"{len(failed)} of {len(doc['runs'])} runs failed (listed above); rerun the same command to retry them")
+
+
+@cli.command("report")
+@click.argument("folder", type=click.Path(file_okay=False))
+def report_command(folder):
+    """Re-render a sweep's report.md, phase.png and super_ticket.json from its results.json."""
+    from st.report import load_results, phase_table, render, summary_lines
+
+    selection = render(folder)
+    Console().print(phase_table(load_results(folder), selection))
+    for line in summary_lines(selection):
+        console.print(line)
+    console.print(f"-> {Path(folder) / 'report.md'}, phase.png, super_ticket.json")
+
+
+@cli.command("adapt")
+@task_options
+@train_options
+@click.option("--from", "sources", multiple=True, help="NAME=MODEL: a pre-trained model, a fine-tuned or a multi-task (`st share`) folder. Repeat. Default: --model.")
+@click.option("--fractions", default="0.001,0.01,0.1,1", show_default=True, help="Comma-separated fractions of the training set.")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1), help="Seeds 0..N-1 per fraction.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumes if interrupted).")
+def adapt_command(sources, fractions, seeds, out, **kw):
+    """Domain adaptation: fine-tune on a new task with 0.1%, 1%, 10%, 100% of its data (Table 4)."""
+    from st.adapt import run_adapt
+    from st.share import parse_pairs
+
+    try:
+        values = [float(f) for f in fractions.split(",") if f.strip()]
+    except ValueError:
+        raise UserError(f"--fractions takes comma-separated numbers in (0, 1], got {fractions!r}") from None
+    named = parse_pairs(sources, "--from") if sources else {"pretrained": kw["model"]}
+    result = run_adapt(make_job(kw), named, values, range(seeds), out)
+    console.print(f"{len(result['rows'])} runs -> {Path(out) / 'report.md'}")
+    Console().print(Path(out, "report.md").read_text())
 
 
 def main():

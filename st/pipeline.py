@@ -20,6 +20,7 @@ from st.errors import UserError
 from st.importance import Scores, compute_importance
 from st.models import BertClassifier, load_checkpoint, load_pretrained, resolve_model_dir
 from st.prune import export, export_hf, prune_classifier
+from st.share import is_multitask_dir, load_task_model
 from st.tasks import Example, Task, get_task
 from st.tasks.sampling import check_nonempty, subsample
 from st.tickets import Ticket
@@ -44,6 +45,11 @@ class Job:
     ticket: str | None = None  # ticket.json: rewind to pre-trained weights and train the subnetwork
     init: str | None = None  # a fine-tuned checkpoint to continue from
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Honest model selection (st sweep): a seeded sample of `dev_size` dev examples is split, with the
+    # seed, into a selection part (a `select_fraction` of it) that chooses the epoch and a report part
+    # evaluated once on the chosen weights. None and None: the epoch is chosen on all of dev, as before.
+    dev_size: int | None = None
+    select_fraction: float | None = None
 
     def settings(self) -> dict:
         """What identifies the run's result (the device does not: a run may resume elsewhere)."""
@@ -68,7 +74,8 @@ def build_tokenizer(job: Job) -> Tokenizer:
 def build_model(job: Job, task: Task) -> BertClassifier:
     """Pre-trained encoder + a task head initialised from the seed, pruned to the ticket if given."""
     if job.init:
-        model, _ = load_checkpoint(job.init)
+        # A multi-task folder gives the task's own head and its ticket's subnetwork ("+ ST fine-tuning").
+        model = load_task_model(job.init, task.name) if is_multitask_dir(job.init) else load_checkpoint(job.init)[0]
         if model.num_labels != task.num_labels:  # a new task (domain adaptation): a fresh head
             torch.manual_seed(job.train.seed)
             head = BertClassifier(model.encoder, task.num_labels, _head_dropout(job, task))
@@ -122,10 +129,49 @@ def run_finetune(job: Job, out: str | Path, on_step=None, on_epoch=None) -> dict
     check_vocab(tokenizer, model.encoder.config.vocab_size, model_dir(job))
     train = load_train(job, task, tokenizer)
     _, dev = load_split(task, tokenizer, task.dev_splits[0])
+    select, report = split_dev(dev, job)
     if dist.is_main():
         copy_tokenizer(model_dir(job), out)
     meta = {"task": task.name, "labels": list(task.labels), "job": job.settings()}
-    return finetune(model, train, dev, task, job.train, out, tokenizer.pad_id, on_step=on_step, on_epoch=on_epoch, meta=meta)
+    return finetune(model, train, select, task, job.train, out, tokenizer.pad_id, on_step=on_step, on_epoch=on_epoch,
+                    meta=meta, report=report)
+
+
+def dev_parts(n: int, seed: int, dev_size: int | None = None, select_fraction: float | None = None) -> tuple[list[int], list[int]]:
+    """(selection, report) indices into a dev set of `n` examples: a seeded sample of `dev_size` of them
+    (all when None or larger), then split with the same seed into `select_fraction` for selection and
+    the rest for the report (no report part when `select_fraction` is None). Both lists are sorted."""
+    if select_fraction is not None and not 0 < select_fraction < 1:
+        raise UserError(f"--select-fraction must be in (0, 1), got {select_fraction}")
+    if dev_size is not None and dev_size < 1:
+        raise UserError(f"--dev-size must be a positive whole number, got {dev_size}")
+    rng = random.Random(seed)
+    order = list(range(n))
+    if dev_size is not None and dev_size < n:
+        order = rng.sample(order, dev_size)
+    if select_fraction is None:
+        return sorted(order), []
+    rng.shuffle(order)
+    k = round(select_fraction * len(order))
+    if not 0 < k < len(order):
+        raise UserError(f"{len(order)} dev examples cannot be split into a selection part of {select_fraction:g} and a "
+                        "report part with at least one example each; use a larger --dev-size or another --select-fraction")
+    return sorted(order[:k]), sorted(order[k:])
+
+
+def split_dev(dev: EncodedSet, job: Job) -> tuple[EncodedSet, EncodedSet | None]:
+    """The job's selection part of dev (all of it by default) and its report part (None by default)."""
+    if job.dev_size is None and job.select_fraction is None:
+        return dev, None
+    if job.dev_size is not None and job.dev_size > len(dev):
+        log.info("--dev-size %d is more than the %d dev examples; using all of them", job.dev_size, len(dev))
+    select, report = dev_parts(len(dev), job.train.seed, job.dev_size, job.select_fraction)
+    return subset(dev, select), (subset(dev, report) if report else None)
+
+
+def subset(data: EncodedSet, indices: list[int]) -> EncodedSet:
+    labels = None if data.labels is None else [data.labels[i] for i in indices]
+    return EncodedSet([data.rows[i] for i in indices], labels, data.regression)
 
 
 def with_train(job: Job, **changes) -> Job:

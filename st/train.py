@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from st import dist
@@ -49,6 +50,17 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
     eval_batch_size: int = 128
+
+
+def default_lr(model: str) -> float:
+    """The paper's 5e-5 was tuned for BERT-base and -large. Small encoders need a larger rate to
+    move in the same few hundred steps: measured on rotten_tomatoes with all-MiniLM-L6-v2
+    (hidden 384), 1,000 examples × 2 epochs reach dev accuracy 0.51 at 5e-5 and 0.76 at 2e-4."""
+    from st.models.weights import read_config, resolve_model_dir
+
+    config = read_config(resolve_model_dir(model))
+    hidden = config["encoder"]["hidden_size"] if "encoder" in config else config.get("hidden_size", 768)
+    return 5e-5 if hidden >= 768 else 2e-4
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -104,11 +116,13 @@ def finetune(
     on_step: Callable[[int, int, float], None] | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     meta: dict | None = None,
+    report: EncodedSet | None = None,
 ) -> dict:
     """Fine-tune `model` on `train`, choosing the epoch by `task.main_metric` on `dev`.
 
     Resumes from `out/.progress` when present. Returns the metrics written to `out/metrics.json`;
-    `meta` goes into config.json beside the weights. Only rank 0 writes.
+    `meta` goes into config.json beside the weights. Only rank 0 writes. A `report` set plays no
+    part in the choice: it is evaluated once, on the chosen epoch's weights, into "report".
     """
     out = Path(out)
     device = torch.device(cfg.device)
@@ -175,6 +189,10 @@ def finetune(
     best = max(history, key=lambda h: h["dev"][task.main_metric])
     result = {"task": task.name, "main_metric": task.main_metric, "best_epoch": best["epoch"],
               "dev": best["dev"], "epochs": history}
+    if report is not None:
+        # The chosen epoch's weights, as rank 0 saved them before the last barrier; every rank reads them.
+        model.load_state_dict(load_file(out / PROGRESS / "best" / "model.safetensors", device=str(device)))
+        result.update(report=evaluate(model, report, task, cfg, pad_id), dev_examples=len(dev), report_examples=len(report))
     if dist.is_main():
         for name in ("model.safetensors", "config.json"):
             shutil.copyfile(out / PROGRESS / "best" / name, out / f".{name}.tmp")

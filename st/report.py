@@ -1,0 +1,274 @@
+"""A sweep's results as people read them: the phase-transition table (rich and markdown), the phase
+plot, and super_ticket.json. Everything here is rendered from results.json alone (plus the ticket
+files beside it), so `st report DIR` redoes it at any time.
+
+Scores are shown ×100 (GLUE style); means ± sample standard deviations over seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from st.errors import UserError
+from st.io import atomic_path, read_json, write_json, write_text
+from st.models.bert import BertConfig
+from st.sweep import FULL, RESULTS, Selection, per_seed, run_dir, select_super_ticket, stats, ticket_path
+from st.tickets import KINDS, Ticket
+
+REPORT, PLOT, SUPER_TICKET = "report.md", "phase.png", "super_ticket.json"
+COLOURS = {"winning": "tab:green", "random": "tab:blue", "losing": "tab:red"}
+
+
+def load_results(out: str | Path) -> dict:
+    path = Path(out) / RESULTS
+    try:
+        doc = read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; pass a folder written by `st sweep`") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rerun the sweep to rewrite it") from None
+    if not isinstance(doc, dict) or not {"runs", "main_metric", "settings"} <= set(doc):
+        raise UserError(f"{path} is not an `st sweep` results file")
+    return doc
+
+
+def render(out: str | Path) -> Selection:
+    """Write report.md, phase.png and super_ticket.json from out/results.json; returns the selection."""
+    out = Path(out)
+    doc = load_results(out)
+    selection = select_super_ticket(doc)
+    write_json(out / SUPER_TICKET, super_ticket(out, doc, selection))
+    plot_phase(doc, selection, out / PLOT)
+    write_text(out / REPORT, markdown(doc, selection))
+    return selection
+
+
+# ---- numbers ---------------------------------------------------------------------------------------
+
+
+def points(doc: dict) -> list[tuple[float, float | None]]:
+    """(ratio, percent of the model's weights remaining) for r = 0 and every ratio of the grid."""
+    runs, found = doc["runs"], {0.0: 100.0}
+    for r in runs:
+        if r["error"] is None and r["percent_remaining"]:
+            found.setdefault(r["ratio"], r["percent_remaining"]["model"])
+    ratios = sorted({0.0, *doc["settings"]["ratios"]})
+    return [(ratio, found.get(ratio)) for ratio in ratios]
+
+
+def cell(doc: dict, kind: str, ratio: float, part: str) -> dict:
+    """Mean/std/n of the main metric over seeds; r = 0 is the full model whatever the kind."""
+    return stats(list(per_seed(doc["runs"], FULL if ratio == 0 else kind, ratio, part, doc["main_metric"]).values()))
+
+
+def fmt(s: dict, seeds: int | None = None) -> str:
+    if s["mean"] is None:
+        return "—"
+    text = f"{100 * s['mean']:.2f}" + (f" ± {100 * s['std']:.2f}" if s["std"] is not None else "")
+    return text + (f" (n={s['n']})" if seeds is not None and s["n"] < seeds else "")
+
+
+def _kinds(doc: dict) -> list[str]:
+    return [k for k in KINDS if k in doc["settings"]["kinds"]]
+
+
+def _is_chosen(sel: Selection, kind: str, ratio: float, kinds: list[str]) -> bool:
+    # r = 0 is the full model in every column: mark it once, in the first
+    return (ratio == 0 and sel.kind == FULL and kind == kinds[0]) or (kind == sel.kind and ratio == sel.ratio)
+
+
+def _chosen_name(sel: Selection) -> str:
+    if sel.kind == FULL:
+        return "the full model"
+    return f"the winning ticket at r = {sel.ratio:g}" + (f" ({sel.percent_remaining['model']:.1f}% of weights)" if sel.percent_remaining else "")
+
+
+# ---- rich ------------------------------------------------------------------------------------------
+
+
+def phase_table(doc: dict, selection: Selection | None = None, part: str = "report") -> Table:
+    """The phase-transition table for the terminal: one row per ratio, one column per kind."""
+    seeds = doc["settings"]["seeds"]
+    title = f"{doc['task']}: {doc['main_metric']} on the {part} part, mean ± std over {seeds} seed{'s' * (seeds > 1)}"
+    table = Table("r", "% weights", *_kinds(doc), title=title)
+    for ratio, percent in points(doc):
+        row = []
+        for kind in _kinds(doc):
+            text = fmt(cell(doc, kind, ratio, part), seeds)
+            chosen = selection is not None and _is_chosen(selection, kind, ratio, _kinds(doc))
+            row.append(f"[bold green]{text} *[/]" if chosen else text)
+        table.add_row("0 (full)" if ratio == 0 else f"{ratio:g}", "—" if percent is None else f"{percent:.1f}", *row)
+    return table
+
+
+def summary_lines(selection: Selection) -> list[str]:
+    """What was chosen and what it gains on the report part, in a few sentences."""
+    sel, pct = selection, lambda v: f"{100 * v:.2f}"
+    if sel.kind == FULL:
+        lines = [f"super ticket: the full model ({sel.metric} {fmt(stats(list(sel.selection.values())))} on the selection part; "
+                 f"report part {fmt(stats(list(sel.report.values())))})"]
+    else:
+        lines = [f"super ticket: {_chosen_name(sel)}, chosen on the selection part "
+                 f"({sel.metric} {fmt(stats(list(sel.selection.values())))} vs the full model's {fmt(stats(list(sel.full_selection.values())))})"]
+    if sel.kind != FULL:
+        lines.append(f"on the report part: {fmt(stats(list(sel.report.values())))} vs the full model's "
+                     f"{fmt(stats(list(sel.full_report.values())))}"
+                     + (f", gain {'+' if sel.gain >= 0 else ''}{pct(sel.gain)} points" if sel.gain is not None else ""))
+    lines.append(f"p = {sel.p_value:.3g} ({sel.test_note})" if sel.p_value is not None else sel.test_note)
+    if sel.failures:
+        lines.append(f"{len(sel.failures)} run(s) failed: " + "; ".join(
+            f"seed {r['seed']} {run_label(r)}: {r['error']}" for r in sel.failures))
+    return lines
+
+
+def run_label(record: dict) -> str:
+    return FULL if record["kind"] == FULL else f"{record['kind']} r={record['ratio']:g}"
+
+
+class RunPrinter:
+    """Prints one row per finished run, as runs finish: a table that grows down the terminal, in
+    fixed-width columns so that rows printed minutes apart line up."""
+
+    COLUMNS = (("seed", 4), ("kind", 7), ("r", 4), ("% weights", 9), ("selection", 9), ("report", 7), ("epoch", 5), ("seconds", 7))
+
+    def __init__(self, console, metric: str):
+        self.console, self.metric, self.started = console, metric, False
+
+    def _line(self, cells: list[str]) -> str:
+        return " ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.COLUMNS))
+
+    def __call__(self, record: dict) -> None:
+        if not self.started:
+            self.console.print(f"[bold]{self._line([name for name, _ in self.COLUMNS])}  ({self.metric} ×100)[/]")
+            self.started = True
+        metric = lambda part: "—" if record[part] is None else f"{100 * record[part][self.metric]:.2f}"  # noqa: E731
+        percent = record["percent_remaining"]["model"] if record["percent_remaining"] else None
+        note = f"  [red]{escape(record['error'])}[/]" if record["error"] else ("  [dim]finished earlier[/]" if record.get("reused") else "")
+        self.console.print(self._line([str(record["seed"]), record["kind"], f"{record['ratio']:g}", "—" if percent is None else f"{percent:.1f}",
+                                       metric("selection"), metric("report"), str(record["best_epoch"] or "—"),
+                                       "—" if record["seconds"] is None else f"{record['seconds']:.0f}"]) + note)
+
+
+# ---- markdown --------------------------------------------------------------------------------------
+
+
+def _md_table(doc: dict, selection: Selection, part: str) -> list[str]:
+    kinds, seeds = _kinds(doc), doc["settings"]["seeds"]
+    lines = ["| r | % weights | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for ratio, percent in points(doc):
+        cells = []
+        for kind in kinds:
+            text = fmt(cell(doc, kind, ratio, part), seeds)
+            cells.append(f"**{text}**" if _is_chosen(selection, kind, ratio, kinds) and text != "—" else text)
+        lines.append(f"| {'0 (full)' if ratio == 0 else f'{ratio:g}'} | {'—' if percent is None else f'{percent:.1f}'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(doc: dict, selection: Selection) -> str:
+    s, job, sel = doc["settings"], doc["settings"]["job"], selection
+    seeds = [job["train"]["seed"] + i for i in range(s["seeds"])]
+    dev = f"a sample of {s['dev_size']} dev examples" if s["dev_size"] else "the dev set"
+    lines = [
+        f"# Super tickets: {doc['task']} on {job['model']}",
+        "",
+        f"Seeds {', '.join(map(str, seeds))}; ratios {', '.join(f'{r:g}' for r in s['ratios'])}; tickets {', '.join(s['kinds'])}; "
+        f"{job['train_size'] or 'all'} training examples, {job['train']['epochs']} epoch(s), batch {job['train']['batch_size']}, "
+        f"lr {job['train']['lr']:g}, max length {job['max_length']}.",
+        f"For each seed, {dev} is split with the seed into a selection part ({s['select_fraction']:g} of it), which chooses "
+        "every run's epoch and the super ticket, and a report part, used only for the numbers reported here. "
+        f"Scores are {doc['main_metric']} ×100, mean ± standard deviation over seeds; r = 0 is the full model; "
+        "the super ticket is in bold.",
+        "",
+        "## Phase transition: report part", "", *_md_table(doc, sel, "report"), "",
+        "## Phase transition: selection part", "", *_md_table(doc, sel, "selection"), "",
+        "## Super ticket", "",
+        *summary_lines(sel)[:3], "",
+    ]
+    if sel.kind != FULL:
+        lines += ["| seed | super ticket (selection) | full model (selection) | super ticket (report) | full model (report) | difference (report) |",
+                  "|---|---|---|---|---|---|"]
+        num = lambda d, k: f"{100 * d[k]:.2f}" if k in d else "—"  # noqa: E731
+        for seed in seeds:
+            diff = f"{100 * (sel.report[seed] - sel.full_report[seed]):+.2f}" if seed in sel.report and seed in sel.full_report else "—"
+            lines.append(f"| {seed} | {num(sel.selection, seed)} | {num(sel.full_selection, seed)} | {num(sel.report, seed)} | {num(sel.full_report, seed)} | {diff} |")
+        lines.append("")
+    name = lambda c: "full" if c["kind"] == FULL else f"r={c['ratio']:g}"  # noqa: E731
+    lines += ["Candidates by mean selection score: " + ", ".join(f"{name(c)} {100 * c['mean']:.2f}" for c in sel.candidates), ""]
+    if sel.failures:
+        lines += ["## Failed runs", "", *(f"- seed {r['seed']}, {run_label(r)}: `{r['error']}`" for r in sel.failures), "",
+                  "Rerun the same `st sweep` command to retry them; finished runs are kept.", ""]
+    return "\n".join(lines)
+
+
+# ---- plot ------------------------------------------------------------------------------------------
+
+
+def plot_phase(doc: dict, selection: Selection, path: str | Path) -> None:
+    """Mean ± std against percent of weights remaining, per kind, on both dev parts; the full model
+    as a line, the super ticket as a star."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    where = dict(points(doc))
+    for ax, part in zip(axes, ("selection", "report")):
+        full = cell(doc, FULL, 0.0, part)
+        if full["mean"] is not None:
+            ax.axhline(100 * full["mean"], color="black", linestyle="--", linewidth=1, label="full model")
+            if full["std"] is not None:
+                ax.axhspan(100 * (full["mean"] - full["std"]), 100 * (full["mean"] + full["std"]), color="black", alpha=0.06)
+        for kind in _kinds(doc):
+            xs, ys, es = [], [], []
+            for ratio, percent in points(doc):
+                c = cell(doc, kind, ratio, part)
+                if c["mean"] is not None and percent is not None:
+                    xs.append(percent), ys.append(100 * c["mean"]), es.append(100 * (c["std"] or 0.0))
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=4, color=COLOURS[kind], label=kind)
+                ax.fill_between(xs, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)], color=COLOURS[kind], alpha=0.15)
+        chosen = cell(doc, selection.kind, selection.ratio, part)
+        if chosen["mean"] is not None and where.get(selection.ratio) is not None:
+            ax.plot([where[selection.ratio]], [100 * chosen["mean"]], marker="*", markersize=16, color="gold",
+                    markeredgecolor="black", linestyle="none", label="super ticket", zorder=5)
+        ax.set(title=f"{part} part" + (" (chooses the ticket)" if part == "selection" else " (held out)"),
+               xlabel="% of weights remaining")
+        ax.invert_xaxis()  # left to right: more and more pruned
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{doc['main_metric']} ×100")
+    axes[1].legend(loc="best", fontsize="small")
+    seeds = doc["settings"]["seeds"]
+    fig.suptitle(f"{doc['task']}: phase transition over {seeds} seed{'s' * (seeds > 1)}")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+# ---- super_ticket.json ---------------------------------------------------------------------------
+
+
+def super_ticket(out: Path, doc: dict, selection: Selection) -> dict:
+    """The chosen ticket (a representative seed's: the first seed whose run finished) as a loadable
+    ticket file, plus how it was chosen and what it scored. For the full model: the all-ones ticket."""
+    sel = selection
+    seed = min(sel.selection)
+    if sel.kind == FULL:
+        config = read_json(run_dir(out, seed, FULL, 0.0) / "config.json")["encoder"]
+        ticket = replace(Ticket.full(BertConfig.from_dict(config)), seed=seed)
+        note = "the full model: no pruned ticket beat it on the selection part"
+        files = {}
+    else:
+        ticket = Ticket.load(ticket_path(out, seed, sel.kind, sel.ratio))
+        note = f"the winning ticket at r = {sel.ratio:g}; ticket of seed {seed} (each seed's scores give its own ticket)"
+        files = {str(s): str(ticket_path(out, s, sel.kind, sel.ratio).relative_to(out)) for s in sorted(sel.selection)}
+    part = lambda d: {"per_seed": {str(k): v for k, v in sorted(d.items())}, **stats(list(d.values()))}  # noqa: E731
+    return {**ticket.to_json(), "task": doc["task"], "note": note, "metric": sel.metric,
+            "chosen_on": "the selection part of dev; numbers under report are from the held-out report part",
+            "ticket_files": files, "selection": part(sel.selection), "report": part(sel.report),
+            "full_model": {"selection": part(sel.full_selection), "report": part(sel.full_report)},
+            "gain": sel.gain, "p_value": sel.p_value, "test": sel.test_note,
+            "candidates": sel.candidates}

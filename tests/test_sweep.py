@@ -1,0 +1,283 @@
+"""`st sweep` end to end on a tiny model: a killed sweep resumes and skips finished runs, a crashed run
+is recorded while the rest go on, the super ticket is chosen on the selection part only, the report
+and plot are written (and re-rendered by `st report`), and bad input is one clear line."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import st.pipeline as pipeline
+import st.sweep as sweep
+from cli.main import cli
+from st.errors import UserError
+from st.pipeline import Job, dev_parts
+from st.report import render
+from st.sweep import SweepConfig, run_sweep, select_super_ticket
+from st.tickets import Ticket
+from st.train import TrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on a shared machine: with several intra-op threads a run waits on the others (seconds, not 0.2 s).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(model, data, *, seeds=2, ratios=(0.2, 0.5), kinds=("winning", "random", "losing"), epochs=2) -> SweepConfig:
+    train = TrainConfig(epochs=epochs, batch_size=8, lr=5e-3)
+    job = Job(task="csv", model=str(model), data_dir=str(data), dropout=0.0, head_dropout=0.0, train=train)
+    return SweepConfig(job, ratios=ratios, kinds=kinds, seeds=seeds)
+
+
+def st(*args, ok: bool = True) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert (result.exit_code == 0) == ok, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+class Killed(BaseException):
+    """Stands for Ctrl-C or a killed process: nothing a run could catch and record."""
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_bert_dir, sentiment_dir, tmp_path_factory):
+    """2 seeds x (full + 2 ratios x 3 kinds): killed after 5 runs, one of which crashed, then resumed."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
+    cfg = config(tiny_bert_dir, sentiment_dir)
+    patch = pytest.MonkeyPatch()
+    real_run = sweep.run_finetune
+
+    def crash_one(job, folder, **kw):
+        if job.train.seed == 0 and "random-r0.20" in str(folder):
+            raise RuntimeError("boom")
+        return real_run(job, folder, **kw)
+
+    seen = []
+
+    def kill_after_five(record):
+        seen.append(record)
+        if len(seen) == 5:
+            raise Killed
+
+    patch.setattr(sweep, "run_finetune", crash_one)
+    with pytest.raises(Killed):
+        run_sweep(cfg, out, on_result=kill_after_five)
+    patch.undo()
+    partial = json.loads((out / "results.json").read_text())
+    stamps = {r["run"]: (out / r["run"] / "model.safetensors").stat().st_mtime_ns for r in partial["runs"] if not r["error"]}
+
+    trained, real_finetune = [], pipeline.finetune
+    patch.setattr(pipeline, "finetune", lambda *a, **k: trained.append(Path(a[5])) or real_finetune(*a, **k))
+    resumed = []
+    doc = run_sweep(cfg, out, on_result=resumed.append)
+    patch.undo()
+    render(out)
+    return SimpleNamespace(out=out, cfg=cfg, doc=doc, partial=partial, stamps=stamps, trained=trained, resumed=resumed)
+
+
+def test_killed_sweep_resumes_skipping_finished_runs_and_recording_the_crash(swept):
+    runs = [(r["seed"], r["kind"], r["ratio"]) for r in swept.partial["runs"]]
+    assert runs == [(0, "full", 0.0), (0, "winning", 0.2), (0, "winning", 0.5), (0, "random", 0.2), (0, "random", 0.5)]
+    crashed = [r for r in swept.partial["runs"] if r["error"]]
+    assert [r["error"] for r in crashed] == ["RuntimeError: boom"] and crashed[0]["report"] is None
+    # the run after the crash went on; the kill left results.json complete up to it
+    assert swept.partial["runs"][4]["error"] is None and swept.partial["runs"][4]["report"] is not None
+
+    finished = {swept.out / run for run in swept.stamps}
+    assert len(finished) == 4 and not finished & set(swept.trained)  # never retrained ...
+    for run, stamp in swept.stamps.items():  # ... nor rewritten
+        assert (swept.out / run / "model.safetensors").stat().st_mtime_ns == stamp
+    assert len(swept.trained) == 14 - 4 and swept.out / "seed0/random-r0.20/run" in swept.trained  # the crashed one is retried
+    assert sorted(str(Path(r["run"])) for r in swept.resumed if r["reused"]) == sorted(swept.stamps)
+    assert len(swept.doc["runs"]) == 14 and not any(r["error"] for r in swept.doc["runs"])
+
+
+def test_results_report_plot_and_super_ticket(swept):
+    out, doc = swept.out, json.loads((swept.out / "results.json").read_text())
+    assert doc == swept.doc and doc["task"] == "csv" and doc["main_metric"] == "accuracy"
+    assert doc["settings"] == json.loads((out / "sweep.json").read_text())
+    percent = {}
+    for r in doc["runs"]:
+        assert set(r["selection"]) == set(r["report"]) == {"accuracy", "f1"}
+        assert r["best_epoch"] in (1, 2) and r["seconds"] > 0 and r["error"] is None
+        percent.setdefault(r["ratio"], set()).add(round(r["percent_remaining"]["model"], 6))
+        metrics = json.loads((out / r["run"] / "metrics.json").read_text())
+        assert metrics["dev"] == r["selection"] and metrics["report"] == r["report"]
+        assert metrics["dev_examples"] == metrics["report_examples"] == 24  # the 48 dev rows, halved
+    assert all(len(p) == 1 for p in percent.values())  # every kind and seed prunes the same amount at a ratio
+    assert percent[0.0] == {100.0} and 100 > min(percent[0.2]) > min(percent[0.5])
+    for seed in (0, 1):
+        assert (out / f"seed{seed}" / "scores.json").exists() and (out / f"seed{seed}" / "scores.png").exists()
+        for kind in ("winning", "random", "losing"):
+            ticket = Ticket.load(out / f"seed{seed}" / f"{kind}-r0.50" / "ticket.json")
+            assert (ticket.kind, ticket.ratio, ticket.seed, ticket.heads_pruned) == (kind, 0.5, seed, 4)
+
+    selection = select_super_ticket(doc)
+    best = max(c["mean"] for c in selection.candidates)
+    assert selection.candidates[0]["mean"] == best and (selection.kind, selection.ratio) == (selection.candidates[0]["kind"], selection.candidates[0]["ratio"])
+    chosen = json.loads((out / "super_ticket.json").read_text())
+    ticket = Ticket.load(out / "super_ticket.json")  # a loadable ticket file (st share takes it)
+    assert (ticket.kind, ticket.ratio) == (selection.kind, selection.ratio) and chosen["task"] == "csv"
+    assert set(chosen["report"]["per_seed"]) == {"0", "1"} and chosen["full_model"]["report"]["per_seed"]
+    if selection.kind == "winning":
+        diffs = [selection.report[s] - selection.full_report[s] for s in (0, 1)]
+        assert chosen["gain"] == pytest.approx(sum(diffs) / 2)
+
+    report = (out / "report.md").read_text()
+    for text in ("## Phase transition: report part", "## Phase transition: selection part", "## Super ticket", "| 0.5 |", "| 0 (full) | 100.0 |"):
+        assert text in report, text
+    assert "**" in report and (selection.p_value is None or f"p = {selection.p_value:.3g}" in report)
+    assert (out / "phase.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_command_rerenders_from_results(swept):
+    before = {name: (swept.out / name).read_bytes() for name in ("report.md", "super_ticket.json")}
+    for name in ("report.md", "super_ticket.json", "phase.png"):
+        (swept.out / name).unlink()
+    output = st("report", swept.out)
+    assert "accuracy on the report part" in output and "super ticket:" in output
+    assert all((swept.out / name).read_bytes() == content for name, content in before.items())
+    assert (swept.out / "phase.png").stat().st_size > 0
+    assert "does not exist" in st("report", swept.out / "seed0", ok=False)
+
+
+def test_parallel_jobs_give_the_same_runs(swept, tiny_bert_dir, sentiment_dir, tmp_path):
+    doc = run_sweep(config(tiny_bert_dir, sentiment_dir, seeds=1, ratios=(0.5,), kinds=("winning",)), tmp_path / "par", jobs=2)
+    sequential = {(r["seed"], r["kind"], r["ratio"]): r for r in swept.doc["runs"]}
+    assert len(doc["runs"]) == 2
+    for r in doc["runs"]:
+        twin = sequential[r["seed"], r["kind"], r["ratio"]]
+        assert r["error"] is None and (r["selection"], r["report"]) == (twin["selection"], twin["report"])
+
+
+# ---- selection on the selection part only ------------------------------------------------------
+
+
+def test_dev_parts_split_the_dev_sample_by_seed():
+    select, report = dev_parts(48, 0, None, 0.5)
+    assert len(select) == len(report) == 24 and sorted(select + report) == list(range(48))
+    assert dev_parts(48, 0, None, 0.5) == (select, report) and dev_parts(48, 1, None, 0.5) != (select, report)
+    select, report = dev_parts(48, 0, 20, 0.25)
+    assert (len(select), len(report)) == (5, 15) and not set(select) & set(report)
+    with pytest.raises(UserError, match="at least one example"):
+        dev_parts(1, 0, None, 0.5)
+
+
+def test_report_labels_never_change_the_choice(tiny_bert_dir, sentiment_dir, tmp_path):
+    """Flip every label of the report part: the epochs, the selection scores and the super ticket stay
+    the same, while the report scores turn into their complements."""
+    flipped = tmp_path / "flipped"
+    shutil.copytree(sentiment_dir, flipped)
+    with open(sentiment_dir / "dev.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    _, report = dev_parts(len(rows), 0, None, 0.5)
+    for i in report:
+        rows[i][1] = {"pos": "neg", "neg": "pos"}[rows[i][1]]
+    with open(flipped / "dev.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+    docs = [run_sweep(config(tiny_bert_dir, data, seeds=1, kinds=("winning",)), tmp_path / f"sweep-{name}")
+            for name, data in (("original", sentiment_dir), ("flipped", flipped))]
+    for a, b in zip(docs[0]["runs"], docs[1]["runs"]):
+        assert (a["selection"], a["best_epoch"]) == (b["selection"], b["best_epoch"])
+        assert b["report"]["accuracy"] == pytest.approx(1 - a["report"]["accuracy"])
+    chosen = [select_super_ticket(doc) for doc in docs]
+    assert (chosen[0].kind, chosen[0].ratio) == (chosen[1].kind, chosen[1].ratio)
+
+
+def _doc(table: dict, seeds=(0, 1, 2)) -> dict:
+    """A results.json with, per (kind, ratio), (selection, report) accuracies plus a little per-seed noise."""
+    runs = [{"seed": s, "kind": kind, "ratio": ratio, "percent_remaining": {"model": 100 - 50 * ratio, "encoder": 0},
+             "selection": {"accuracy": sel + 0.01 * s}, "report": {"accuracy": rep + 0.01 * s * s * (1 + 3 * ratio)}, "error": None}
+            for (kind, ratio), (sel, rep) in table.items() for s in seeds]
+    return {"task": "t", "main_metric": "accuracy", "settings": {}, "runs": runs}
+
+
+def test_choice_uses_selection_scores_and_tests_the_report_gain():
+    doc = _doc({("full", 0.0): (0.80, 0.90), ("winning", 0.2): (0.85, 0.70), ("winning", 0.5): (0.70, 0.99),
+                ("random", 0.2): (0.95, 0.99)})  # random tickets are never candidates
+    chosen = select_super_ticket(doc)
+    assert (chosen.kind, chosen.ratio) == ("winning", 0.2)
+    assert chosen.gain == pytest.approx(-0.20 + 0.006 * 5 / 3) and chosen.p_value is not None and chosen.p_value < 0.01
+    assert "paired t-test over 3 seeds" in chosen.test_note
+    tie = select_super_ticket(_doc({("full", 0.0): (0.8, 0.8), ("winning", 0.2): (0.8, 0.9)}))
+    assert tie.kind == "full" and tie.gain is None  # a ticket must do strictly better
+    one_seed = select_super_ticket(_doc({("full", 0.0): (0.8, 0.8), ("winning", 0.2): (0.9, 0.9)}, seeds=(0,)))
+    assert one_seed.p_value is None and "at least 2 seeds" in one_seed.test_note
+
+
+# ---- failures and bad input ---------------------------------------------------------------------
+
+
+def test_crashed_run_is_reported_and_the_exit_code_says_so(tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
+    real = sweep.run_finetune
+    monkeypatch.setattr(sweep, "run_finetune", lambda job, folder, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+                        if "winning" in str(folder) else real(job, folder, **k))
+    out = st("sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--epochs", 1, "--batch-size", 8,
+             "--ratios", "0.5", "--kinds", "winning,random", "--seeds", 1, "--device", "cpu", "--out", tmp_path / "s", ok=False)
+    assert "1 of 3 runs failed" in out and "RuntimeError: boom" in out
+    runs = json.loads((tmp_path / "s" / "results.json").read_text())["runs"]
+    assert [r["error"] is not None for r in runs] == [False, True, False]  # full, winning (crashed), random
+    assert "## Failed runs" in (tmp_path / "s" / "report.md").read_text() and (tmp_path / "s" / "phase.png").exists()
+    assert json.loads((tmp_path / "s" / "super_ticket.json").read_text())["kind"] == "full"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratios", ""], "--ratios is empty"),
+    (["--ratios", "0.2,1.0"], "must each be in [0, 1)"),
+    (["--ratios=-0.1"], "must each be in [0, 1)"),
+    (["--ratios", "0.2,x"], "comma-separated numbers"),
+    (["--kinds", "winning,lucky"], "--kinds must be among winning, random, losing"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--select-fraction", "1"], "--select-fraction must be in (0, 1)"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+])
+def test_bad_input_is_one_clear_line(args, message, tiny_bert_dir, sentiment_dir, tmp_path):
+    out = st("sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--device", "cpu",
+             "--out", tmp_path / "s", *args, ok=False)
+    assert message in out and out.strip().startswith("Error:") and len(out.strip().splitlines()) == 1
+
+
+def test_folder_of_another_sweep_is_refused_naming_the_setting(swept, tiny_bert_dir, sentiment_dir, tmp_path):
+    def args(**changes):  # the fixture's sweep through the CLI, with `changes` to its options
+        options = {"--task": "csv", "--data-dir": sentiment_dir, "--model": tiny_bert_dir, "--epochs": 2, "--batch-size": 8,
+                   "--lr": 5e-3, "--dropout": 0, "--head-dropout": 0, "--seeds": 2, "--ratios": "0.2,0.5",
+                   "--device": "cpu", "--out": swept.out, **{f"--{k.replace('_', '-')}": v for k, v in changes.items()}}
+        return ["sweep", *(x for pair in options.items() for x in pair)]
+
+    out = st(*args(lr=1e-3), ok=False)
+    assert "job.train.lr=0.005, not 0.001" in out and len(out.strip().splitlines()) == 1
+    assert "ratios=[0.2, 0.5], not [0.3]" in st(*args(ratios="0.3"), ok=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert "holds no st sweep" in st(*args(out=tmp_path), ok=False)
+
+
+def test_full_disk_leaves_the_previous_results_intact(swept, monkeypatch):
+    results = swept.out / "results.json"
+    before = results.read_bytes()
+    real_write = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if self.name.startswith(".results.json."):  # st.io's temporary file: half of it fits, then the disk is full
+            real_write(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(UserError, match="No space left on device.*rerun the same command"):
+        run_sweep(swept.cfg, swept.out)
+    assert results.read_bytes() == before and json.loads(before)["runs"]
+    assert not list(swept.out.glob(".results.json.*"))  # no partial file left behind
