@@ -377,7 +377,7 @@ def report_command(folder):
 @train_options
 @click.option("--from", "sources", multiple=True, help="NAME=MODEL: a pre-trained model, a fine-tuned or a multi-task (`st share`) folder. Repeat. Default: --model.")
 @click.option("--fractions", default="0.001,0.01,0.1,1", show_default=True, help="Comma-separated fractions of the training set.")
-@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1), help="Seeds 0..N-1 per fraction.")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1), help="How many seeds per fraction: --seed, --seed+1, ...")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumes if interrupted).")
 def adapt_command(sources, fractions, seeds, out, **kw):
     """Domain adaptation: fine-tune on a new task with 0.1%, 1%, 10%, 100% of its data (Table 4)."""
@@ -389,7 +389,7 @@ def adapt_command(sources, fractions, seeds, out, **kw):
     except ValueError:
         raise UserError(f"--fractions takes comma-separated numbers in (0, 1], got {fractions!r}") from None
     named = parse_pairs(sources, "--from") if sources else {"pretrained": kw["model"]}
-    result = run_adapt(make_job(kw), named, values, range(seeds), out)
+    result = run_adapt(make_job(kw), named, values, range(kw["seed"], kw["seed"] + seeds), out)
     console.print(f"{len(result['rows'])} runs -> {Path(out) / 'report.md'}")
     Console().print(Path(out, "report.md").read_text())
 

@@ -7,6 +7,8 @@ Masks are forward arguments, never module state (Michel et al. 2019; Liang et al
   head_mask (L, H0) or (B, L, H0) multiplies each head's context before the output projection;
   ffn_mask  (L,)    or (B, L)     multiplies the FFN output before residual + LayerNorm.
 Attention runs through F.scaled_dot_product_attention, so a mask never forces a slow path.
+A padded batch is packed to its N real tokens for everything but attention (projections, FFN,
+LayerNorm): padding then costs no matmul work; outputs at padding positions are zeros.
 A physically pruned model keeps, per layer, the original indices of its surviving heads, so a
 mask or ticket made for the full model applies to it unchanged.
 """
@@ -69,6 +71,27 @@ class BertConfig:
         return cls(**d)
 
 
+class Packing:
+    """The real tokens of a padded batch, flattened to N rows. Projections, FFN and LayerNorm work
+    per token, so they run on the N real tokens only; attention alone needs the B,T layout."""
+
+    def __init__(self, attention_mask: Tensor):  # B,T: 1 for real tokens
+        self.B, self.T = attention_mask.shape
+        self.index = attention_mask.flatten().nonzero().squeeze(1)  # N: flat positions of real tokens
+        self.example = self.index // self.T  # N: the example each real token belongs to
+        self.key_padding = attention_mask.bool()[:, None, None, :]  # B,1,1,T: True = attend
+
+    def pack(self, x: Tensor) -> Tensor:  # B,T,... -> N,...
+        return x.flatten(0, 1)[self.index]  # backward: index_put, far cheaper than index_select's index_add
+
+    def unpack(self, x: Tensor) -> Tensor:  # N,... -> B,T,..., zeros at padding
+        out = x.new_zeros(self.B * self.T, *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(self.B, self.T, *x.shape[1:])
+
+    def per_token(self, mask: Tensor) -> Tensor:  # a per-example (B,) mask -> (N,)
+        return mask[self.example]
+
+
 class Embeddings(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
@@ -99,16 +122,23 @@ class Attention(nn.Module):
         full = heads == tuple(range(c.num_heads))
         self.register_buffer("kept", None if full else torch.tensor(heads, dtype=torch.long), persistent=False)
 
-    def forward(self, x: Tensor, key_padding: Tensor | None, head_mask: Tensor | None) -> Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × B,H,T,Dh
+    def forward(self, x: Tensor, pack: Packing | None, head_mask: Tensor | None) -> Tensor:
+        qkv = self.qkv(x)  # B,T,3·H·Dh or, packed, N,3·H·Dh
+        if pack is not None:
+            qkv = pack.unpack(qkv)  # B,T,3·H·Dh
+        B, T, _ = qkv.shape
+        # Unbind along the Q/K/V axis, then transpose: in backward the three gradients stack straight
+        # into qkv's layout (a permute first would cost an extra copy of the whole tensor).
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, T, 3, self.n_heads, self.head_dim).unbind(2))  # 3 × B,H,T,Dh
         dropout = self.dropout_p if self.training else 0.0
+        key_padding = None if pack is None else pack.key_padding
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding, dropout_p=dropout)  # B,H,T,Dh
         if head_mask is not None:  # (H0,) or (B, H0)
             if self.kept is not None:
                 head_mask = head_mask[..., self.kept]
             ctx = ctx * head_mask.reshape(-1, self.n_heads, 1, 1).to(ctx.dtype)
-        return self.out(ctx.transpose(1, 2).reshape(B, T, -1))  # B,T,D
+        ctx = ctx.transpose(1, 2).reshape(B, T, -1)  # B,T,H·Dh
+        return self.out(ctx if pack is None else pack.pack(ctx))  # B,T,D or N,D
 
 
 class FeedForward(nn.Module):
@@ -132,13 +162,15 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout)
 
-    def forward(self, x, key_padding, head_mask, ffn_mask):
-        a = self.attention_norm(x + self.dropout(self.attention(x, key_padding, head_mask)))  # B,T,D
+    def forward(self, x, pack, head_mask, ffn_mask):
+        a = self.attention_norm(x + self.dropout(self.attention(x, pack, head_mask)))  # B,T,D or N,D
         if self.ffn is None:
             return self.ffn_norm(a)
-        f = self.dropout(self.ffn(a))  # B,T,D
+        f = self.dropout(self.ffn(a))  # B,T,D or N,D
         if ffn_mask is not None:  # () or (B,)
-            f = f * ffn_mask.reshape(-1, 1, 1).to(f.dtype)
+            if pack is not None and ffn_mask.dim() == 1:
+                ffn_mask = pack.per_token(ffn_mask)  # N
+            f = f * ffn_mask.reshape(-1, *(1,) * (f.dim() - 1)).to(f.dtype)
         return self.ffn_norm(a + f)
 
 
@@ -160,13 +192,14 @@ class Bert(nn.Module):
     ) -> Tensor:  # B,T,D
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        key_padding = None
+        x = self.embeddings(input_ids, token_type_ids)  # B,T,D
+        pack = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            key_padding = attention_mask.bool()[:, None, None, :]  # B,1,1,T: True = attend
-        x = self.embeddings(input_ids, token_type_ids)
+            pack = Packing(attention_mask)
+            x = pack.pack(x)  # N,D: from here on, padding costs nothing outside attention
         for i, layer in enumerate(self.layers):
-            x = layer(x, key_padding, _layer_slice(head_mask, i, 2), _layer_slice(ffn_mask, i, 1))
-        return x
+            x = layer(x, pack, _layer_slice(head_mask, i, 2), _layer_slice(ffn_mask, i, 1))
+        return x if pack is None else pack.unpack(x)  # B,T,D, zeros at padding
 
 
 def _layer_slice(mask: Tensor | None, i: int, unbatched_dims: int) -> Tensor | None:
