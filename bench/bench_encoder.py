@@ -1,0 +1,213 @@
+"""Our encoder against transformers.BertModel, same weights (the packaged MiniLM-L6) and inputs, one run.
+
+  python bench/bench_encoder.py [--batch 32] [--seq 128] [--repeats 5] [--warmup 1] [--threads 2]
+
+Three workloads; the contenders of a workload are timed round-robin (one call each, repeat) after a
+warm-up, so load from other processes hits all of them alike; medians are reported.
+  forward     no_grad, eval                                            vs HF sdpa (eager for context)
+  train step  train mode (dropout on): forward, loss = sum over real tokens, backward, Adamax step  vs HF sdpa
+  masked f+b  eval, forward + backward for head-mask gradients, i.e. importance scoring:
+              ours as st.importance runs it (per-example B×L×H head and B×L FFN masks, weights
+              frozen, autograd.grad on the masks) vs HF eager with an L×H head mask and
+              loss.backward() as HF-based scoring does (run_bertology; HF drops to eager attention
+              whenever head_mask is given). A like-for-like row (ours, weights not frozen, head
+              mask only) shows how much of the gain is the kernels and how much the frozen weights.
+Inputs are sentence pairs padded to the longest in the batch, as `st.tokenize.collate` pads them.
+Ratios are HF time / our time (> 1: we are faster), from wall-clock medians and, as a check that is
+less sensitive to other processes on a shared machine, from process-CPU-time medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from st.models import load_pretrained, resolve_model_dir  # noqa: E402
+
+TARGETS = {"forward": 1.0, "train step": 1.15, "masked f+b": 1.5}
+
+
+def make_inputs(batch: int, seq: int, vocab: int, seed: int = 0):
+    """Sentence pairs of lengths uniform in [seq/2, seq], padded to the longest (= seq):
+    [CLS] a [SEP] b [SEP] [PAD]..."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for b in range(batch):
+        n = seq if b == 0 else int(torch.randint(seq // 2, seq + 1, (1,), generator=g))
+        split = n // 2
+        ids[b, 0], ids[b, split], ids[b, n - 1] = 101, 102, 102
+        types[b, split + 1 : n] = 1
+        mask[b, :n] = 1
+    return ids * mask, types * mask, mask
+
+
+def race(contenders: dict, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """(median wall seconds, median process-CPU seconds) per call of each contender, round-robin."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    wall = {name: [] for name in contenders}
+    cpu = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in contenders}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default="minilm-l6", help="folder, alias or cached hub id of a BERT checkpoint")
+    p.add_argument("--only", choices=["forward", "train", "masked"], action="append", help="run only these workloads")
+    args = p.parse_args(argv)
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    folder = resolve_model_dir(args.model)
+
+    def hf_model(attn: str):
+        return transformers.BertModel.from_pretrained(str(folder), attn_implementation=attn)
+
+    ours = load_pretrained(folder)
+    hf = {"sdpa": hf_model("sdpa"), "eager": hf_model("eager")}
+    c = ours.config
+    L, H, B = c.num_layers, c.num_heads, args.batch
+    ids, types, mask = make_inputs(B, args.seq, c.vocab_size)
+    real = mask.bool()
+    weight = mask[..., None].float()  # the loss sees real tokens only: HF's outputs at padding are not zero
+
+    def loss(out):  # B,T,D -> scalar
+        return (out * weight).sum()
+    print(f"{args.model}: L={L} D={c.hidden_size} H={H} | batch {B} x seq {args.seq}, {real.float().mean():.0%} real tokens "
+          f"| threads {torch.get_num_threads()} | torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+
+    # Same weights, same numbers: a benchmark of different computations would mean nothing.
+    ours.eval(), hf["sdpa"].eval()
+    with torch.no_grad():
+        diff = (ours(ids, types, mask) - hf["sdpa"](input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state)[real]
+    print(f"parity: max |ours - HF sdpa| on real tokens = {diff.abs().max():.1e}")
+
+    rows = []  # (workload, contender, (wall, cpu), reference (wall, cpu) or None)
+    workloads = args.only or ["forward", "train", "masked"]
+
+    if "forward" in workloads:
+        for m in (ours, *hf.values()):
+            m.eval()
+
+        def fwd(run):
+            def f():
+                with torch.no_grad():
+                    run()
+            return f
+
+        t = race(
+            {
+                "ours": fwd(lambda: ours(ids, types, mask)),
+                "HF sdpa": fwd(lambda: hf["sdpa"](input_ids=ids, token_type_ids=types, attention_mask=mask)),
+                "HF eager": fwd(lambda: hf["eager"](input_ids=ids, token_type_ids=types, attention_mask=mask)),
+            },
+            args.warmup,
+            args.repeats,
+        )
+        rows += [("forward", "ours", t["ours"], t["HF sdpa"]), ("forward", "HF sdpa", t["HF sdpa"], None),
+                 ("forward", "HF eager", t["HF eager"], None)]
+
+    if "train" in workloads:
+        # Each model trains its own copy of the weights (a step moves them; parity was checked above).
+        opt = {"ours": torch.optim.Adamax(ours.parameters(), lr=5e-5),
+               "HF sdpa": torch.optim.Adamax(hf["sdpa"].parameters(), lr=5e-5)}
+        ours.train(), hf["sdpa"].train()
+
+        def step(name, run):
+            def f():
+                opt[name].zero_grad(set_to_none=True)
+                loss(run()).backward()
+                opt[name].step()
+            return f
+
+        t = race(
+            {
+                "ours": step("ours", lambda: ours(ids, types, mask)),
+                "HF sdpa": step("HF sdpa", lambda: hf["sdpa"](input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state),
+            },
+            args.warmup,
+            args.repeats,
+        )
+        rows += [("train step", "ours", t["ours"], t["HF sdpa"]), ("train step", "HF sdpa", t["HF sdpa"], None)]
+
+    if "masked" in workloads:
+        ours = load_pretrained(folder).eval()  # fresh weights: the training workload moved them
+        frozen = load_pretrained(folder).eval().requires_grad_(False)
+        hf_eager = hf_model("eager").eval()
+
+        def ours_importance():  # what st.importance does per batch
+            head_mask = torch.ones(B, L, H, requires_grad=True)
+            ffn_mask = torch.ones(B, L, requires_grad=True)
+            out = frozen(ids, types, mask, head_mask=head_mask, ffn_mask=ffn_mask)
+            return torch.autograd.grad(loss(out), [head_mask, ffn_mask])[0]
+
+        def ours_like_hf():
+            head_mask = torch.ones(B, L, H, requires_grad=True)
+            ours.zero_grad(set_to_none=True)
+            loss(ours(ids, types, mask, head_mask=head_mask)).backward()
+            return head_mask.grad
+
+        def hf_masked():  # HF-based scoring: one L×H gradient for the batch, weights' gradients too
+            head_mask = torch.ones(L, H, requires_grad=True)
+            hf_eager.zero_grad(set_to_none=True)
+            loss(hf_eager(input_ids=ids, token_type_ids=types, attention_mask=mask, head_mask=head_mask).last_hidden_state).backward()
+            return head_mask.grad
+
+        g_hf = hf_masked()
+        for name, g in (("frozen", ours_importance()), ("not frozen", ours_like_hf())):
+            rel = ((g.sum(0) - g_hf).abs().max() / g_hf.abs().max()).item()
+            print(f"parity: head-mask gradient (ours {name}, summed over the batch) vs HF eager: max rel diff {rel:.1e}")
+        names = {"imp": "ours, as st.importance", "like": "ours, weights' grads too", "hf": "HF eager (L×H mask)"}
+        t = race({names["imp"]: ours_importance, names["like"]: ours_like_hf, names["hf"]: hf_masked}, args.warmup, args.repeats)
+        rows += [("masked f+b", names["imp"], t[names["imp"]], t[names["hf"]]),
+                 ("masked f+b", names["like"], t[names["like"]], t[names["hf"]]),
+                 ("masked f+b", names["hf"], t[names["hf"]], None)]
+
+    print(f"load average at end:   {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print()
+    print(f"{'workload':<11} {'model':<26} {'wall ms':>8} {'ex/s':>6} {'cpu ms':>8} {'HF/ours wall':>13} {'cpu':>6} {'target':>7}")
+    missed = []
+    for i, (workload, name, (wall, cpu), ref) in enumerate(rows):
+        line = f"{workload:<11} {name:<26} {wall * 1e3:8.0f} {B / wall:6.1f} {cpu * 1e3:8.0f}"
+        if ref is not None:
+            ratio, cpu_ratio = ref[0] / wall, ref[1] / cpu
+            line += f" {ratio:12.2f}x {cpu_ratio:5.2f}x"
+            if i == next(j for j, r in enumerate(rows) if r[0] == workload):  # the first row carries the target
+                ok = ratio >= TARGETS[workload]
+                line += f" {TARGETS[workload]:6.2f}x {'ok' if ok else 'MISSED'}"
+                if not ok:
+                    missed.append(workload)
+        print(line)
+    print()
+    print("all targets met (wall-clock medians)" if not missed else f"missed (wall-clock medians): {', '.join(missed)}")
+
+
+if __name__ == "__main__":
+    main()
