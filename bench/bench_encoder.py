@@ -1,6 +1,6 @@
 """Our encoder against transformers.BertModel, same weights (the packaged MiniLM-L6) and inputs, one run.
 
-  python bench/bench_encoder.py [--batch 32] [--seq 128] [--repeats 5] [--warmup 1] [--threads 2]
+  python bench/bench_encoder.py [--batch 32] [--seq 128] [--repeats 4] [--warmup 1] [--threads 2]
 
 Three workloads; the contenders of a workload are timed round-robin (one call each, repeat) after a
 warm-up, so load from other processes hits all of them alike; medians are reported.
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default="minilm-l6", help="folder, alias or cached hub id of a BERT checkpoint")
