@@ -174,10 +174,6 @@ def subset(data: EncodedSet, indices: list[int]) -> EncodedSet:
     return EncodedSet([data.rows[i] for i in indices], labels, data.regression)
 
 
-def with_train(job: Job, **changes) -> Job:
-    return replace(job, train=replace(job.train, **changes))
-
-
 def checkpoint_job(checkpoint: str | Path, **changes) -> tuple[BertClassifier, Job, Task, Tokenizer]:
     """A fine-tuned checkpoint with the job that made it (`changes` override it, e.g. task or
     data_dir), its task and its tokenizer."""

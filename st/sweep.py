@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import time
 import traceback
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait

@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -234,7 +234,3 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value
     return flat
-
-
-def settings_of(cfg: TrainConfig, **extra) -> dict:
-    return {**asdict(cfg), **extra}
