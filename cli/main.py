@@ -394,6 +394,21 @@ def adapt_command(sources, fractions, seeds, out, **kw):
     Console().print(Path(out, "report.md").read_text())
 
 
+@cli.command("task-importance")
+@click.option("--scores", "pairs", multiple=True, required=True, help="TASK=scores.json from `st score` (repeat, one per task).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write; the numbers go beside it as .json.")
+def task_importance_command(pairs, out):
+    """Importance across tasks (the paper's Figure 6): each task's share per layer, mean head importance."""
+    from st.importance import Scores, plot_task_importance
+    from st.io import write_json
+    from st.share import parse_pairs
+
+    scores = {name: Scores.load(path) for name, path in parse_pairs(pairs, "--scores").items()}
+    data = plot_task_importance(scores, out)
+    write_json(Path(out).with_suffix(".json"), data)
+    console.print(f"{len(scores)} tasks -> {out}, {Path(out).with_suffix('.json')}")
+
+
 def main():
     cli(prog_name="st")
 

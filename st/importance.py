@@ -241,3 +241,77 @@ def plot_heatmap(scores: Scores, path: str | Path) -> None:
     fig.colorbar(im_f, ax=ax_f)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
+
+
+def task_importance(scores_by_task: dict[str, Scores]) -> dict:
+    """Importance across tasks (Liang et al. 2021, Figure 6): per head and per FFN block, the mean
+    over tasks of the normalised importance and each task's share of the summed importance.
+
+    Head scores are the per-layer normalised `Scores.head`; FFN scores are divided by each task's
+    largest FFN score so tasks with differently scaled losses weigh alike. A share is 0 where no
+    task gave the unit any importance. All tasks must have the same layers × heads (UserError).
+    """
+    if not scores_by_task:
+        raise UserError("no scores given; pass --scores TASK=scores.json at least once")
+    names = list(scores_by_task)
+    first = scores_by_task[names[0]]
+    for name in names[1:]:
+        s = scores_by_task[name]
+        if (s.num_layers, s.num_heads) != (first.num_layers, first.num_heads):
+            raise UserError(f"scores of {name} are {s.num_layers}×{s.num_heads} but {names[0]}'s are "
+                            f"{first.num_layers}×{first.num_heads} (layers × heads); score all tasks on one model")
+    head = torch.tensor([scores_by_task[n].head for n in names], dtype=torch.float64)  # T,L,H
+    ffn = torch.tensor([scores_by_task[n].ffn for n in names], dtype=torch.float64)  # T,L
+    ffn = ffn / ffn.amax(1, keepdim=True).clamp_min(1e-300)  # each task's FFN scores on [0, 1]
+
+    def shares(x: Tensor) -> Tensor:  # T,... -> each task's fraction of the sum over tasks
+        total = x.sum(0, keepdim=True)
+        return torch.where(total > 0, x / total.clamp_min(1e-300), torch.zeros_like(x))
+
+    layer_head = head.sum(2)  # T,L: each task's summed head importance per layer
+    return {"tasks": names, "head_mean": head.mean(0).tolist(), "ffn_mean": ffn.mean(0).tolist(),
+            "head_share": shares(head).tolist(), "ffn_share": shares(ffn).tolist(),
+            "layer_head_share": shares(layer_head).tolist()}
+
+
+def plot_task_importance(scores_by_task: dict[str, Scores], path: str | Path) -> dict:
+    """PNG in the shape of the paper's Figure 6: per layer, stacked bars of each task's share of the
+    summed head importance and of the FFN importance; beside them a heatmap of the mean normalised
+    head importance over tasks (layers × heads) with the mean FFN importance. Returns the numbers
+    (`task_importance`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from matplotlib import colormaps
+
+    data = task_importance(scores_by_task)
+    names = data["tasks"]
+    first = scores_by_task[names[0]]
+    L, H0 = first.num_layers, first.num_heads
+    fig = Figure(figsize=(6.0 + 0.45 * H0 + 2.0, 1.5 + 0.4 * max(L, 4)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_hs, ax_fs, ax_hm, ax_fm = fig.subplots(1, 4, gridspec_kw={"width_ratios": [3, 3, H0, 1]})
+    layers = list(range(L))
+    colours = [colormaps["tab20"](i % 20) for i in range(len(names))]
+    for ax, key, title in ((ax_hs, "layer_head_share", "share of head importance"), (ax_fs, "ffn_share", "share of FFN importance")):
+        left = [0.0] * L
+        for t, name in enumerate(names):
+            width = data[key][t]
+            ax.barh(layers, width, left=left, color=colours[t], label=name)
+            left = [a + b for a, b in zip(left, width)]
+        ax.set(xlim=(0, 1), xlabel="fraction", ylabel="layer", title=title)
+        ax.set_yticks(layers)
+        ax.invert_yaxis()
+    ax_hs.legend(fontsize="small", loc="lower left", bbox_to_anchor=(0, 1.08), ncol=min(len(names), 5), frameon=False)
+    im = ax_hm.imshow(data["head_mean"], aspect="auto", cmap="viridis", interpolation="nearest")
+    ax_hm.set(xlabel="head", ylabel="layer", title=f"mean head importance ({len(names)} tasks)")
+    ax_hm.set_xticks(range(H0))
+    ax_hm.set_yticks(layers)
+    fig.colorbar(im, ax=ax_hm)
+    im_f = ax_fm.imshow([[v] for v in data["ffn_mean"]], aspect="auto", cmap="magma", interpolation="nearest")
+    ax_fm.set(title="mean FFN", xticks=[])
+    ax_fm.set_yticks(layers)
+    fig.colorbar(im_f, ax=ax_fm)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return data

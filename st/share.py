@@ -343,19 +343,26 @@ class TicketSharer:
         return results
 
     def average(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
-        """The mean over tasks of each task's main metric."""
-        return sum(metrics[n][self.tasks[n].main_metric] for n in metrics) / len(metrics)
+        """The mean over tasks of each task's main metric. An undefined metric (NaN or None: a
+        correlation of constant predictions, e.g. STS-B's Pearson early on) counts as 0, no
+        correlation, so one such task neither poisons the average nor the choice of epoch."""
+        return sum(_or_zero(metrics[n][self.tasks[n].main_metric]) for n in metrics) / len(metrics)
 
     def train(self, train: Mapping[str, EncodedSet], dev: Mapping[str, EncodedSet], cfg: TrainConfig, pad_id: int, *,
               out: str | Path | None = None, optimizer: Callable[[Sequence[nn.Parameter]], torch.optim.Optimizer] | None = None,
               on_step: Callable[[int, int, float], None] | None = None,
-              on_epoch: Callable[[int, dict], None] | None = None, meta: dict | None = None) -> dict:
+              on_epoch: Callable[[int, dict], None] | None = None, meta: dict | None = None,
+              extra_dev: Mapping[str, Mapping[str, EncodedSet]] | None = None,
+              dev_split: Mapping[str, str] | None = None) -> dict:
         """Multi-task training (Algorithm 1) for cfg.epochs epochs; the epoch with the best average
         main dev metric is kept (its weights are loaded into the model at the end).
 
         With `out`, the state after each epoch goes to out/.progress (an interrupted run resumes)
         and the best epoch's model is saved into `out` with metrics.json. `optimizer` builds the
         optimizer from the parameters (default: the paper's Adamax, `make_optimizer`).
+        `extra_dev` ({task: {split: data}}): further dev sets (MNLI's dev_mismatched), evaluated once
+        with the chosen epoch's weights and reported as result["extra_dev"][task][split]; epochs are
+        chosen on `dev` only. `dev_split` ({task: split name of `dev`}) is recorded for the report.
         """
         missing = [n for n in self.names if n not in train or n not in dev]
         if missing:
@@ -421,13 +428,17 @@ class TicketSharer:
             self.model.load_state_dict(best_state)
         elif state_path is not None and (state_path.parent / "best").exists():  # resumed after the best epoch
             self.model.load_state_dict(_read_model_tensors(state_path.parent / "best"))
+        extra = {name: {split: self.evaluate({name: data}, cfg, pad_id)[name] for split, data in splits.items()}
+                 for name, splits in (extra_dev or {}).items() if splits}
         counts = self.parameter_counts()
         all_ones = all(t.heads_pruned == 0 and t.ffn_pruned == 0 for t in self.tickets)  # = MT-DNN
         result = {"tasks": self.names, "tickets": "none" if all_ones else "shared",
                   "main_metric": {n: self.tasks[n].main_metric for n in self.names},
                   "best_epoch": best["epoch"], "dev": best["dev"], "average": best["average"],
+                  "dev_split": dict(dev_split or {}), "extra_dev": extra,
                   "percent_remaining": self.percent_remaining(), "parameters": counts,
                   "task_tickets": self.ticket_stats(), "epochs": history}
+        result = _json_safe(result)  # NaN metrics -> null: metrics.json stays strict JSON, equal to the result
         if out is not None and dist.is_main():
             out = Path(out)
             best_dir = out / PROGRESS / "best"
@@ -489,6 +500,21 @@ def _average_gradients(params: Sequence[nn.Parameter]) -> None:
         return
     for p in params:
         dist.all_reduce_sum(p.grad).div_(dist.world_size())
+
+
+def _or_zero(x) -> float:
+    return 0.0 if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def _json_safe(obj):
+    """A copy of `obj` with every NaN float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _read_model_tensors(folder: Path) -> dict[str, Tensor]:
@@ -690,11 +716,16 @@ def run_share(jobs: Sequence, tickets: Mapping[str, Ticket] | None, out: str | P
     dropouts = [j.head_dropout if j.head_dropout is not None else t.head_dropout for j, t in zip(jobs, tasks)]
     sharer = TicketSharer.create(encoder, tasks, ticket_list, head_dropouts=dropouts, pooler=pooler, seed=base.train.seed)
     train = {t.name: load_train(j, t, tokenizer) for j, t in zip(jobs, tasks)}
+    # Epochs are chosen on each task's first dev set; the others (MNLI's dev_mismatched) are
+    # evaluated with the chosen weights and reported beside it.
     dev = {t.name: load_split(t, tokenizer, t.dev_splits[0])[1] for t in tasks}
+    extra_dev = {t.name: {s: load_split(t, tokenizer, s)[1] for s in t.dev_splits[1:]} for t in tasks if len(t.dev_splits) > 1}
+    dev_split = {t.name: t.dev_splits[0] for t in tasks}
     if dist.is_main():
         copy_tokenizer(model_dir(base), out)
     meta = {"model": base.model, "jobs": {j.task: j.settings() for j in jobs}}
-    return sharer.train(train, dev, base.train, tokenizer.pad_id, out=out, on_step=on_step, on_epoch=on_epoch, meta=meta)
+    return sharer.train(train, dev, base.train, tokenizer.pad_id, out=out, on_step=on_step, on_epoch=on_epoch, meta=meta,
+                        extra_dev=extra_dev, dev_split=dev_split)
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -716,8 +747,24 @@ def report_markdown(result: dict) -> str:
         metrics, main, t = result["dev"][name], result["main_metric"][name], result["task_tickets"][name]
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
         lines.append(f"| {name} | {main} | {_fmt(metrics[main])} | {shown} | {t['heads']} | {t['ffn']} | {t['percent_encoder']:.1f} |")
-    lines += [f"| **average** | | **{_fmt(result['average'])}** | | | | |", "",
-              (f"Weights remaining (the union of the tickets, counted from the parameter tensors): encoder "
+    lines += [f"| **average** | | **{_fmt(result['average'])}** | | | | |", ""]
+    undefined = [n for n in result["tasks"] if _fmt(result["dev"][n][result["main_metric"][n]]) == "n/a"]
+    if undefined:
+        lines += [f"n/a: undefined (e.g. a correlation of constant predictions), counted as 0 in the average: "
+                  f"{', '.join(undefined)}.", ""]
+    extra = result.get("extra_dev") or {}
+    if extra:
+        first = result.get("dev_split") or {}
+        lines += ["Other dev sets, scored with the same weights (epochs are chosen on each task's first dev set"
+                  + (", " + ", ".join(f"{n}: {first[n]}" for n in extra if n in first) if first else "") + "):", "",
+                  "| task | dev set | main metric | dev | all dev metrics |", "|---|---|---|---|---|"]
+        for name, splits in extra.items():
+            main = result["main_metric"][name]
+            for split, metrics in splits.items():
+                shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+                lines.append(f"| {name} | {split} | {main} | {_fmt(metrics.get(main))} | {shown} |")
+        lines.append("")
+    lines += [(f"Weights remaining (the union of the tickets, counted from the parameter tensors): encoder "
                f"{n['encoder']:,} of {n['dense_encoder']:,} ({pct['encoder']:.1f}%), whole model with pooler and "
                f"{len(result['tasks'])} task heads {n['model']:,} of {n['dense_model']:,} ({pct['model']:.1f}%)."), ""]
     return "\n".join(lines)
@@ -734,5 +781,7 @@ def report_table(result: dict):
     for name in result["tasks"]:
         main = result["main_metric"][name]
         table.add_row(name, main, _fmt(result["dev"][name][main]), f"{result['task_tickets'][name]['percent_encoder']:.1f}")
+        for split, metrics in (result.get("extra_dev") or {}).get(name, {}).items():
+            table.add_row(f"  {name} {split}", main, _fmt(metrics.get(main)), "")
     table.add_row("average", "", _fmt(result["average"]), "")
     return table

@@ -319,3 +319,118 @@ def test_cli_no_tickets_and_bad_inputs(tiny_bert_dir, sentiment_dir, tmp_path):
     Ticket(((1, 1, 1, 1),) * 3, (1,) * 3, 0.0, "winning").save(tmp_path / "deep.json")
     assert "shape 3×4" in st("share", "--tasks", "csv", "--tickets", tmp_path / "deep.json", *common[:2], "--out", tmp_path / "x", ok=False)
     assert "--no-tickets" in st("share", "--tasks", "csv", *common[:2], "--out", tmp_path / "x", ok=False)
+
+
+# ---- all nine GLUE tasks, in their official layouts ---------------------------------------------
+
+
+def nine_glue_files(n_train: int = 8, n_dev: int = 4) -> dict:
+    """Tiny train/dev files of every GLUE task, laid out as the official ones (see tests/test_glue.py).
+    STS-B's dev scores are all equal, so its Pearson/Spearman correlations are undefined (NaN)."""
+    from tests.test_glue import MNLI_HEAD, PARSES, row
+
+    rng = random.Random(3)
+
+    def sent() -> str:
+        return " ".join(rng.sample(WORDS, 4)) + " ."
+
+    def rows(n, make):
+        return "".join(make(i) for i in range(n))
+
+    nli = ("contradiction", "entailment", "neutral")
+    sts_head = row("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score")
+
+    def sts(n, constant=False):
+        return sts_head + rows(n, lambda i: row(i, "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none",
+                                                sent(), sent(), "2.500" if constant else f"{i % 6:.3f}"))
+
+    def mnli_dev(n):
+        return row(*MNLI_HEAD, "label1", "label2", "label3", "label4", "label5", "gold_label") + rows(
+            n, lambda i: row(i, 100 + i, f"{100 + i}n", "slate", *PARSES, sent(), sent(), *([nli[i % 3]] * 6)))
+
+    files = {"CoLA": {s: rows(n, lambda i: row("gj04", i % 2, "" if i % 2 else "*", sent()))
+                      for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))},
+             "SST-2": {s: row("sentence", "label") + rows(n, lambda i: row(sent(), i % 2))
+                       for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))},
+             "MRPC": {s: row("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
+                      + rows(n, lambda i: row(i % 2, 1000 + i, 2000 + i, sent(), sent()))
+                      for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))},
+             "STS-B": {"train.tsv": sts(n_train), "dev.tsv": sts(n_dev, constant=True)},
+             "QQP": {s: row("id", "qid1", "qid2", "question1", "question2", "is_duplicate")
+                     + rows(n, lambda i: row(i, 2 * i, 2 * i + 1, sent(), sent(), i % 2))
+                     for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))},
+             "MNLI": {"train.tsv": row(*MNLI_HEAD, "label1", "gold_label")
+                      + rows(n_train, lambda i: row(i, i, f"{i}n", "fiction", *PARSES, sent(), sent(), nli[i % 3], nli[i % 3])),
+                      "dev_matched.tsv": mnli_dev(n_dev), "dev_mismatched.tsv": mnli_dev(n_dev + 1)},
+             **{folder: {s: row("index", *cols, "label") + rows(n, lambda i: row(i, sent(), sent(), labels[i % 2]))
+                         for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))}
+                for folder, cols, labels in (("QNLI", ("question", "sentence"), ("entailment", "not_entailment")),
+                                             ("RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment")),
+                                             ("WNLI", ("sentence1", "sentence2"), ("0", "1")))}}
+    return files
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+def test_share_on_all_nine_glue_tasks(tiny_bert_dir, tmp_path, monkeypatch):
+    from tests.test_glue import write_glue
+
+    write_glue(tmp_path / "glue", nine_glue_files())
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path / "glue"))
+    out = tmp_path / "mtdnn"
+    st("share", "--tasks", "glue", "--no-tickets", "--model", tiny_bert_dir, "--epochs", 1, "--batch-size", 4,
+       "--device", "cpu", "--out", out)
+
+    metrics = json.loads((out / "metrics.json").read_text())  # strict JSON: NaN is written as null
+    json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    assert metrics["tasks"] == list(GLUE_TASKS) and set(metrics["dev"]) == set(GLUE_TASKS)
+    assert metrics["epochs"][0]["batches"] == {name: 2 for name in GLUE_TASKS}  # 8 rows / 4 per batch, each task
+    for name in GLUE_TASKS:
+        main = metrics["main_metric"][name]
+        assert main in metrics["dev"][name], name
+    # MNLI: epochs chosen on dev_matched, dev_mismatched scored with the same weights and reported
+    assert metrics["dev_split"]["mnli"] == "dev_matched" and metrics["dev_split"]["sst2"] == "dev"
+    assert set(metrics["extra_dev"]) == {"mnli"} and set(metrics["extra_dev"]["mnli"]) == {"dev_mismatched"}
+    mm = metrics["extra_dev"]["mnli"]["dev_mismatched"]["accuracy"]
+    assert mm in {k / 5 for k in range(6)}  # 5 mismatched rows, not the 4 matched ones
+    # STS-B: a one-output regression head, Pearson/Spearman; constant gold scores make them undefined
+    config = json.loads((out / "config.json").read_text())
+    heads = {t["name"]: t["num_labels"] for t in config["tasks"]}
+    assert heads["stsb"] == 1 and heads["mnli"] == 3 and heads["cola"] == 2
+    assert set(metrics["dev"]["stsb"]) == {"pearson", "spearman"} and metrics["dev"]["stsb"]["pearson"] is None
+    expected = sum(0.0 if metrics["dev"][n][metrics["main_metric"][n]] is None else metrics["dev"][n][metrics["main_metric"][n]]
+                   for n in GLUE_TASKS) / 9
+    assert metrics["average"] == pytest.approx(expected)
+    report = (out / "report.md").read_text()
+    assert "| mnli | dev_mismatched | accuracy |" in report and "mnli: dev_matched" in report
+    assert "| stsb | pearson | n/a |" in report and "counted as 0 in the average: stsb" in report
+    assert load_task_model(out, "stsb").classifier.out.out_features == 1
+
+
+def test_task_importance_figure(tmp_path):
+    from st.importance import plot_task_importance, task_importance
+
+    a = Scores([[1.0, 2.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]], [2.0, 1.0], 10)
+    b = Scores([[0.0, 1.0, 3.0, 1.0], [1.0, 0.0, 0.0, 0.0]], [0.0, 4.0], 10)
+    data = plot_task_importance({"sst2": a, "mnli": b}, tmp_path / "fig" / "tasks.png")
+    png = (tmp_path / "fig" / "tasks.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    assert [p.name for p in (tmp_path / "fig").iterdir()] == ["tasks.png"]  # written atomically, no temp left
+    for layer in range(2):  # each layer's shares over tasks sum to one
+        assert sum(data["layer_head_share"][t][layer] for t in range(2)) == pytest.approx(1.0)
+    assert data["ffn_share"][0] == pytest.approx([1.0, 0.5 / 1.5])  # FFN: a [1, .5], b [0, 1]
+    assert data["head_share"][0][0][2] == 0.0 and data["head_share"][1][0][2] == 1.0
+    assert data["head_mean"][1][0] == pytest.approx((0.5 + 1.0) / 2)
+
+    a.save(tmp_path / "a.json")
+    b.save(tmp_path / "b.json")
+    st("task-importance", "--scores", f"sst2={tmp_path / 'a.json'}", "--scores", f"mnli={tmp_path / 'b.json'}",
+       "--out", tmp_path / "cli.png")
+    assert (tmp_path / "cli.png").stat().st_size > 1000 and json.loads((tmp_path / "cli.json").read_text())["tasks"] == ["sst2", "mnli"]
+
+    deep = Scores([[1.0] * 4] * 3, [1.0] * 3, 10)
+    with pytest.raises(UserError, match="3×4 but sst2's are 2×4"):
+        task_importance({"sst2": a, "rte": deep})
+    deep.save(tmp_path / "deep.json")
+    out = st("task-importance", "--scores", f"sst2={tmp_path / 'a.json'}", "--scores", f"rte={tmp_path / 'deep.json'}",
+             "--out", tmp_path / "bad.png", ok=False)
+    assert "3×4" in out and not (tmp_path / "bad.png").exists()
