@@ -18,7 +18,7 @@ from st import dist
 from st.data import EncodedSet, encode_examples, make_batch
 from st.errors import UserError
 from st.importance import Scores, compute_importance
-from st.models import BertClassifier, load_checkpoint, load_pretrained, resolve_model_dir
+from st.models import Bert, BertClassifier, load_checkpoint, load_pretrained_parts, resolve_model_dir
 from st.prune import export, export_hf, prune_classifier
 from st.share import is_multitask_dir, load_task_model
 from st.tasks import Example, Task, get_task
@@ -82,10 +82,14 @@ def build_model(job: Job, task: Task) -> BertClassifier:
             head.pooler.load_state_dict(model.pooler.state_dict())
             model = head
     else:
-        encoder = load_pretrained(job.model, hidden_dropout=job.dropout, attention_dropout=job.dropout)
+        # One read of the checkpoint for both the encoder and its pre-trained pooler.
+        config, encoder_state, pooler_state, _ = load_pretrained_parts(job.model)
+        encoder = Bert(replace(config, hidden_dropout=job.dropout, attention_dropout=job.dropout))
+        encoder.load_state_dict(encoder_state)
         torch.manual_seed(job.train.seed)  # the same seed gives the same head, with or without a ticket
         model = BertClassifier(encoder, task.num_labels, _head_dropout(job, task))
-        _load_pretrained_pooler(model, job.model)
+        if pooler_state is not None:  # BERT's pre-trained pooler, where the checkpoint has one
+            model.pooler.load_state_dict(pooler_state)
     if job.ticket:
         ticket = Ticket.load(job.ticket)
         ticket.check_matches(model.encoder.config)
@@ -95,14 +99,6 @@ def build_model(job: Job, task: Task) -> BertClassifier:
 
 def _head_dropout(job: Job, task: Task) -> float:
     return task.head_dropout if job.head_dropout is None else job.head_dropout
-
-
-def _load_pretrained_pooler(model: BertClassifier, name: str) -> None:
-    from st.models.weights import load_pretrained_parts
-
-    _, _, pooler, _ = load_pretrained_parts(name)
-    if pooler is not None:  # BERT's pre-trained pooler; MiniLM-style checkpoints may lack one
-        model.pooler.load_state_dict(pooler)
 
 
 def load_split(task: Task, tokenizer: Tokenizer, split: str) -> tuple[list[Example], EncodedSet]:
