@@ -11,9 +11,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
 @contextmanager
@@ -48,6 +49,8 @@ def read_json(path: str | Path):
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file  # imported here: readers of JSON (`st report`) never load torch
+
     # safetensors refuses shared or non-contiguous storage: store plain contiguous copies.
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
@@ -56,5 +59,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
 def write_torch(path: str | Path, obj) -> None:
     """Training state (tensors, numbers, lists, dicts only), read back with torch.load(weights_only=True)."""
+    import torch  # imported here: readers of JSON (`st report`) never load torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -1,13 +1,13 @@
 """A sweep's results as people read them: the phase-transition table (rich and markdown), the phase
 plot, and super_ticket.json. Everything here is rendered from results.json alone (plus the ticket
-files beside it), so `st report DIR` redoes it at any time.
+files and run configs it names), so `st report DIR` redoes it at any time, without loading torch:
+nothing here imports a module that does.
 
-Scores are shown ×100 (GLUE style); means ± sample standard deviations over seeds.
+Scores are shown ×100 (GLUE style); means ± sample standard deviations over seeds (`st.select`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from rich.markup import escape
@@ -15,9 +15,7 @@ from rich.table import Table
 
 from st.errors import UserError
 from st.io import atomic_path, read_json, write_json, write_text
-from st.models.bert import BertConfig
-from st.sweep import FULL, RESULTS, Selection, per_seed, run_dir, select_super_ticket, stats, ticket_path
-from st.tickets import KINDS, Ticket
+from st.select import FULL, RESULTS, Selection, fmt, fmt_value, per_seed, select_super_ticket, stats
 
 REPORT, PLOT, SUPER_TICKET = "report.md", "phase.png", "super_ticket.json"
 COLOURS = {"winning": "tab:green", "random": "tab:blue", "losing": "tab:red"}
@@ -65,15 +63,8 @@ def cell(doc: dict, kind: str, ratio: float, part: str) -> dict:
     return stats(list(per_seed(doc["runs"], FULL if ratio == 0 else kind, ratio, part, doc["main_metric"]).values()))
 
 
-def fmt(s: dict, seeds: int | None = None) -> str:
-    if s["mean"] is None:
-        return "—"
-    text = f"{100 * s['mean']:.2f}" + (f" ± {100 * s['std']:.2f}" if s["std"] is not None else "")
-    return text + (f" (n={s['n']})" if seeds is not None and s["n"] < seeds else "")
-
-
 def _kinds(doc: dict) -> list[str]:
-    return [k for k in KINDS if k in doc["settings"]["kinds"]]
+    return doc["settings"]["kinds"]  # SweepConfig keeps them in the canonical order: winning, random, losing
 
 
 def _is_chosen(sel: Selection, kind: str, ratio: float, kinds: list[str]) -> bool:
@@ -107,7 +98,7 @@ def phase_table(doc: dict, selection: Selection | None = None, part: str = "repo
 
 def summary_lines(selection: Selection) -> list[str]:
     """What was chosen and what it gains on the report part, in a few sentences."""
-    sel, pct = selection, lambda v: f"{100 * v:.2f}"
+    sel = selection
     if sel.kind == FULL:
         lines = [f"super ticket: the full model ({sel.metric} {fmt(stats(list(sel.selection.values())))} on the selection part; "
                  f"report part {fmt(stats(list(sel.report.values())))})"]
@@ -117,7 +108,7 @@ def summary_lines(selection: Selection) -> list[str]:
     if sel.kind != FULL:
         lines.append(f"on the report part: {fmt(stats(list(sel.report.values())))} vs the full model's "
                      f"{fmt(stats(list(sel.full_report.values())))}"
-                     + (f", gain {'+' if sel.gain >= 0 else ''}{pct(sel.gain)} points" if sel.gain is not None else ""))
+                     + (f", gain {fmt_value(sel.gain, sign=True)} points" if sel.gain is not None else ""))
     lines.append(f"p = {sel.p_value:.3g} ({sel.test_note})" if sel.p_value is not None else sel.test_note)
     if sel.failures:
         lines.append(f"{len(sel.failures)} run(s) failed: " + "; ".join(
@@ -145,7 +136,7 @@ class RunPrinter:
         if not self.started:
             self.console.print(f"[bold]{self._line([name for name, _ in self.COLUMNS])}  ({self.metric} ×100)[/]")
             self.started = True
-        metric = lambda part: "—" if record[part] is None else f"{100 * record[part][self.metric]:.2f}"  # noqa: E731
+        metric = lambda part: "—" if record[part] is None else fmt_value(record[part][self.metric])  # noqa: E731
         percent = record["percent_remaining"]["model"] if record["percent_remaining"] else None
         note = f"  [red]{escape(record['error'])}[/]" if record["error"] else ("  [dim]finished earlier[/]" if record.get("reused") else "")
         self.console.print(self._line([str(record["seed"]), record["kind"], f"{record['ratio']:g}", "—" if percent is None else f"{percent:.1f}",
@@ -191,13 +182,13 @@ def markdown(doc: dict, selection: Selection) -> str:
     if sel.kind != FULL:
         lines += ["| seed | super ticket (selection) | full model (selection) | super ticket (report) | full model (report) | difference (report) |",
                   "|---|---|---|---|---|---|"]
-        num = lambda d, k: f"{100 * d[k]:.2f}" if k in d else "—"  # noqa: E731
+        num = lambda d, k: fmt_value(d[k]) if k in d else "—"  # noqa: E731
         for seed in seeds:
-            diff = f"{100 * (sel.report[seed] - sel.full_report[seed]):+.2f}" if seed in sel.report and seed in sel.full_report else "—"
+            diff = fmt_value(sel.report[seed] - sel.full_report[seed], sign=True) if seed in sel.report and seed in sel.full_report else "—"
             lines.append(f"| {seed} | {num(sel.selection, seed)} | {num(sel.full_selection, seed)} | {num(sel.report, seed)} | {num(sel.full_report, seed)} | {diff} |")
         lines.append("")
     name = lambda c: "full" if c["kind"] == FULL else f"r={c['ratio']:g}"  # noqa: E731
-    lines += ["Candidates by mean selection score: " + ", ".join(f"{name(c)} {100 * c['mean']:.2f}" for c in sel.candidates), ""]
+    lines += ["Candidates by mean selection score: " + ", ".join(f"{name(c)} {fmt_value(c['mean'])}" for c in sel.candidates), ""]
     if sel.failures:
         lines += ["## Failed runs", "", *(f"- seed {r['seed']}, {run_label(r)}: `{r['error']}`" for r in sel.failures), "",
                   "Rerun the same `st sweep` command to retry them; finished runs are kept.", ""]
@@ -257,18 +248,116 @@ def super_ticket(out: Path, doc: dict, selection: Selection) -> dict:
     sel = selection
     seed = min(sel.selection)
     if sel.kind == FULL:
-        config = read_json(run_dir(out, seed, FULL, 0.0) / "config.json")["encoder"]
-        ticket = replace(Ticket.full(BertConfig.from_dict(config)), seed=seed)
+        config = _read(out / _run(doc, seed, FULL, 0.0) / "config.json", "run config")["encoder"]
+        ticket = full_ticket_json(config, seed)
         note = "the full model: no pruned ticket beat it on the selection part"
         files = {}
     else:
-        ticket = Ticket.load(ticket_path(out, seed, sel.kind, sel.ratio))
+        ticket = _read(out / _ticket_file(doc, seed, sel.kind, sel.ratio), "ticket")
         note = f"the winning ticket at r = {sel.ratio:g}; ticket of seed {seed} (each seed's scores give its own ticket)"
-        files = {str(s): str(ticket_path(out, s, sel.kind, sel.ratio).relative_to(out)) for s in sorted(sel.selection)}
+        files = {str(s): str(_ticket_file(doc, s, sel.kind, sel.ratio)) for s in sorted(sel.selection)}
     part = lambda d: {"per_seed": {str(k): v for k, v in sorted(d.items())}, **stats(list(d.values()))}  # noqa: E731
-    return {**ticket.to_json(), "task": doc["task"], "note": note, "metric": sel.metric,
+    return {**ticket, "task": doc["task"], "note": note, "metric": sel.metric,
             "chosen_on": "the selection part of dev; numbers under report are from the held-out report part",
             "ticket_files": files, "selection": part(sel.selection), "report": part(sel.report),
             "full_model": {"selection": part(sel.full_selection), "report": part(sel.full_report)},
             "gain": sel.gain, "p_value": sel.p_value, "test": sel.test_note,
             "candidates": sel.candidates}
+
+
+# What a ticket file remembers of its model: st.importance.FINGERPRINT_KEYS, repeated here because
+# importing st.importance would load torch.
+FINGERPRINT_KEYS = ("num_layers", "num_heads", "hidden_size", "intermediate_size", "vocab_size")
+
+
+def full_ticket_json(encoder: dict, seed: int) -> dict:
+    """The all-ones ticket of the model whose BertConfig dict is `encoder`: the file
+    `replace(Ticket.full(BertConfig.from_dict(encoder)), seed=seed).save()` writes."""
+    L, H0 = encoder["num_layers"], encoder["num_heads"]
+    return {"kind": FULL, "ratio": 0.0, "seed": seed, "heads_pruned": 0, "ffn_pruned": 0,
+            "percent_remaining": {"model": 100.0, "encoder": 100.0},
+            "model_fingerprint": {k: encoder[k] for k in FINGERPRINT_KEYS},
+            "head_mask": [[1] * H0 for _ in range(L)], "ffn_mask": [1] * L}
+
+
+def _run(doc: dict, seed: int, kind: str, ratio: float) -> Path:
+    """A finished run's folder, relative to the sweep folder, as results.json records it."""
+    return Path(next(r["run"] for r in doc["runs"]
+                     if (r["seed"], r["kind"], r["ratio"]) == (seed, kind, ratio) and r["error"] is None))
+
+
+def _ticket_file(doc: dict, seed: int, kind: str, ratio: float) -> Path:
+    return _run(doc, seed, kind, ratio).parent / "ticket.json"  # a ticket's run is {kind}-r{ratio}/run, beside it
+
+
+def _read(path: Path, what: str) -> dict:
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path}, named in results.json, is missing; rerun the same `st sweep` command to complete the folder") from None
+    except ValueError as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e}); delete it and rerun the same `st sweep` command") from None
+
+
+# ---- multi-task runs (`st share`) and domain adaptation (`st adapt`) -------------------------------
+
+
+def multitask_markdown(result: dict) -> str:
+    """report.md of a multi-task run: per-task dev metrics, the average, weights remaining."""
+    mode = "ticket sharing (Algorithm 1)" if result["tickets"] == "shared" else "MT-DNN, no tickets (every weight shared)"
+    n, pct = result["parameters"], result["percent_remaining"]
+    lines = [f"# Multi-task model: {', '.join(result['tasks'])}", "",
+             f"Mode: {mode}. Best epoch {result['best_epoch']} of {len(result['epochs'])} by the average main dev metric; scores ×100.", "",
+             "| task | main metric | dev | all dev metrics | ticket heads | ticket FFN | ticket % of encoder |",
+             "|---|---|---|---|---|---|---|"]
+    for name in result["tasks"]:
+        metrics, main, t = result["dev"][name], result["main_metric"][name], result["task_tickets"][name]
+        shown = ", ".join(f"{k} {fmt_value(v)}" for k, v in metrics.items())
+        lines.append(f"| {name} | {main} | {fmt_value(metrics[main])} | {shown} | {t['heads']} | {t['ffn']} | {t['percent_encoder']:.1f} |")
+    lines += [f"| **average** | | **{fmt_value(result['average'])}** | | | | |", ""]
+    undefined = [n for n in result["tasks"] if fmt_value(result["dev"][n][result["main_metric"][n]]) == "n/a"]
+    if undefined:
+        lines += [f"n/a: undefined (e.g. a correlation of constant predictions), counted as 0 in the average: "
+                  f"{', '.join(undefined)}.", ""]
+    extra = result.get("extra_dev") or {}
+    if extra:
+        first = result.get("dev_split") or {}
+        lines += ["Other dev sets, scored with the same weights (epochs are chosen on each task's first dev set"
+                  + (", " + ", ".join(f"{n}: {first[n]}" for n in extra if n in first) if first else "") + "):", "",
+                  "| task | dev set | main metric | dev | all dev metrics |", "|---|---|---|---|---|"]
+        for name, splits in extra.items():
+            main = result["main_metric"][name]
+            for split, metrics in splits.items():
+                shown = ", ".join(f"{k} {fmt_value(v)}" for k, v in metrics.items())
+                lines.append(f"| {name} | {split} | {main} | {fmt_value(metrics.get(main))} | {shown} |")
+        lines.append("")
+    lines += [(f"Weights remaining (the union of the tickets, counted from the parameter tensors): encoder "
+               f"{n['encoder']:,} of {n['dense_encoder']:,} ({pct['encoder']:.1f}%), whole model with pooler and "
+               f"{len(result['tasks'])} task heads {n['model']:,} of {n['dense_model']:,} ({pct['model']:.1f}%)."), ""]
+    return "\n".join(lines)
+
+
+def multitask_table(result: dict) -> Table:
+    """A rich table of the same."""
+    pct = result["percent_remaining"]
+    table = Table("task", "main metric", "dev", "ticket % encoder",
+                  title=f"multi-task dev ({'ticket sharing' if result['tickets'] == 'shared' else 'MT-DNN'}), "
+                        f"{pct['encoder']:.1f}% of encoder weights remain")
+    for name in result["tasks"]:
+        main = result["main_metric"][name]
+        table.add_row(name, main, fmt_value(result["dev"][name][main]), f"{result['task_tickets'][name]['percent_encoder']:.1f}")
+        for split, metrics in (result.get("extra_dev") or {}).get(name, {}).items():
+            table.add_row(f"  {name} {split}", main, fmt_value(metrics.get(main)), "")
+    table.add_row("average", "", fmt_value(result["average"]), "")
+    return table
+
+
+def adapt_markdown(result: dict) -> str:
+    """report.md of `st adapt`: the main dev metric per starting model and training fraction."""
+    metric = result["rows"][0]["main_metric"]
+    lines = [f"# Domain adaptation on {result['task']}", "",
+             f"Dev {metric} ×100 (mean ± std over seeds {result['seeds']}) with a fraction of the training data.", "",
+             "| start | " + " | ".join(f"{f:.1%}" for f in result["fractions"]) + " |", "|" + "---|" * (len(result["fractions"]) + 1)]
+    for name, by_fraction in result["table"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt(s) for s in by_fraction.values()) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,118 @@
+"""The super ticket's choice and the statistics behind every number shown (Liang et al. 2021).
+
+Pure: it reads results.json's contents (a dict) and imports no torch, so `st report` re-renders a
+sweep without loading a deep-learning stack. scipy is imported only when a t-test runs.
+
+Honest selection: each run was scored on two parts of dev. The super ticket is the winning ticket,
+or the full model, with the best mean score on the selection part; its report-part scores are then
+compared with the full model's by a paired t-test over seeds.
+
+One rule for spread everywhere (`stats`): mean and sample standard deviation over seeds (ddof=1),
+no standard deviation from a single value. One formatter for scores (`fmt`, `fmt_value`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from st.errors import UserError
+
+FULL = "full"  # the kind of the unpruned model's runs: r = 0 of every sweep
+RESULTS = "results.json"  # a sweep's runs, the input of everything here
+
+
+def stats(values: list[float]) -> dict:
+    """Mean and sample standard deviation (None with fewer than two values)."""
+    return {"mean": float(np.mean(values)) if values else None,
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None, "n": len(values)}
+
+
+def fmt_value(x: float | None, sign: bool = False) -> str:
+    """One score as people read it: ×100 with 2 decimals (GLUE style, 0.8512 -> "85.12"), "+" in front
+    of gains with `sign`; "n/a" where there is no number (None, or NaN from a degenerate metric)."""
+    if x is None or math.isnan(x):
+        return "n/a"
+    return f"{100 * x:{'+' if sign else ''}.2f}"
+
+
+def fmt(s: dict, seeds: int | None = None) -> str:
+    """A `stats` dict as "mean ± std" ×100 (see fmt_value); "—" when nothing finished; " (n=k)" when
+    fewer than the `seeds` expected went into it."""
+    if s["mean"] is None:
+        return "—"
+    text = fmt_value(s["mean"]) + (f" ± {fmt_value(s['std'])}" if s["std"] is not None else "")
+    return text + (f" (n={s['n']})" if seeds is not None and s["n"] < seeds else "")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The super ticket of a sweep: the candidate (full model or winning ticket) with the best mean
+    selection score, and its report-part numbers against the full model's."""
+
+    metric: str
+    kind: str  # winning | full
+    ratio: float
+    percent_remaining: dict | None
+    candidates: list[dict]  # every candidate's mean selection score, best first
+    selection: dict[int, float]  # seed -> the chosen candidate's selection score
+    report: dict[int, float]  # seed -> its report score
+    full_selection: dict[int, float]
+    full_report: dict[int, float]
+    gain: float | None  # mean over paired seeds of (chosen - full) on the report part
+    p_value: float | None  # paired t-test over those seeds (scipy.stats.ttest_rel), two-sided
+    test_note: str  # why there is no p-value, or how it was computed
+    failures: list[dict] = field(default_factory=list)
+
+
+def per_seed(records: list[dict], kind: str, ratio: float, part: str, metric: str) -> dict[int, float]:
+    return {r["seed"]: r[part][metric] for r in records
+            if r["kind"] == kind and r["ratio"] == ratio and r["error"] is None and r[part] is not None}
+
+
+def select_super_ticket(doc: dict) -> Selection:
+    """Choose the super ticket from results.json's contents using the selection part only; ties go to
+    the full model, then to the lower ratio (a ticket must do strictly better to be chosen)."""
+    runs, metric = doc["runs"], doc["main_metric"]
+    ratios = sorted({r["ratio"] for r in runs if r["kind"] == "winning"})
+    candidates = []
+    for kind, ratio in [(FULL, 0.0), *(("winning", r) for r in ratios)]:
+        scores = per_seed(runs, kind, ratio, "selection", metric)
+        if scores:
+            percent = next(r["percent_remaining"] for r in runs
+                           if r["kind"] == kind and r["ratio"] == ratio and r["error"] is None)
+            candidates.append({"kind": kind, "ratio": ratio, "percent_remaining": percent, **stats(list(scores.values()))})
+    failures = [r for r in runs if r["error"] is not None]
+    if not candidates:
+        raise UserError("no run of the full model or of a winning ticket finished: nothing to choose from; "
+                        "see the errors in results.json and rerun to retry")
+    best = max(candidates, key=lambda c: c["mean"])  # max() keeps the first of equals: the full model, then low ratios
+    candidates = sorted(candidates, key=lambda c: -c["mean"])
+    kind, ratio = best["kind"], best["ratio"]
+    chosen_sel, chosen_rep = per_seed(runs, kind, ratio, "selection", metric), per_seed(runs, kind, ratio, "report", metric)
+    full_sel, full_rep = per_seed(runs, FULL, 0.0, "selection", metric), per_seed(runs, FULL, 0.0, "report", metric)
+    paired = sorted(set(chosen_rep) & set(full_rep))
+    gain = p = None
+    if kind == FULL:
+        note = "the full model scored best on the selection part: no pruned ticket beat it"
+    elif not paired:
+        note = "no seed has both this ticket and the full model: nothing to compare"
+    else:
+        diffs = [chosen_rep[s] - full_rep[s] for s in paired]
+        gain = float(np.mean(diffs))
+        if len(paired) < 2:
+            note = "the paired t-test needs at least 2 seeds (--seeds 2 or more)"
+        elif np.ptp(diffs) <= 1e-12:  # float noise around one value: the t statistic would be meaningless
+            note = "every seed gave the same difference: the t-test is undefined"
+        else:
+            from scipy.stats import ttest_rel  # lazily: scipy costs a second to import and most callers never test
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p = float(ttest_rel([chosen_rep[s] for s in paired], [full_rep[s] for s in paired]).pvalue)
+            note = f"paired t-test over {len(paired)} seeds (scipy.stats.ttest_rel, two-sided)"
+    return Selection(metric, kind, ratio, best["percent_remaining"], candidates, chosen_sel, chosen_rep,
+                     full_sel, full_rep, gain, p, note, failures)
