@@ -27,7 +27,8 @@ from st.models import BertClassifier, load_pretrained  # noqa: E402
 from st.models.heads import per_example_loss  # noqa: E402
 from st.prune import prune_classifier  # noqa: E402
 from st.tickets import make_ticket  # noqa: E402
-from st.train import TrainConfig, make_optimizer  # noqa: E402
+from st.specs import TrainConfig  # noqa: E402
+from st.train import make_optimizer  # noqa: E402
 
 
 def flops(model: BertClassifier, T: int) -> float:
@@ -95,7 +96,7 @@ def main():
 
     # (a) scoring pass vs training step
     dense.train()
-    optimizer = make_optimizer(dense, TrainConfig())
+    optimizer = make_optimizer(dense, TrainConfig(lr=5e-5))
     t = median_times({"train": train_step(dense, optimizer, batch), "score": lambda: compute_importance(dense, [batch])}, args.repeats)
     ratio = t["score"] / t["train"]
     print(f"(a) scoring pass {t['score'] * 1e3:.0f} ms vs training step {t['train'] * 1e3:.0f} ms: "
@@ -110,7 +111,7 @@ def main():
         models[f"r={r}"] = prune_classifier(dense, ticket.head_mask_tensor(), ticket.ffn_mask_tensor())
     for m in models.values():
         m.train()
-    optimizers = {name: make_optimizer(m, TrainConfig()) for name, m in models.items()}
+    optimizers = {name: make_optimizer(m, TrainConfig(lr=5e-5)) for name, m in models.items()}
     train_t = median_times({name: train_step(m, optimizers[name], batch) for name, m in models.items()}, args.repeats)
     for m in models.values():
         m.eval()

@@ -1,13 +1,10 @@
-"""The phase-transition sweep and the automatic, held-out choice of the super ticket (Liang et al. 2021).
+"""The phase-transition sweep (Liang et al. 2021), resumable; its super ticket is chosen by `st.select`.
 
 For each seed: fine-tune the full model, score its heads and FFN blocks, make the tickets, and
 rewind-and-fine-tune the physically pruned subnetwork of every (kind, ratio). One seed drives the
-full model, its scores, its random tickets and its rewound runs, so a sweep is reproducible.
-
-Honest selection: each seed splits (a seeded sample of) dev into a selection part and a report part
-(`st.pipeline.dev_parts`). Every run chooses its epoch on the selection part; the super ticket is the
-winning ticket, or the full model, with the best mean selection score; only the report part's
-numbers are reported for it, with a paired t-test over seeds against the full model.
+full model, its scores, its random tickets and its rewound runs, so a sweep is reproducible. Each
+seed splits (a sample of) dev into a selection part, which chooses every run's epoch, and a report
+part (`st.pipeline.dev_parts`). Runs go one after another, or to a local pool of processes.
 
 Layout of a sweep folder (every file written atomically; only rank 0 writes):
   sweep.json                          the settings that made it: a rerun with others is refused
@@ -28,13 +25,11 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 
 from st import dist
@@ -42,27 +37,27 @@ from st.errors import UserError
 from st.importance import Scores, plot_heatmap
 from st.io import read_json, write_json
 from st.models.bert import BertConfig
-from st.pipeline import Job, build_task, build_tokenizer, run_finetune, score_checkpoint
+from st.pipeline import build_task, build_tokenizer, resolve_lr, run_finetune, score_checkpoint
+from st.runs import guard_settings
+from st.select import FULL, RESULTS
+from st.specs import HeldOut, RunSpec, run_spec
 from st.tickets import KINDS, Ticket, make_ticket
-from st.train import _flatten
 
 log = logging.getLogger("st")
 
 RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 9))  # 0.1 ... 0.8, the paper's grid
-FULL = "full"
-RESULTS, SETTINGS = "results.json", "sweep.json"
+SETTINGS = "sweep.json"
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """One sweep: the full model's run (`job`; its seed is the first seed) and the grid around it."""
+    """One sweep: the full model's run (`spec`; its seed is the first seed) and the grid around it."""
 
-    job: Job
+    spec: RunSpec
     ratios: tuple[float, ...] = RATIOS
     kinds: tuple[str, ...] = KINDS
-    seeds: int = 3  # job.train.seed, job.train.seed + 1, ...
-    select_fraction: float = 0.5  # of the dev sample: chooses epochs and the ticket; the rest reports
-    dev_size: int | None = None  # a seeded sample of dev (None: all of it)
+    seeds: int = 3  # spec.seed, spec.seed + 1, ...
+    held_out: HeldOut = HeldOut()  # each seed's dev sample: a part chooses epochs and the ticket, the rest reports
     score_examples: int | None = None  # importance over a seeded sample of the training set (None: all)
 
     def __post_init__(self):
@@ -81,27 +76,28 @@ class SweepConfig:
                 raise UserError(f"--kinds must be among {', '.join(KINDS)}, got {k!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise UserError(f"--seeds must be at least 1, got {self.seeds}")
-        if not 0 < self.select_fraction < 1:
-            raise UserError(f"--select-fraction must be in (0, 1), got {self.select_fraction}")
-        if self.job.ticket or self.job.init:
+        if not 0 < self.held_out.select_fraction < 1:
+            raise UserError(f"--select-fraction must be in (0, 1), got {self.held_out.select_fraction}")
+        if self.spec.model.ticket is not None or self.spec.model.init:
             raise UserError("a sweep starts from the pre-trained model: drop --ticket / --init")
         # r = 0 is the full model, which every seed trains anyway: it is not a ticket run.
         object.__setattr__(self, "ratios", tuple(sorted(float(r) for r in ratios if r > 0)))
         object.__setattr__(self, "kinds", tuple(k for k in KINDS if k in kinds))
+        object.__setattr__(self, "spec", resolve_lr(self.spec))
 
     @property
     def seed_list(self) -> list[int]:
-        return [self.job.train.seed + i for i in range(self.seeds)]
+        return [self.spec.seed + i for i in range(self.seeds)]
 
-    def seed_job(self, seed: int, ticket: str | None = None) -> Job:
+    def seed_spec(self, seed: int, ticket: Ticket | None = None) -> RunSpec:
         """The run of `seed`: the full model, or the subnetwork of `ticket`, with the seed's dev split."""
-        return replace(self.job, ticket=ticket, dev_size=self.dev_size, select_fraction=self.select_fraction,
-                       train=replace(self.job.train, seed=seed))
+        return replace(self.spec, model=replace(self.spec.model, ticket=ticket), seed=seed, held_out=self.held_out)
 
     def settings(self) -> dict:
         """What identifies the sweep's results (not the device, nor how many processes ran it)."""
-        s = {"job": self.job.settings(), "ratios": list(self.ratios), "kinds": list(self.kinds), "seeds": self.seeds,
-             "select_fraction": self.select_fraction, "dev_size": self.dev_size, "score_examples": self.score_examples}
+        s = {"job": self.spec.settings(), "ratios": list(self.ratios), "kinds": list(self.kinds), "seeds": self.seeds,
+             "select_fraction": self.held_out.select_fraction, "dev_size": self.held_out.dev_size,
+             "score_examples": self.score_examples}
         return json.loads(json.dumps(s))  # tuples as lists: compares equal to what sweep.json reads back
 
 
@@ -146,6 +142,27 @@ DEMO = Preset()
 QUICK = Preset(train_size=192, batch_size=12, dev_size=200, ratios=(0.3, 0.6), seeds=1)
 
 
+def plan(*, quick: bool = False, ratios: list[float] | None = None, kinds: list[str] | None = None, seeds: int | None = None,
+         select_fraction: float | None = None, dev_size: int | None = None, score_examples: int | None = None,
+         jobs: int | None = None, **options) -> tuple[SweepConfig, int]:
+    """`st sweep`'s sweep and how many runs go at once. Without a task (or with `quick`) the packaged
+    main job's preset fills every option not given (None); `options` are `specs.run_spec`'s."""
+    preset = QUICK if quick else DEMO if options.get("task") is None else None
+    if preset is not None:
+        for name in ("task", "model", "train_size", "epochs", "batch_size", "lr", "max_length"):
+            if options.get(name) is None:
+                options[name] = getattr(preset, name)
+        dev_size = preset.dev_size if dev_size is None else dev_size
+        seeds = preset.seeds if seeds is None else seeds
+        ratios = list(preset.ratios) if ratios is None else ratios
+        jobs = min(preset.jobs, os.cpu_count() or 1) if jobs is None else jobs
+    held_out = HeldOut(*(() if select_fraction is None else (select_fraction,)), dev_size=dev_size)
+    cfg = SweepConfig(run_spec(**options), ratios=tuple(RATIOS if ratios is None else ratios),
+                      kinds=tuple(KINDS if kinds is None else kinds), seeds=3 if seeds is None else seeds,
+                      held_out=held_out, score_examples=score_examples)
+    return cfg, 1 if jobs is None else jobs
+
+
 # ---- folders -------------------------------------------------------------------------------------
 
 
@@ -163,33 +180,15 @@ def ticket_path(out: Path, seed: int, kind: str, ratio: float) -> Path:
     return Path(out) / f"seed{seed}" / run_name(kind, ratio) / "ticket.json"
 
 
-def check_sweep_settings(out: Path, settings: dict) -> None:
-    """Refuse a folder holding a sweep made with other settings, naming the first that differs;
-    record the settings in a new (or empty) folder."""
-    path = out / SETTINGS
-    if path.exists():
-        previous, current = _flatten(read_json(path)), _flatten(settings)
-        for key in sorted(set(previous) | set(current)):
-            if previous.get(key) != current.get(key):
-                raise UserError(f"{out} holds a sweep made with {key}={previous.get(key)!r}, not {current.get(key)!r}; "
-                                f"use another --out, or delete {out} to start over")
-    elif dist.is_main():
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} is not empty and holds no st sweep; choose an empty or new --out folder")
-        write_json(path, settings)
-    dist.barrier()
-
-
 # ---- the runs ------------------------------------------------------------------------------------
 
 
 _WORKER_DEVICE: str | None = None  # set in pool workers that own one GPU
 
 
-def _device(cfg: SweepConfig) -> SweepConfig:
-    if _WORKER_DEVICE is None:
-        return cfg
-    return replace(cfg, job=replace(cfg.job, train=replace(cfg.job.train, device=_WORKER_DEVICE)))
+def _device(device: str) -> str:
+    """A pool worker's own GPU, where it has one; else the sweep's device."""
+    return _WORKER_DEVICE or device
 
 
 def _record(seed: int, kind: str, ratio: float, out: Path) -> dict:
@@ -197,10 +196,10 @@ def _record(seed: int, kind: str, ratio: float, out: Path) -> dict:
             "best_epoch": None, "seconds": None, "run": str(run_dir(out, seed, kind, ratio).relative_to(out)), "error": None}
 
 
-def _finish(record: dict, folder: Path, job: Job) -> dict:
+def _finish(record: dict, folder: Path, spec: RunSpec, device: str) -> dict:
     """Fine-tune into `folder` (or read back the finished run there) and fill in its metrics."""
     record["reused"] = (folder / "metrics.json").exists()
-    metrics = run_finetune(job, folder)
+    metrics = run_finetune(spec, folder, device=device)
     record.update(selection=metrics["dev"], report=metrics["report"], best_epoch=metrics["best_epoch"],
                   seconds=round(sum(e["seconds"] for e in metrics["epochs"]), 1))
     return record
@@ -212,15 +211,15 @@ def _failed(record: dict, error: BaseException) -> dict:
     return record
 
 
-def full_stage(cfg: SweepConfig, out: Path, seed: int) -> tuple[dict, str | None]:
+def full_stage(cfg: SweepConfig, out: Path, seed: int, device: str = "cpu") -> tuple[dict, str | None]:
     """Fine-tune the full model of `seed`, score it and write every ticket of the grid. Returns the
     full model's record, and why the tickets could not be made (None when they were)."""
-    cfg, out = _device(cfg), Path(out)
+    device, out = _device(device), Path(out)
     record = _record(seed, FULL, 0.0, out)
     record["percent_remaining"] = {"model": 100.0, "encoder": 100.0}
     folder = run_dir(out, seed, FULL, 0.0)
     try:
-        _finish(record, folder, cfg.seed_job(seed))
+        _finish(record, folder, cfg.seed_spec(seed), device)
     except UserError:  # bad input, the same for every run: stop the sweep with its one-line message
         raise
     except Exception as e:
@@ -230,7 +229,7 @@ def full_stage(cfg: SweepConfig, out: Path, seed: int) -> tuple[dict, str | None
         if scores_file.exists():
             scores = Scores.load(scores_file)
         else:
-            scores = score_checkpoint(folder, num_examples=cfg.score_examples, device=cfg.job.train.device, seed=seed)
+            scores = score_checkpoint(folder, num_examples=cfg.score_examples, device=device, seed=seed)
             if dist.is_main():
                 plot_heatmap(scores, scores_file.with_suffix(".png"))
                 scores.save(scores_file)  # last: its presence means the scores are complete
@@ -250,14 +249,14 @@ def full_stage(cfg: SweepConfig, out: Path, seed: int) -> tuple[dict, str | None
     return record, None
 
 
-def ticket_run(cfg: SweepConfig, out: Path, seed: int, kind: str, ratio: float) -> dict:
+def ticket_run(cfg: SweepConfig, out: Path, seed: int, kind: str, ratio: float, device: str = "cpu") -> dict:
     """Rewind to the pre-trained weights and fine-tune the pruned subnetwork of one ticket."""
-    cfg, out = _device(cfg), Path(out)
+    device, out = _device(device), Path(out)
     record = _record(seed, kind, ratio, out)
     try:
-        path = ticket_path(out, seed, kind, ratio)
-        record["percent_remaining"] = Ticket.load(path).percent_remaining
-        _finish(record, run_dir(out, seed, kind, ratio), cfg.seed_job(seed, ticket=str(path)))
+        ticket = Ticket.load(ticket_path(out, seed, kind, ratio))
+        record["percent_remaining"] = ticket.percent_remaining
+        _finish(record, run_dir(out, seed, kind, ratio), cfg.seed_spec(seed, ticket), device)
     except UserError:
         raise
     except Exception as e:
@@ -269,13 +268,13 @@ def _ticket_specs(cfg: SweepConfig, seed: int) -> list[tuple[int, str, float]]:
     return [(seed, kind, ratio) for kind in cfg.kinds for ratio in cfg.ratios]
 
 
-def _sequential(cfg: SweepConfig, out: Path) -> Iterator[dict]:
+def _sequential(cfg: SweepConfig, out: Path, device: str) -> Iterator[dict]:
     """Seed by seed: the full model, then its tickets (every rank takes part under torchrun)."""
     for seed in cfg.seed_list:
-        record, why_not = full_stage(cfg, out, seed)
+        record, why_not = full_stage(cfg, out, seed, device)
         yield record
         for spec in _ticket_specs(cfg, seed):
-            yield ticket_run(cfg, out, *spec) if why_not is None else _failed(_record(*spec, out), RuntimeError(why_not))
+            yield ticket_run(cfg, out, *spec, device) if why_not is None else _failed(_record(*spec, out), RuntimeError(why_not))
 
 
 def _init_worker(threads: int, gpus, user_modules: list[str]) -> None:
@@ -300,13 +299,13 @@ def _user_modules() -> list[str]:
     return found
 
 
-def _parallel(cfg: SweepConfig, out: Path, jobs: int) -> Iterator[dict]:
+def _parallel(cfg: SweepConfig, out: Path, jobs: int, device: str) -> Iterator[dict]:
     """`jobs` spawned processes: every seed's full model first, then its tickets as soon as they exist."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     gpus = None
-    if cfg.job.train.device.startswith("cuda"):
+    if device.startswith("cuda"):
         gpus = ctx.SimpleQueue()
         for i in range(jobs):
             gpus.put(i)
@@ -316,7 +315,7 @@ def _parallel(cfg: SweepConfig, out: Path, jobs: int) -> Iterator[dict]:
     pending: dict = {}
     try:
         for seed in cfg.seed_list:
-            pending[pool.submit(full_stage, cfg, out, seed)] = (seed, FULL, 0.0)
+            pending[pool.submit(full_stage, cfg, out, seed, device)] = (seed, FULL, 0.0)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -335,7 +334,7 @@ def _parallel(cfg: SweepConfig, out: Path, jobs: int) -> Iterator[dict]:
                 yield record
                 for spec in _ticket_specs(cfg, seed):
                     if why_not is None:
-                        pending[pool.submit(ticket_run, cfg, out, *spec)] = spec
+                        pending[pool.submit(ticket_run, cfg, out, *spec, device)] = spec
                     else:
                         yield _failed(_record(*spec, out), RuntimeError(why_not))
     finally:
@@ -343,14 +342,14 @@ def _parallel(cfg: SweepConfig, out: Path, jobs: int) -> Iterator[dict]:
         pool.shutdown(wait=not pending, cancel_futures=True)
 
 
-def workers(cfg: SweepConfig, jobs: int) -> int:
+def workers(jobs: int, device: str) -> int:
     """How many processes run at once: `jobs` on CPU, at most one per visible GPU, one under torchrun."""
     if dist.is_distributed():
         if jobs > 1:
             log.info("under torchrun every run uses all ranks; --jobs %d is ignored", jobs)
         return 1
-    if cfg.job.train.device.startswith("cuda"):
-        if cfg.job.train.device != "cuda":  # a named GPU: the user chose it
+    if device.startswith("cuda"):
+        if device != "cuda":  # a named GPU: the user chose it
             return 1
         return max(1, min(jobs, torch.cuda.device_count()))
     return jobs
@@ -374,22 +373,22 @@ def write_results(out: Path, doc: dict) -> None:
                         "rerun the same command to resume") from None
 
 
-def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, on_start: Callable[[int], None] | None = None,
+def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, device: str = "cpu", on_start: Callable[[int], None] | None = None,
               on_result: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) the sweep into `out`; returns results.json's contents. On rank 0,
     `on_start(processes)` is called once the input is checked, and `on_result(record)` as each run
     finishes (records of runs finished before this call carry reused=True)."""
-    out = Path(out).resolve()  # tickets are named by absolute path in their runs' settings
+    out = Path(out)
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
-    task = build_task(cfg.job)  # fail fast, before any process starts: unknown task, missing data or model
-    build_tokenizer(cfg.job)
-    check_sweep_settings(out, cfg.settings())
-    n = workers(cfg, jobs)
+    task = build_task(cfg.spec.data)  # fail fast, before any process starts: unknown task, missing data or model
+    build_tokenizer(cfg.spec)
+    guard_settings(out, cfg.settings(), SETTINGS, "sweep")
+    n = workers(jobs, device)
     if on_start and dist.is_main():
         on_start(n)
     records = []
-    for record in (_sequential(cfg, out) if n == 1 else _parallel(cfg, out, n)):
+    for record in (_sequential(cfg, out, device) if n == 1 else _parallel(cfg, out, n, device)):
         records.append(record)
         if dist.is_main():
             write_results(out, results_doc(cfg, records, task))
@@ -399,82 +398,3 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, on_start: Cal
     if dist.is_main():
         write_results(out, doc)
     return doc
-
-
-# ---- the super ticket ----------------------------------------------------------------------------
-
-
-def stats(values: list[float]) -> dict:
-    """Mean and sample standard deviation (None with fewer than two values)."""
-    return {"mean": float(np.mean(values)) if values else None,
-            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None, "n": len(values)}
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The super ticket of a sweep: the candidate (full model or winning ticket) with the best mean
-    selection score, and its report-part numbers against the full model's."""
-
-    metric: str
-    kind: str  # winning | full
-    ratio: float
-    percent_remaining: dict | None
-    candidates: list[dict]  # every candidate's mean selection score, best first
-    selection: dict[int, float]  # seed -> the chosen candidate's selection score
-    report: dict[int, float]  # seed -> its report score
-    full_selection: dict[int, float]
-    full_report: dict[int, float]
-    gain: float | None  # mean over paired seeds of (chosen - full) on the report part
-    p_value: float | None  # paired t-test over those seeds (scipy.stats.ttest_rel), two-sided
-    test_note: str  # why there is no p-value, or how it was computed
-    failures: list[dict] = field(default_factory=list)
-
-
-def per_seed(records: list[dict], kind: str, ratio: float, part: str, metric: str) -> dict[int, float]:
-    return {r["seed"]: r[part][metric] for r in records
-            if r["kind"] == kind and r["ratio"] == ratio and r["error"] is None and r[part] is not None}
-
-
-def select_super_ticket(doc: dict) -> Selection:
-    """Choose the super ticket from results.json's contents using the selection part only; ties go to
-    the full model, then to the lower ratio (a ticket must do strictly better to be chosen)."""
-    runs, metric = doc["runs"], doc["main_metric"]
-    ratios = sorted({r["ratio"] for r in runs if r["kind"] == "winning"})
-    candidates = []
-    for kind, ratio in [(FULL, 0.0), *(("winning", r) for r in ratios)]:
-        scores = per_seed(runs, kind, ratio, "selection", metric)
-        if scores:
-            percent = next(r["percent_remaining"] for r in runs
-                           if r["kind"] == kind and r["ratio"] == ratio and r["error"] is None)
-            candidates.append({"kind": kind, "ratio": ratio, "percent_remaining": percent, **stats(list(scores.values()))})
-    failures = [r for r in runs if r["error"] is not None]
-    if not candidates:
-        raise UserError("no run of the full model or of a winning ticket finished: nothing to choose from; "
-                        "see the errors in results.json and rerun to retry")
-    best = max(candidates, key=lambda c: c["mean"])  # max() keeps the first of equals: the full model, then low ratios
-    candidates = sorted(candidates, key=lambda c: -c["mean"])
-    kind, ratio = best["kind"], best["ratio"]
-    chosen_sel, chosen_rep = per_seed(runs, kind, ratio, "selection", metric), per_seed(runs, kind, ratio, "report", metric)
-    full_sel, full_rep = per_seed(runs, FULL, 0.0, "selection", metric), per_seed(runs, FULL, 0.0, "report", metric)
-    paired = sorted(set(chosen_rep) & set(full_rep))
-    gain = p = None
-    if kind == FULL:
-        note = "the full model scored best on the selection part: no pruned ticket beat it"
-    elif not paired:
-        note = "no seed has both this ticket and the full model: nothing to compare"
-    else:
-        diffs = [chosen_rep[s] - full_rep[s] for s in paired]
-        gain = float(np.mean(diffs))
-        if len(paired) < 2:
-            note = "the paired t-test needs at least 2 seeds (--seeds 2 or more)"
-        elif np.ptp(diffs) <= 1e-12:  # float noise around one value: the t statistic would be meaningless
-            note = "every seed gave the same difference: the t-test is undefined"
-        else:
-            from scipy.stats import ttest_rel
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                p = float(ttest_rel([chosen_rep[s] for s in paired], [full_rep[s] for s in paired]).pvalue)
-            note = f"paired t-test over {len(paired)} seeds (scipy.stats.ttest_rel, two-sided)"
-    return Selection(metric, kind, ratio, best["percent_remaining"], candidates, chosen_sel, chosen_rep,
-                     full_sel, full_rep, gain, p, note, failures)

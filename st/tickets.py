@@ -17,6 +17,7 @@ import numbers
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -235,3 +236,79 @@ class Pruner:
     def tickets(self, ratios, kind: str = "winning", seed: int = 0,
                 config: BertConfig | None = None, num_labels: int = 2) -> list[Ticket]:
         return [self.ticket(r, kind, seed, config, num_labels) for r in ratios]
+
+
+# ---- tickets named by users: files, sweep folders, or scores and a ratio ---------------------------
+
+
+def tickets_for_tasks(paths: Mapping[str, Path], config: BertConfig, ratios: Mapping[str, float] | None = None,
+                      num_labels: Mapping[str, int] | None = None) -> dict[str, Ticket]:
+    """One ticket per task from `paths` ({task: path}).
+
+    A path is a ticket JSON file (ticket.json, super_ticket.json) or a folder holding
+    super_ticket.json (an `st sweep` output) or ticket.json. With `ratios` ({task: ratio}) tickets
+    are made instead from importance scores: a scores.json file, or a folder holding one, and the
+    winning ticket at the task's ratio is taken. Tickets are checked against `config` (shape and
+    model fingerprint).
+    """
+    tickets = {}
+    for name, path in paths.items():
+        path = Path(path)
+        if ratios is None:
+            ticket = _load_ticket(path, name)
+        else:
+            scores = _load_scores(path, name)
+            scores.check_matches(config, source=f"scores {path}")
+            ticket = make_ticket(scores, ratios[name], "winning", config=config, num_labels=(num_labels or {}).get(name, 2))
+            ticket = replace(ticket, source=str(path))
+        ticket.check_matches(config)
+        tickets[name] = ticket
+    return tickets
+
+
+def _load_ticket(path: Path, task: str) -> Ticket:
+    if path.is_dir():
+        found = next((path / f for f in ("super_ticket.json", "ticket.json") if (path / f).is_file()), None)
+        if found is None:
+            raise UserError(f"{path} holds neither super_ticket.json nor ticket.json; pass a ticket file or an `st sweep` folder for task {task}")
+        path = found
+    if not path.exists():
+        raise UserError(f"ticket {path} for task {task} does not exist")
+    data = _read(path)
+    if "head_raw" in data:
+        raise UserError(f"{path} holds importance scores, not a ticket; add --ratios to make tickets from scores")
+    if "head_mask" not in data and isinstance(data.get("ticket"), dict):  # a record with the ticket inside
+        data = {**data["ticket"], "task": data.get("task")}
+    recorded = data.get("task")
+    if isinstance(recorded, str) and recorded != task:
+        raise UserError(f"ticket {path} was made for task {recorded}, not {task}; check the order of --tickets")
+    try:
+        return Ticket.from_json(data, source=str(path))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a valid ticket file: {e}") from None
+
+
+def _load_scores(path: Path, task: str) -> Scores:
+    if path.is_dir():  # a folder holding scores.json, or an `st sweep` folder: its first seed's seed<s>/scores.json
+        seeds = sorted(path.glob("seed*/scores.json"), key=lambda p: (len(p.parent.name), p.parent.name))
+        path = path / "scores.json" if (path / "scores.json").is_file() or not seeds else seeds[0]
+    if not path.is_file():
+        raise UserError(f"--ratios makes tickets from importance scores: {path} does not exist (task {task}); "
+                        "pass scores.json from `st score` or a folder holding it")
+    data = _read(path)
+    if "head_raw" not in data:
+        raise UserError(f"{path} is not a scores file (task {task}); with --ratios pass scores.json from `st score`")
+    try:
+        return Scores.from_json(data)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a valid scores file: {e}") from None
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = read_json(path)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return data

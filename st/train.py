@@ -1,66 +1,35 @@
-"""Plain fine-tuning and evaluation loops: Adamax, linear warm-up/decay, clipping, resumable epochs.
+"""The training loop: Adamax, linear warm-up/decay, clipping, and one resumable epoch loop (`fit`)
+that single-task fine-tuning and multi-task training (`st.share`) both run, each with its own step.
 
-Output folder layout (everything written atomically):
-  run.json       the settings that made the run (a rerun with other settings is refused)
-  .progress/     state after the last finished epoch (weights, optimizer, schedule, RNG, history)
-  model.safetensors + config.json   the weights of the best dev epoch, once training finished
-  metrics.json   written last: its presence means the run is finished and is never overwritten
+The output folder is an `st.runs.RunFolder`: settings, progress after every epoch, the best epoch's
+weights, metrics.json last.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Protocol
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from st import dist
 from st.data import EncodedSet, eval_shards, steps_per_epoch, train_batches
-from st.errors import UserError
-from st.io import read_json, write_json, write_torch
 from st.models.checkpoint import save_checkpoint
 from st.models.heads import BertClassifier, per_example_loss, predict
+from st.models.weights import read_tensors
+from st.runs import RunFolder
+from st.specs import TrainConfig
 from st.tasks import Task
 
 log = logging.getLogger("st")
 
-PROGRESS, STATE = ".progress", "state.pt"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The paper's fine-tuning defaults (Liang et al. 2021, following MT-DNN)."""
-
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 5e-5
-    warmup: float = 0.1  # fraction of all steps with a linear warm-up, then linear decay to 0
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    grad_accum: int = 1
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
-    eval_batch_size: int = 128
-
-
-def default_lr(model: str) -> float:
-    """The paper's 5e-5 was tuned for BERT-base and -large. Small encoders need a larger rate to
-    move in the same few hundred steps: measured on rotten_tomatoes with all-MiniLM-L6-v2
-    (hidden 384), 1,000 examples × 2 epochs reach dev accuracy 0.51 at 5e-5 and 0.76 at 2e-4."""
-    from st.models.weights import read_config, resolve_model_dir
-
-    config = read_config(resolve_model_dir(model))
-    hidden = config["encoder"]["hidden_size"] if "encoder" in config else config.get("hidden_size", 768)
-    return 5e-5 if hidden >= 768 else 2e-4
+OnStep = Callable[[int, int, float], None]  # (step in this epoch, steps per epoch, loss)
+OnEpoch = Callable[[int, dict], None]  # (epoch, the metrics to show)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -78,21 +47,22 @@ def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast(cfg: TrainConfig):
-    if cfg.precision == "fp32" or not cfg.device.startswith("cuda"):
+def autocast(precision: str, device: str | torch.device):
+    if precision == "fp32" or torch.device(device).type != "cuda":
         return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @torch.no_grad()
-def predict_set(model: nn.Module, data: EncodedSet, cfg: TrainConfig, pad_id: int) -> list:
+def predict_set(model: nn.Module, data: EncodedSet, pad_id: int, *, device: str = "cpu", precision: str = "fp32",
+                batch_size: int = 128) -> list:
     """Predictions for every row of `data`, in order; under DDP each rank does a share, then all gather."""
     was_training = model.training
     model.eval()
     mine: dict[int, float | int] = {}
-    for indices, batch in eval_shards(data, cfg.eval_batch_size, pad_id):
-        batch = {k: v.to(cfg.device) for k, v in batch.items() if k != "labels"}
-        with autocast(cfg):
+    for indices, batch in eval_shards(data, batch_size, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with autocast(precision, device):
             logits = model(**batch)
         mine.update(zip(indices, predict(logits.float()).tolist()))
     model.train(was_training)
@@ -100,137 +70,150 @@ def predict_set(model: nn.Module, data: EncodedSet, cfg: TrainConfig, pad_id: in
     return [merged[i] for i in range(len(data))]
 
 
-def evaluate(model: nn.Module, data: EncodedSet, task: Task, cfg: TrainConfig, pad_id: int) -> dict[str, float]:
-    return task.compute_metrics(predict_set(model, data, cfg, pad_id), data.labels)
+def evaluate(model: nn.Module, data: EncodedSet, task: Task, pad_id: int, *, device: str = "cpu", precision: str = "fp32") -> dict[str, float]:
+    return task.compute_metrics(predict_set(model, data, pad_id, device=device, precision=precision), data.labels)
 
 
-def finetune(
-    model: BertClassifier,
-    train: EncodedSet,
-    dev: EncodedSet,
-    task: Task,
-    cfg: TrainConfig,
-    out: Path,
-    pad_id: int,
-    *,
-    on_step: Callable[[int, int, float], None] | None = None,
-    on_epoch: Callable[[int, dict], None] | None = None,
-    meta: dict | None = None,
-    report: EncodedSet | None = None,
-) -> dict:
-    """Fine-tune `model` on `train`, choosing the epoch by `task.main_metric` on `dev`.
+# ---- the epoch loop -------------------------------------------------------------------------------
 
-    Resumes from `out/.progress` when present. Returns the metrics written to `out/metrics.json`;
-    `meta` goes into config.json beside the weights. Only rank 0 writes. A `report` set plays no
-    part in the choice: it is evaluated once, on the chosen epoch's weights, into "report".
-    """
-    out = Path(out)
-    device = torch.device(cfg.device)
-    model.to(device)
-    ddp = dist.wrap(model)
-    optimizer = make_optimizer(model, cfg)
-    steps = steps_per_epoch(train, cfg.batch_size) // cfg.grad_accum
-    schedule = make_schedule(optimizer, steps * cfg.epochs, cfg.warmup)
-    history, start_epoch = [], 0
-    state_path = out / PROGRESS / STATE
-    if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
-        history, start_epoch = state["history"], state["epoch"]
-        log.info("resuming %s after epoch %d", out, start_epoch)
-    else:
-        torch.manual_seed(cfg.seed)  # dropout masks depend on the seed only
 
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        started, seen, step = time.perf_counter(), 0, 0
-        batches = train_batches(train, cfg.batch_size, cfg.seed, epoch, pad_id)
-        for i, batch in enumerate(batches):
-            if i >= steps * cfg.grad_accum:
-                break
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            last_micro = (i + 1) % cfg.grad_accum == 0
-            with (nullcontext() if last_micro or ddp is model else ddp.no_sync()), autocast(cfg):
-                loss = per_example_loss(ddp(**batch).float(), labels).mean() / cfg.grad_accum
-                scaler.scale(loss).backward()
-            seen += len(labels)
-            if last_micro:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-                step += 1
-                if on_step:
-                    on_step(step, steps, loss.item() * cfg.grad_accum)
-        metrics = evaluate(model, dev, task, cfg, pad_id)
-        elapsed = time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "dev": metrics, "seconds": round(elapsed, 2),
-                        "examples_per_second": round(seen * dist.world_size() / elapsed, 1)})
+class Learner(Protocol):
+    """What `fit` trains: single-task fine-tuning (`FineTuning`) or ticket sharing (`st.share`)."""
+
+    model: nn.Module
+
+    def batches(self, epoch: int) -> Iterable:
+        """The epoch's batches, in order (called as the epoch starts)."""
+
+    def step(self, batch) -> float | None:
+        """Forward, backward and, when due, an optimizer step: its loss, or None for a micro-batch
+        that only accumulated gradients."""
+
+    def evaluate(self) -> dict:
+        """The epoch's record after "epoch": its dev metrics and counters."""
+
+    def score(self, record: dict) -> float:
+        """What chooses the best epoch (higher is better)."""
+
+    def save(self, folder: Path) -> None:
+        """The model as a loadable folder (the best epoch's, into the run folder's progress)."""
+
+
+def fit(learner: Learner, run: RunFolder, optimizer, schedule, *, epochs: int, seed: int, steps: int,
+        device: str | torch.device = "cpu", on_step: OnStep | None = None, on_epoch: OnEpoch | None = None,
+        shown: Callable[[dict], dict] = lambda record: record["dev"]) -> dict:
+    """Train `learner` for `epochs` epochs, resuming from `run`'s progress; after every epoch evaluate,
+    keep the best epoch's folder and save the progress. Returns the best record; `run.best_dir` then
+    holds that epoch's model. `steps`: optimizer steps per epoch (for `on_step`); `shown(record)`:
+    the metrics `on_epoch` gets."""
+    history = run.load_progress(learner.model, optimizer, schedule, device)
+    if not history:
+        torch.manual_seed(seed)  # dropout masks depend on the seed only
+    for epoch in range(len(history), epochs):
+        learner.model.train()
+        done = 0
+        for batch in learner.batches(epoch):
+            loss = learner.step(batch)
+            if loss is None:
+                continue
+            schedule.step()
+            done += 1
+            if on_step:
+                on_step(done, steps, loss)
+        record = {"epoch": epoch + 1, **learner.evaluate()}
+        history.append(record)
         if on_epoch:
-            on_epoch(epoch + 1, metrics)
-        best = max(history, key=lambda h: h["dev"][task.main_metric])
+            on_epoch(epoch + 1, shown(record))
         if dist.is_main():
-            if best is history[-1]:  # keep the best epoch's weights for the final checkpoint
-                save_checkpoint(out / PROGRESS / "best", model, **(meta or {}))
-            write_torch(state_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
-                "history": history, "epoch": epoch + 1,
-            })
+            if max(history, key=learner.score) is record:
+                learner.save(run.best_dir)
+            run.save_progress(learner.model, optimizer, schedule, history)
         dist.barrier()
+    return {"best": max(history, key=learner.score), "history": history}
 
-    best = max(history, key=lambda h: h["dev"][task.main_metric])
-    result = {"task": task.name, "main_metric": task.main_metric, "best_epoch": best["epoch"],
-              "dev": best["dev"], "epochs": history}
+
+def load_best(model: nn.Module, run: RunFolder, device: str | torch.device = "cpu") -> None:
+    """The best epoch's weights, as rank 0 saved them before the last barrier; every rank reads them."""
+    tensors, _ = read_tensors(run.best_dir)
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+
+
+# ---- single-task fine-tuning ------------------------------------------------------------------------
+
+
+class FineTuning:
+    """One task's step (with gradient accumulation, DDP and a grad scaler) and evaluation, for `fit`."""
+
+    def __init__(self, model: BertClassifier, train: EncodedSet, dev: EncodedSet, task: Task, cfg: TrainConfig,
+                 optimizer, seed: int, pad_id: int, device: torch.device, meta: dict):
+        self.model, self.train, self.dev, self.task, self.cfg = model, train, dev, task, cfg
+        self.optimizer, self.seed, self.pad_id, self.device, self.meta = optimizer, seed, pad_id, device, meta
+        self.ddp = dist.wrap(model)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
+        self.steps = steps_per_epoch(train, cfg.batch_size) // cfg.grad_accum
+        self.micro, self.seen, self.started = 0, 0, 0.0
+
+    def batches(self, epoch: int):
+        self.micro, self.seen, self.started = 0, 0, time.perf_counter()
+        batches = train_batches(self.train, self.cfg.batch_size, self.seed, epoch, self.pad_id)
+        return (b for i, b in enumerate(batches) if i < self.steps * self.cfg.grad_accum)
+
+    def step(self, batch) -> float | None:
+        cfg = self.cfg
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        self.micro += 1
+        last_micro = self.micro % cfg.grad_accum == 0
+        with (nullcontext() if last_micro or self.ddp is self.model else self.ddp.no_sync()), autocast(cfg.precision, self.device):
+            loss = per_example_loss(self.ddp(**batch).float(), labels).mean() / cfg.grad_accum
+            self.scaler.scale(loss).backward()
+        self.seen += len(labels)
+        if not last_micro:
+            return None
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item() * cfg.grad_accum
+
+    def evaluate(self) -> dict:
+        metrics = evaluate(self.model, self.dev, self.task, self.pad_id, device=self.device, precision=self.cfg.precision)
+        elapsed = time.perf_counter() - self.started
+        return {"dev": metrics, "seconds": round(elapsed, 2),
+                "examples_per_second": round(self.seen * dist.world_size() / elapsed, 1)}
+
+    def score(self, record: dict) -> float:
+        return record["dev"][self.task.main_metric]
+
+    def save(self, folder: Path) -> None:
+        save_checkpoint(folder, self.model, **self.meta)
+
+
+def finetune(model: BertClassifier, train: EncodedSet, dev: EncodedSet, task: Task, cfg: TrainConfig, run: RunFolder,
+             pad_id: int, *, seed: int = 0, device: str = "cpu", on_step: OnStep | None = None,
+             on_epoch: OnEpoch | None = None, meta: dict | None = None, report: EncodedSet | None = None) -> dict:
+    """Fine-tune `model` on `train`, choosing the epoch by `task.main_metric` on `dev`, into `run`.
+
+    Resumes from the run's progress. Returns the metrics written to metrics.json; `meta` goes into
+    config.json beside the weights. A `report` set plays no part in the choice: it is evaluated once,
+    on the chosen epoch's weights, into "report".
+    """
+    device = torch.device(device)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    learner = FineTuning(model, train, dev, task, cfg, optimizer, seed, pad_id, device, meta or {})
+    schedule = make_schedule(optimizer, learner.steps * cfg.epochs, cfg.warmup)
+    fitted = fit(learner, run, optimizer, schedule, epochs=cfg.epochs, seed=seed, steps=learner.steps, device=device,
+                 on_step=on_step, on_epoch=on_epoch)
+    best = fitted["best"]
+    result = {"task": task.name, "main_metric": task.main_metric, "best_epoch": best["epoch"], "dev": best["dev"],
+              "epochs": fitted["history"]}
     if report is not None:
-        # The chosen epoch's weights, as rank 0 saved them before the last barrier; every rank reads them.
-        model.load_state_dict(load_file(out / PROGRESS / "best" / "model.safetensors", device=str(device)))
-        result.update(report=evaluate(model, report, task, cfg, pad_id), dev_examples=len(dev), report_examples=len(report))
+        load_best(model, run, device)
+        result.update(report=evaluate(model, report, task, pad_id, device=device, precision=cfg.precision),
+                      dev_examples=len(dev), report_examples=len(report))
     if dist.is_main():
-        for name in ("model.safetensors", "config.json"):
-            shutil.copyfile(out / PROGRESS / "best" / name, out / f".{name}.tmp")
-            (out / f".{name}.tmp").replace(out / name)
-        write_json(out / "metrics.json", result)
-        shutil.rmtree(out / PROGRESS)
+        run.commit(result)
     dist.barrier()
     return result
-
-
-def check_run_settings(out: Path, settings: dict) -> dict | None:
-    """Guard an output folder: returns finished metrics if the same run already finished, None to
-    start or resume; refuses a folder made with other settings, naming the first that differs."""
-    run_file = out / "run.json"
-    if run_file.exists():
-        previous, settings = _flatten(read_json(run_file)), _flatten(settings)
-        for key in sorted(set(previous) | set(settings)):
-            if previous.get(key) != settings.get(key):
-                raise UserError(
-                    f"{out} holds a run made with {key}={previous.get(key)!r}, not {settings.get(key)!r}; "
-                    f"use another --out, or delete {out} to start over"
-                )
-        if (out / "metrics.json").exists():
-            return read_json(out / "metrics.json")
-    elif dist.is_main():
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} is not empty and holds no st run; choose an empty or new --out folder")
-        write_json(run_file, settings)
-    dist.barrier()
-    return None
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}, so a refusal names the one setting that differs."""
-    flat = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from cli.main import cli
 from st.adapt import run_adapt
 from st.errors import UserError
-from st.pipeline import Job, run_finetune
-from st.train import TrainConfig
+from st.pipeline import run_finetune
+from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
 
 
 def test_adapt_from_pretrained_and_from_a_checkpoint(tiny_bert_dir, sentiment_dir, tmp_path):
-    base = Job(task="csv", model=str(tiny_bert_dir), data_dir=str(sentiment_dir), dropout=0.0, head_dropout=0.0,
-               train=TrainConfig(epochs=1, batch_size=8, lr=5e-3))
+    base = RunSpec(DataSpec("csv", str(sentiment_dir)), ModelSpec(str(tiny_bert_dir), dropout=0.0, head_dropout=0.0),
+                   TrainConfig(epochs=1, batch_size=8, lr=5e-3))
     source = run_finetune(replace(base, train=replace(base.train, epochs=4)), tmp_path / "source")
     assert source["dev"]["accuracy"] >= 0.8
     result = run_adapt(base, {"pretrained": str(tiny_bert_dir), "finetuned": str(tmp_path / "source")},
@@ -52,4 +52,4 @@ def test_adapt_bad_input(args, message, tiny_bert_dir, sentiment_dir, tmp_path, 
 
 def test_adapt_needs_a_source():
     with pytest.raises(UserError, match="--from"):
-        run_adapt(Job(task="csv"), {}, out="unused")
+        run_adapt(RunSpec(DataSpec("csv")), {}, out="unused")

@@ -65,16 +65,16 @@ def test_paper_pipeline_through_the_cli(finetuned, tiny_bert_dir, sentiment_dir,
 
 def test_rewinding_resets_kept_weights_to_pretrained(finetuned, tiny_bert_dir, sentiment_dir, tmp_path):
     """The rewound subnetwork starts from pre-trained values, not the fine-tuned ones."""
-    from st.pipeline import Job, build_model, build_task
+    from st.pipeline import build_model, build_task
+    from st.specs import run_spec
 
     ticket = Ticket.full(load_pretrained(tiny_bert_dir).config)
-    ticket.save(tmp_path / "t.json")
-    job = Job(task="csv", model=str(tiny_bert_dir), data_dir=str(sentiment_dir), ticket=str(tmp_path / "t.json"))
-    rewound = build_model(job, build_task(job))
+    job = run_spec("csv", model=str(tiny_bert_dir), data_dir=str(sentiment_dir), ticket=ticket)
+    rewound = build_model(job, build_task(job.data))
     pretrained = load_pretrained(tiny_bert_dir)
     for name, tensor in pretrained.state_dict().items():
         assert torch.equal(rewound.encoder.state_dict()[name], tensor), name
-    again = build_model(job, build_task(job))  # the task head is re-initialised with the same seed
+    again = build_model(job, build_task(job.data))  # the task head is re-initialised with the same seed
     assert torch.equal(again.classifier.out.weight, rewound.classifier.out.weight)
 
 

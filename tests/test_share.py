@@ -18,11 +18,14 @@ from cli.main import cli
 from st.errors import UserError
 from st.importance import Scores
 from st.models.bert import Bert, BertConfig
-from st.pipeline import Job, build_task, build_tokenizer, load_split
-from st.share import (GLUE_TASKS, TicketSharer, epoch_plan, load_task_model, parse_tasks, resolve_tickets,
-                      run_share)
-from st.tickets import Ticket
-from st.train import TrainConfig, evaluate
+from cli.params import TaskNames, for_tasks, ratios_for_tasks
+from st.multitask import load_task_model
+from st.pipeline import build_task, build_tokenizer, load_split
+from st.share import TicketSharer, epoch_plan, run_share
+from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
+from st.tasks.glue import GLUE_TASKS
+from st.tickets import Ticket, tickets_for_tasks
+from st.train import evaluate
 from tests.conftest import WORDS
 
 @pytest.fixture(autouse=True, scope="module")
@@ -177,6 +180,15 @@ def test_tasks_are_sampled_by_size_and_every_batch_is_used_once():
 # ---- inputs ---------------------------------------------------------------------------------------
 
 
+def parse_tasks(text: str) -> list[str]:
+    return TaskNames().convert(text, None, None)
+
+
+def resolve_tickets(names, values, config, ratios=None) -> dict:
+    """`st share --tickets ... [--ratios ...]`: the CLI's parsing, then the library's loading."""
+    return tickets_for_tasks(for_tasks(names, values, "--tickets"), config, ratios and ratios_for_tasks(names, ratios))
+
+
 def test_task_lists():
     assert parse_tasks("glue") == list(GLUE_TASKS) == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
     assert parse_tasks("rte, mrpc") == ["rte", "mrpc"]
@@ -195,8 +207,7 @@ def test_ticket_sources(tmp_path):
     assert resolve_tickets(["a", "b"], [str(a), str(b)], CONFIG) == {"a": A, "b": B}  # by position
     with pytest.raises(UserError, match="made for task b, not a"):
         resolve_tickets(["a", "b"], [str(b), str(a)], CONFIG)
-    with pytest.raises(UserError, match="task b has no ticket"):
-        resolve_tickets(["a", "b"], [f"a={a}"], CONFIG)
+    assert resolve_tickets(["a", "b"], [f"a={a}"], CONFIG) == {"a": A}  # run_share refuses the task without one
     with pytest.raises(UserError, match="two --tickets values"):
         resolve_tickets(["a", "b"], [f"a={a}", f"a={a}", f"b={b}"], CONFIG)
     with pytest.raises(UserError, match="not in --tasks"):
@@ -243,10 +254,13 @@ TB = Ticket(((0, 1, 1, 0), (1, 0, 0, 0)), (1, 0), 0.4, "winning")
 
 def test_two_task_run_end_to_end(tiny_bert_dir, sentiment_dir, tmp_path):
     topic_dir = write_topic_jsonl(tmp_path / "topic")
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=5e-3, seed=0)
-    jobs = [Job(task=task, model=str(tiny_bert_dir), data_dir=str(d), dropout=0.0, head_dropout=0.0, train=cfg)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=5e-3)
+    jobs = [RunSpec(DataSpec(task, str(d)), ModelSpec(str(tiny_bert_dir), dropout=0.0, head_dropout=0.0), cfg)
             for task, d in (("csv", sentiment_dir), ("jsonl", topic_dir))]
     out = tmp_path / "mtl"
+    with pytest.raises(UserError, match="task jsonl has no ticket; pass --tickets jsonl=PATH"):
+        run_share(jobs, {"csv": TA}, out)
+    assert not out.exists()
     result = run_share(jobs, {"csv": TA, "jsonl": TB}, out)
 
     assert set(result["dev"]) == {"csv", "jsonl"} and set(result["dev"]["csv"]) == {"accuracy", "f1"}
@@ -262,11 +276,11 @@ def test_two_task_run_end_to_end(tiny_bert_dir, sentiment_dir, tmp_path):
 
     # one task out of the multi-task folder: its ticket kept, the reported metrics reproduced
     job = jobs[0]
-    task, tokenizer = build_task(job), build_tokenizer(job)
+    task, tokenizer = build_task(job.data), build_tokenizer(job)
     model = load_task_model(out, "csv")
     assert model.encoder.config.kept_heads == ((0, 1), (0, 2)) and model.encoder.config.ffn_sizes == (32, 0)
     _, dev = load_split(task, tokenizer, "dev")
-    assert evaluate(model, dev, task, cfg, tokenizer.pad_id) == result["dev"]["csv"]
+    assert evaluate(model, dev, task, tokenizer.pad_id) == result["dev"]["csv"]
     with pytest.raises(UserError, match="not in this multi-task model"):
         load_task_model(out, "sst2")
     assert run_share(jobs, {"csv": TA, "jsonl": TB}, out) == json.loads((out / "metrics.json").read_text())  # finished: kept
@@ -275,7 +289,7 @@ def test_two_task_run_end_to_end(tiny_bert_dir, sentiment_dir, tmp_path):
     from st.models import load_checkpoint
     from st.pipeline import run_finetune
 
-    tuned = run_finetune(replace(job, init=str(out), train=replace(cfg, epochs=1)), tmp_path / "after_mtl")
+    tuned = run_finetune(replace(job, model=replace(job.model, init=str(out)), train=replace(cfg, epochs=1)), tmp_path / "after_mtl")
     after, _ = load_checkpoint(tmp_path / "after_mtl")
     assert after.encoder.config.kept_heads == ((0, 1), (0, 2)) and after.encoder.config.ffn_sizes == (32, 0)
     assert tuned["dev"]["accuracy"] >= 0.7

@@ -19,11 +19,12 @@ import st.pipeline as pipeline
 import st.sweep as sweep
 from cli.main import cli
 from st.errors import UserError
-from st.pipeline import Job, dev_parts
+from st.pipeline import dev_parts
 from st.report import render
-from st.sweep import SweepConfig, run_sweep, select_super_ticket
+from st.select import select_super_ticket
+from st.sweep import SweepConfig, run_sweep
 from st.tickets import Ticket
-from st.train import TrainConfig
+from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,9 +37,9 @@ def one_thread():
 
 
 def config(model, data, *, seeds=2, ratios=(0.2, 0.5), kinds=("winning", "random", "losing"), epochs=2) -> SweepConfig:
-    train = TrainConfig(epochs=epochs, batch_size=8, lr=5e-3)
-    job = Job(task="csv", model=str(model), data_dir=str(data), dropout=0.0, head_dropout=0.0, train=train)
-    return SweepConfig(job, ratios=ratios, kinds=kinds, seeds=seeds)
+    spec = RunSpec(DataSpec("csv", str(data)), ModelSpec(str(model), dropout=0.0, head_dropout=0.0),
+                   TrainConfig(epochs=epochs, batch_size=8, lr=5e-3))
+    return SweepConfig(spec, ratios=ratios, kinds=kinds, seeds=seeds)
 
 
 def st(*args, ok: bool = True) -> str:
@@ -61,7 +62,7 @@ def swept(tiny_bert_dir, sentiment_dir, tmp_path_factory):
     real_run = sweep.run_finetune
 
     def crash_one(job, folder, **kw):
-        if job.train.seed == 0 and "random-r0.20" in str(folder):
+        if job.seed == 0 and "random-r0.20" in str(folder):
             raise RuntimeError("boom")
         return real_run(job, folder, **kw)
 
@@ -80,7 +81,7 @@ def swept(tiny_bert_dir, sentiment_dir, tmp_path_factory):
     stamps = {r["run"]: (out / r["run"] / "model.safetensors").stat().st_mtime_ns for r in partial["runs"] if not r["error"]}
 
     trained, real_finetune = [], pipeline.finetune
-    patch.setattr(pipeline, "finetune", lambda *a, **k: trained.append(Path(a[5])) or real_finetune(*a, **k))
+    patch.setattr(pipeline, "finetune", lambda *a, **k: trained.append(a[5].path) or real_finetune(*a, **k))
     resumed = []
     doc = run_sweep(cfg, out, on_result=resumed.append)
     patch.undo()
@@ -196,27 +197,6 @@ def test_report_labels_never_change_the_choice(tiny_bert_dir, sentiment_dir, tmp
         assert b["report"]["accuracy"] == pytest.approx(1 - a["report"]["accuracy"])
     chosen = [select_super_ticket(doc) for doc in docs]
     assert (chosen[0].kind, chosen[0].ratio) == (chosen[1].kind, chosen[1].ratio)
-
-
-def _doc(table: dict, seeds=(0, 1, 2)) -> dict:
-    """A results.json with, per (kind, ratio), (selection, report) accuracies plus a little per-seed noise."""
-    runs = [{"seed": s, "kind": kind, "ratio": ratio, "percent_remaining": {"model": 100 - 50 * ratio, "encoder": 0},
-             "selection": {"accuracy": sel + 0.01 * s}, "report": {"accuracy": rep + 0.01 * s * s * (1 + 3 * ratio)}, "error": None}
-            for (kind, ratio), (sel, rep) in table.items() for s in seeds]
-    return {"task": "t", "main_metric": "accuracy", "settings": {}, "runs": runs}
-
-
-def test_choice_uses_selection_scores_and_tests_the_report_gain():
-    doc = _doc({("full", 0.0): (0.80, 0.90), ("winning", 0.2): (0.85, 0.70), ("winning", 0.5): (0.70, 0.99),
-                ("random", 0.2): (0.95, 0.99)})  # random tickets are never candidates
-    chosen = select_super_ticket(doc)
-    assert (chosen.kind, chosen.ratio) == ("winning", 0.2)
-    assert chosen.gain == pytest.approx(-0.20 + 0.006 * 5 / 3) and chosen.p_value is not None and chosen.p_value < 0.01
-    assert "paired t-test over 3 seeds" in chosen.test_note
-    tie = select_super_ticket(_doc({("full", 0.0): (0.8, 0.8), ("winning", 0.2): (0.8, 0.9)}))
-    assert tie.kind == "full" and tie.gain is None  # a ticket must do strictly better
-    one_seed = select_super_ticket(_doc({("full", 0.0): (0.8, 0.8), ("winning", 0.2): (0.9, 0.9)}, seeds=(0,)))
-    assert one_seed.p_value is None and "at least 2 seeds" in one_seed.test_note
 
 
 # ---- failures and bad input ---------------------------------------------------------------------

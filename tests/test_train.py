@@ -12,13 +12,15 @@ import torch.multiprocessing as mp
 
 from st.errors import UserError
 from st.models import load_checkpoint
-from st.pipeline import Job, build_task, build_tokenizer, load_split, run_finetune
-from st.train import PROGRESS, TrainConfig, evaluate
+from st.pipeline import build_task, build_tokenizer, load_split, run_finetune
+from st.runs import PROGRESS, RunFolder
+from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
+from st.train import evaluate
 
 
-def make_job(model_dir, data_dir, **train) -> Job:
-    cfg = TrainConfig(**{"epochs": 3, "batch_size": 8, "lr": 5e-3, "seed": 0, **train})
-    return Job(task="csv", model=str(model_dir), data_dir=str(data_dir), dropout=0.0, head_dropout=0.0, train=cfg)
+def make_job(model_dir, data_dir, seed: int = 0, **train) -> RunSpec:
+    cfg = TrainConfig(**{"epochs": 3, "batch_size": 8, "lr": 5e-3, **train})
+    return RunSpec(DataSpec("csv", str(data_dir)), ModelSpec(str(model_dir), dropout=0.0, head_dropout=0.0), cfg, seed)
 
 
 def test_finetune_learns_and_writes_outputs(tiny_bert_dir, sentiment_dir, tmp_path):
@@ -34,16 +36,16 @@ def test_finetune_learns_and_writes_outputs(tiny_bert_dir, sentiment_dir, tmp_pa
     assert cfg["task"] == "csv" and cfg["labels"] == ["neg", "pos"] and cfg["job"]["train"]["lr"] == 5e-3
     # the saved weights are the selected epoch's: evaluating them reproduces the reported metrics
     job = make_job(tiny_bert_dir, sentiment_dir)
-    task, tokenizer = build_task(job), build_tokenizer(job)
+    task, tokenizer = build_task(job.data), build_tokenizer(job)
     _, dev = load_split(task, tokenizer, "dev")
-    assert evaluate(model, dev, task, job.train, tokenizer.pad_id) == result["dev"]
+    assert evaluate(model, dev, task, tokenizer.pad_id) == result["dev"]
 
 
 def test_same_seed_same_metrics_other_seed_differs(tiny_bert_dir, sentiment_dir, tmp_path):
     job = make_job(tiny_bert_dir, sentiment_dir, epochs=1, lr=5e-4)
     a = run_finetune(job, tmp_path / "a")
     b = run_finetune(job, tmp_path / "b")
-    run_finetune(replace(job, train=replace(job.train, seed=1)), tmp_path / "c")
+    run_finetune(replace(job, seed=1), tmp_path / "c")
     assert a["epochs"][0]["dev"] == b["epochs"][0]["dev"]
     wa, _ = load_checkpoint(tmp_path / "a")
     wb, _ = load_checkpoint(tmp_path / "b")
@@ -98,8 +100,8 @@ def test_ticket_finetune_trains_a_physically_pruned_model(tiny_bert_dir, sentime
     torch.manual_seed(0)
     scores = Scores(torch.rand(L, H).tolist(), torch.rand(L).tolist(), num_examples=1)
     ticket = make_ticket(scores, 0.5, "winning", config=config)
-    ticket.save(tmp_path / "ticket.json")
-    job = replace(make_job(tiny_bert_dir, sentiment_dir, epochs=1), ticket=str(tmp_path / "ticket.json"))
+    job = make_job(tiny_bert_dir, sentiment_dir, epochs=1)
+    job = replace(job, model=replace(job.model, ticket=ticket))
     run_finetune(job, tmp_path / "run")
     model, _ = load_checkpoint(tmp_path / "run")
     kept = [len(h) for h in model.encoder.config.kept_heads]
@@ -124,10 +126,11 @@ def _ddp_worker(rank, world, port, job, out, result_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     with dist.session():
-        task, tokenizer = build_task(job), build_tokenizer(job)
+        task, tokenizer = build_task(job.data), build_tokenizer(job)
         model = build_model(job, task)
         _, dev = load_split(task, tokenizer, "dev")
-        result = finetune(model, load_train(job, task, tokenizer), dev, task, job.train, out, tokenizer.pad_id)
+        result = finetune(model, load_train(job, task, tokenizer), dev, task, job.train, RunFolder(out), tokenizer.pad_id,
+                          seed=job.seed)
         torch.save({"result": result, "weights": model.state_dict()}, result_dir / f"rank{rank}.pt")
 
 
@@ -142,9 +145,9 @@ def test_two_process_ddp_matches_one_process(tiny_bert_dir, sentiment_dir, tmp_p
     assert dev_per_epoch[0] == dev_per_epoch[1]  # every rank sees the same gathered metrics
     # the gathered DDP metrics equal one process evaluating the saved model on all of dev
     model, _ = load_checkpoint(tmp_path / "ddp")
-    task, tokenizer = build_task(job), build_tokenizer(job)
+    task, tokenizer = build_task(job.data), build_tokenizer(job)
     _, dev = load_split(task, tokenizer, "dev")
-    assert evaluate(model, dev, task, job.train, tokenizer.pad_id) == results[0]["dev"]
+    assert evaluate(model, dev, task, tokenizer.pad_id) == results[0]["dev"]
     # one process on the same data makes the same updates, up to float summation order. Compare
     # the functions, not the weights: the key bias gets a mathematically zero gradient (softmax
     # ignores it), and Adamax turns that gradient's rounding noise into full-size steps.

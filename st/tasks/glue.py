@@ -81,6 +81,9 @@ SPECS = (
          header=("premise", "hypothesis", "label"), headerless=("train", "dev", "test"), subdirs=("tsv_format", "")),
 )
 
+# The nine GLUE tasks in the benchmark's order: what `st share --tasks glue` expands to.
+GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+
 
 class GlueTask:
     """One task of the table: loads its splits as `Example`s, scores predictions, writes GLUE submissions."""

@@ -1,0 +1,68 @@
+"""Run specs: options in, defaults filled, presets merged in the library; a run's identity is its
+content (a ticket's masks, not the path of its file)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from st.errors import UserError
+from st.pipeline import resolve_lr, run_finetune, spec_from_settings
+from st.specs import DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig, run_spec
+from st.sweep import QUICK, plan
+from st.tickets import Ticket
+
+
+def test_options_left_out_take_the_defaults():
+    spec = run_spec("csv", epochs=2, text_columns="a,b", regression=True, seed=None)
+    assert spec == RunSpec(DataSpec("csv", task_options=(("text_columns", "a,b"), ("regression", True))),
+                           ModelSpec(), TrainConfig(epochs=2))
+    assert spec.train.lr is None and spec.model.name == "minilm-l6" and spec.seed == 0
+    with pytest.raises(UserError, match=r"--train-fraction must be in \(0, 1\]"):
+        run_spec("csv", train_fraction=1.5)
+
+
+def test_settings_keep_run_json_layout_and_read_back():
+    spec = RunSpec(DataSpec("csv", "data", (("label_column", "y"),), 10, None, 64), ModelSpec("m", 0.0, 0.05),
+                   TrainConfig(epochs=1, lr=1e-3, precision="bf16"), seed=4, held_out=HeldOut(0.5, 200))
+    settings = spec.settings()
+    assert list(settings) == ["task", "model", "data_dir", "task_options", "train_size", "train_fraction", "max_length",
+                              "dropout", "head_dropout", "ticket", "init", "train", "dev_size", "select_fraction"]
+    assert settings["train"] == {"epochs": 1, "batch_size": 32, "lr": 1e-3, "warmup": 0.1, "weight_decay": 0.0, "clip": 1.0,
+                                 "grad_accum": 1, "seed": 4, "precision": "bf16"}
+    assert spec_from_settings(json.loads(json.dumps(settings))) == spec
+    # a run.json written before specs (it also held the device) still reads back
+    old = {**settings, "train": {**settings["train"], "device": "cuda:1", "eval_batch_size": 128}, "ticket": "/old/ticket.json"}
+    assert spec_from_settings(old) == spec
+
+
+def test_the_learning_rate_follows_the_encoder_size(tiny_bert_dir):
+    spec = run_spec("csv", model=str(tiny_bert_dir))
+    assert resolve_lr(spec).train.lr == 2e-4  # hidden 16 < 768
+    assert resolve_lr(replace(spec, train=TrainConfig(lr=1e-3))).train.lr == 1e-3  # a given lr wins
+
+
+def test_sweep_presets_merge_in_the_library(tiny_bert_dir):
+    cfg, jobs = plan(quick=True)
+    assert (cfg.spec.data.task, cfg.spec.data.train_size, cfg.spec.train.batch_size) == ("rotten_tomatoes", 192, 12)
+    assert (cfg.ratios, cfg.seeds, cfg.held_out.dev_size, cfg.spec.train.lr) == (QUICK.ratios, 1, 200, QUICK.lr)
+    cfg, _ = plan(quick=True, epochs=1, seeds=2, ratios=[0.5], jobs=1, model=str(tiny_bert_dir))  # given options win
+    assert (cfg.spec.train.epochs, cfg.seeds, cfg.ratios, cfg.spec.model.name) == (1, 2, (0.5,), str(tiny_bert_dir))
+    cfg, jobs = plan(task="csv", model=str(tiny_bert_dir))  # a task of one's own: no preset
+    assert (cfg.spec.data.train_size, cfg.seeds, cfg.held_out, jobs, cfg.spec.train.lr) == (None, 3, HeldOut(), 1, 2e-4)
+
+
+def test_a_run_is_its_ticket_not_the_ticket_file(tiny_bert_dir, sentiment_dir, tmp_path):
+    keep_first = Ticket(((0, 1, 1, 1), (1, 1, 1, 1)), (1, 1), 0.1, "winning")
+    keep_last = Ticket(((1, 1, 1, 1), (1, 1, 1, 0)), (1, 1), 0.1, "winning")
+    spec = run_spec("csv", model=str(tiny_bert_dir), data_dir=str(sentiment_dir), epochs=1, batch_size=16, lr=5e-3,
+                    ticket=keep_first)
+    first = run_finetune(spec, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["ticket"]["head_mask"] == [list(r) for r in keep_first.head_mask]
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # a moved folder is the same run: finished
+    assert run_finetune(spec, tmp_path / "moved") == first
+    with pytest.raises(UserError, match=r"ticket.head_mask=\[\[0, 1, 1, 1\], \[1, 1, 1, 1\]\], not \[\[1, 1, 1, 1\], \[1, 1, 1, 0\]\]"):
+        run_finetune(replace(spec, model=replace(spec.model, ticket=keep_last)), tmp_path / "moved")
