@@ -58,26 +58,26 @@ def task_options(required: bool = True):
         click.option("--label-column", default=None, help="csv/jsonl tasks: label column."),
         click.option("--labels", default=None, help="csv/jsonl tasks: comma-separated label set (default: from train)."),
         click.option("--regression", is_flag=True, default=None, help="csv/jsonl tasks: a real-valued label."),
-        click.option("--max-length", type=click.IntRange(8, 512), show_default="128", help="Tokens per example."),
+        click.option("--max-length", type=click.IntRange(8, 512), help="Tokens per example. Default: 128."),
     )
 
 
 train_options = _options(
-    click.option("--model", show_default="minilm-l6", help="Folder, alias (minilm-l6) or cached hub id."),
-    click.option("--epochs", type=click.IntRange(1), show_default="3"),
-    click.option("--batch-size", type=click.IntRange(1), show_default="32"),
+    click.option("--model", help="Folder, alias (minilm-l6) or cached hub id. Default: minilm-l6."),
+    click.option("--epochs", type=click.IntRange(1), help="Default: 3."),
+    click.option("--batch-size", type=click.IntRange(1), help="Default: 32."),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True),
                  help="Default: the paper's 5e-5 for BERT-base and larger, 2e-4 for smaller encoders (hidden < 768)."),
-    click.option("--warmup", type=click.FloatRange(0, 1), show_default="0.1", help="Fraction of steps with linear warm-up."),
-    click.option("--weight-decay", type=click.FloatRange(0), show_default="0.0"),
-    click.option("--clip", type=click.FloatRange(min=0, min_open=True), show_default="1.0", help="Gradient-norm clipping."),
-    click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), show_default="0.1"),
+    click.option("--warmup", type=click.FloatRange(0, 1), help="Fraction of steps with linear warm-up. Default: 0.1."),
+    click.option("--weight-decay", type=click.FloatRange(0), help="Default: 0.0."),
+    click.option("--clip", type=click.FloatRange(min=0, min_open=True), help="Gradient-norm clipping. Default: 1.0."),
+    click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Default: 0.1."),
     click.option("--head-dropout", type=click.FloatRange(0, 1, max_open=True), help="Default: the task's (MNLI 0.2, CoLA 0.05, else 0.1)."),
-    click.option("--grad-accum", type=click.IntRange(1), show_default="1", help="Gradient accumulation steps."),
-    click.option("--seed", type=int, show_default="0"),
+    click.option("--grad-accum", type=click.IntRange(1), help="Gradient accumulation steps. Default: 1."),
+    click.option("--seed", type=int, help="Default: 0."),
     click.option("--train-size", type=click.IntRange(1), help="Use N training examples, sampled with the seed."),
     click.option("--train-fraction", type=float, help="Use this fraction (0, 1] of the training set."),
-    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), show_default="fp32", help="Autocast on CUDA."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast on CUDA. Default: fp32."),
 )
 device_option = click.option("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun, this rank's GPU).")
 precision_option = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Autocast on CUDA.")
@@ -206,7 +206,7 @@ def export_command(checkpoint, ticket, out, hf_out):
               "A ticket.json / super_ticket.json, or an `st sweep` folder (with --ratios: scores.json, or a folder holding it).")
 @click.option("--ratios", type=NUMBERS, default=None, help="Comma-separated: make winning tickets at these ratios (one for all, or one per task) from the --tickets scores.")
 @click.option("--no-tickets", is_flag=True, help="Plain MT-DNN: every task uses and updates every weight.")
-@click.option("--max-length", type=click.IntRange(8, 512), show_default="128", help="Tokens per example.")
+@click.option("--max-length", type=click.IntRange(8, 512), help="Tokens per example. Default: 128.")
 @train_options
 @device_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumes if interrupted).")
@@ -256,9 +256,9 @@ def _log_level(level):
 @device_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder; the same command again resumes it.")
 @click.option("--ratios", type=NUMBERS, help="Comma-separated pruning ratios in [0, 1)  [default: 0.1,0.2,...,0.8]")
-@click.option("--kinds", type=NAMES, show_default="winning,random,losing", help="Comma-separated ticket kinds.")
+@click.option("--kinds", type=NAMES, help="Comma-separated ticket kinds. Default: winning,random,losing.")
 @click.option("--seeds", type=int, help="How many seeds: --seed, --seed+1, ...  [default: 3]")
-@click.option("--select-fraction", type=float, show_default="0.5", help="Part of the dev sample that chooses epochs and the ticket; the rest only reports.")
+@click.option("--select-fraction", type=float, help="Part of the dev sample that chooses epochs and the ticket; the rest only reports. Default: 0.5.")
 @click.option("--dev-size", type=click.IntRange(1), help="A seeded sample of N dev examples (default: all; the main job: 400).")
 @click.option("--score-examples", type=click.IntRange(1), help="Importance over a seeded sample of N training examples (default: all).")
 @click.option("--jobs", type=int, help="Runs at once: processes on CPU, at most one per GPU (default 1; the main job: 2).")

@@ -121,3 +121,19 @@ def test_ticket_for_another_model_is_refused(finetuned, tiny_bert_dir, sentiment
     assert "wrong.json" in out and "3×4" in out
     out = st("export", "--checkpoint", finetuned, "--ticket", tmp_path / "wrong.json", "--out", tmp_path / "e", ok=False)
     assert "3×4" in out
+
+
+def test_help_shows_the_library_defaults():
+    """Options left out are None and the library fills in its defaults: the help must say the same ones."""
+    import re
+
+    from cli.main import finetune_command
+    from st.specs import run_spec
+
+    spec = run_spec("csv")
+    where = {**vars(spec.train), **vars(spec.data), "dropout": spec.model.dropout, "model": spec.model.name, "seed": spec.seed}
+    shown = {p.name: re.search(r"Default: ([\w.-]+)\.$", p.help or "") for p in finetune_command.params}
+    checked = {name: m.group(1) for name, m in shown.items() if m}
+    assert len(checked) >= 11
+    for name, text in checked.items():
+        assert text == str(where[name]), name
