@@ -58,7 +58,7 @@ def task_options(required: bool = True):
         click.option("--label-column", default=None, help="csv/jsonl tasks: label column."),
         click.option("--labels", default=None, help="csv/jsonl tasks: comma-separated label set (default: from train)."),
         click.option("--regression", is_flag=True, default=None, help="csv/jsonl tasks: a real-valued label."),
-        click.option("--max-length", type=click.IntRange(8, 512), help="Tokens per example. Default: 128."),
+        click.option("--max-length", type=click.IntRange(8, 512), help="Tokens per example. Default: 128, or the model's positions where fewer."),
     )
 
 
@@ -206,7 +206,7 @@ def export_command(checkpoint, ticket, out, hf_out):
               "A ticket.json / super_ticket.json, or an `st sweep` folder (with --ratios: scores.json, or a folder holding it).")
 @click.option("--ratios", type=NUMBERS, default=None, help="Comma-separated: make winning tickets at these ratios (one for all, or one per task) from the --tickets scores.")
 @click.option("--no-tickets", is_flag=True, help="Plain MT-DNN: every task uses and updates every weight.")
-@click.option("--max-length", type=click.IntRange(8, 512), help="Tokens per example. Default: 128.")
+@click.option("--max-length", type=click.IntRange(8, 512), help="Tokens per example. Default: 128, or the model's positions where fewer.")
 @train_options
 @device_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumes if interrupted).")

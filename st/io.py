@@ -1,17 +1,22 @@
-"""Atomic file writes: a finished result is never replaced by a partial one.
+"""Atomic file writes: a finished result is never replaced by a partial one, nor by accident.
 
 Every writer goes to a temporary file in the same folder, flushes it to disk and renames it over
-the target; a crash or a full disk leaves the old file (or none) and no truncated one.
+the target; a crash or a full disk leaves the old file (or none) and no truncated one or temporary.
+Commands check their output paths first (`check_output`): an existing file is never replaced
+unless the user says --overwrite, and then only a previous output of the same kind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+from st.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -63,3 +68,67 @@ def write_torch(path: str | Path, obj) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def copy_file(source: str | Path, target: str | Path) -> None:
+    """Copy atomically: a full disk leaves the old target (or none), never a truncated one."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+# ---- output paths ----------------------------------------------------------------------------------
+
+
+def is_json_with(*keys: str) -> Callable[[Path], bool]:
+    """A recogniser of our JSON outputs by their keys (scores have "head_raw", tickets "head_mask")."""
+    def recognise(path: Path) -> bool:
+        try:
+            data = read_json(path)
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and all(k in data for k in keys)
+    return recognise
+
+
+def is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def starts_with(header: str) -> Callable[[Path], bool]:
+    """A recogniser of text outputs by their first line (predictions start "index<TAB>prediction")."""
+    def recognise(path: Path) -> bool:
+        with open(path, "rb") as f:
+            return f.readline().decode("utf-8", "replace").rstrip("\r\n") == header
+    return recognise
+
+
+def check_output(path: str | Path, what: str, suffixes: tuple[str, ...], same_kind: Callable[[Path], bool],
+                 overwrite: bool = False) -> Path:
+    """Refuse an output path before any work is done: a suffix that does not fit what is written, a
+    folder, an existing file (unless `overwrite` and it is a previous output of the same kind), or a
+    folder that cannot be written to. Returns the path."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{path} does not end in {' or '.join(suffixes)}, but it would hold {what}; name it e.g. "
+                        f"{path.with_suffix(suffixes[0]).name}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file path for {what}")
+    if path.exists():
+        if not overwrite:
+            raise UserError(f"{path} already exists; choose another path, or pass --overwrite to replace it")
+        if not same_kind(path):
+            raise UserError(f"{path} exists and is not {what}; --overwrite only replaces a previous output of the same kind")
+    check_writable(path.parent)
+    return path
+
+
+def check_writable(folder: str | Path) -> None:
+    """Fail in one line, before any compute, when `folder` cannot be created or written to."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror}); choose another output folder or fix its permissions") from None

@@ -22,7 +22,7 @@ from st.models.weights import read_config
 from st.multitask import is_multitask_dir, load_task_model
 from st.prune import export, export_hf, prune_classifier
 from st.runs import RunFolder
-from st.specs import DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig
+from st.specs import DEFAULT_MAX_LENGTH, DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig
 from st.tasks import Example, Task, get_task
 from st.tasks.sampling import check_nonempty, subsample
 from st.tickets import Ticket, make_ticket, tickets_for_tasks
@@ -32,20 +32,23 @@ from st.train import OnEpoch, OnStep, finetune
 log = logging.getLogger("st")
 
 
-def default_lr(model: str) -> float:
+def default_lr(hidden_size: int) -> float:
     """The paper's 5e-5 was tuned for BERT-base and -large. Small encoders need a larger rate to
     move in the same few hundred steps: measured on rotten_tomatoes with all-MiniLM-L6-v2
     (hidden 384), 1,000 examples × 2 epochs reach dev accuracy 0.51 at 5e-5 and 0.76 at 2e-4."""
-    config = read_config(resolve_model_dir(model))
-    hidden = config["encoder"]["hidden_size"] if "encoder" in config else config.get("hidden_size", 768)
-    return 5e-5 if hidden >= 768 else 2e-4
+    return 5e-5 if hidden_size >= 768 else 2e-4
 
 
-def resolve_lr(spec: RunSpec) -> RunSpec:
-    """`spec` with its learning rate chosen by the encoder's size when it was left as None."""
-    if spec.train.lr is not None:
+def resolve_defaults(spec: RunSpec) -> RunSpec:
+    """`spec` with the defaults that depend on the model filled in and recorded: the learning rate by
+    the encoder's size, and --max-length 128, or the model's positions where it has fewer."""
+    if spec.train.lr is not None and spec.data.max_length is not None:
         return spec
-    return replace(spec, train=replace(spec.train, lr=default_lr(spec.model.init or spec.model.name)))
+    config = read_config(resolve_model_dir(spec.model.init or spec.model.name))
+    shape = config.get("encoder", config)  # our checkpoints nest the encoder's config
+    lr = spec.train.lr or default_lr(shape.get("hidden_size", 768))
+    max_length = spec.data.max_length or min(DEFAULT_MAX_LENGTH, shape.get("max_position_embeddings", DEFAULT_MAX_LENGTH))
+    return replace(spec, train=replace(spec.train, lr=lr), data=replace(spec.data, max_length=max_length))
 
 
 def build_task(data: DataSpec) -> Task:
@@ -57,7 +60,7 @@ def model_dir(spec: RunSpec) -> Path:
 
 
 def build_tokenizer(spec: RunSpec) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir(spec), max_length=spec.data.max_length)
+    return Tokenizer.from_dir(model_dir(spec), max_length=resolve_defaults(spec).data.max_length)
 
 
 def pretrained_encoder(model: ModelSpec) -> tuple[Bert, dict | None]:
@@ -67,6 +70,13 @@ def pretrained_encoder(model: ModelSpec) -> tuple[Bert, dict | None]:
     encoder = Bert(replace(config, hidden_dropout=model.dropout, attention_dropout=model.dropout))
     encoder.load_state_dict(encoder_state)
     return encoder, pooler_state
+
+
+def check_length(max_length: int, positions: int, where: Path) -> None:
+    """Refuse up front a --max-length the model has no position embeddings for (it would fail mid-run)."""
+    if max_length > positions:
+        raise UserError(f"--max-length {max_length} is more than the {positions} positions of the model in {where}; "
+                        f"pass --max-length {positions} or less")
 
 
 def head_dropout(model: ModelSpec, task: Task) -> float:
@@ -110,18 +120,20 @@ def load_train(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> EncodedSet:
 def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step: OnStep | None = None,
                  on_epoch: OnEpoch | None = None) -> dict:
     """Fine-tune `spec` into `out`; a finished run is returned as it is, an interrupted one resumed."""
-    spec = resolve_lr(spec)
+    spec = resolve_defaults(spec)
     run = RunFolder(out)
-    finished = run.claim(spec.settings())
+    finished = run.check(spec.settings())
     if finished is not None:
         return finished
     task = build_task(spec.data)
     tokenizer = build_tokenizer(spec)
     model = build_model(spec, task)
     check_vocab(tokenizer, model.encoder.config.vocab_size, model_dir(spec))
+    check_length(spec.data.max_length, model.encoder.config.max_position_embeddings, model_dir(spec))
     train = load_train(spec, task, tokenizer)
     _, dev = load_split(task, tokenizer, task.dev_splits[0])
     select, report = split_dev(dev, spec)
+    run.claim(spec.settings())  # every input checked: only now does the folder become this run's
     if dist.is_main():
         copy_tokenizer(model_dir(spec), out)
     meta = {"task": task.name, "labels": list(task.labels), "job": spec.settings()}
@@ -173,7 +185,7 @@ def spec_from_settings(s: dict) -> RunSpec:
     train = {k: v for k, v in s["train"].items() if k in TrainConfig.__dataclass_fields__}
     held = HeldOut(s["select_fraction"], s.get("dev_size")) if s.get("select_fraction") is not None else None
     data = DataSpec(s["task"], s.get("data_dir"), tuple((s.get("task_options") or {}).items()), s.get("train_size"),
-                    s.get("train_fraction"), s.get("max_length", 128))
+                    s.get("train_fraction"), s.get("max_length", DEFAULT_MAX_LENGTH))
     model = ModelSpec(s["model"], s.get("dropout", 0.1), s.get("head_dropout"), None, s.get("init"))
     return RunSpec(data, model, TrainConfig(**train), s["train"].get("seed", 0), held)
 

@@ -6,24 +6,27 @@
                  and best/, the best epoch's loadable folder so far
   ...            the best epoch's files, moved out of .progress/best/ when training finishes
   metrics.json   written last: its presence means the run is finished, and it is never overwritten
+  .lock          held by the process writing the run (its pid inside); gone once it finished
 
-Every file is written atomically and only rank 0 writes; the others wait at a barrier.
+Every input is checked before run.json is written (`check`, then `claim`), so a failed check leaves
+nothing that would refuse the corrected rerun. Every file is written atomically and only rank 0
+writes; the others wait at a barrier.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 from st import dist
 from st.errors import UserError
-from st.io import read_json, write_json, write_text, write_torch
+from st.io import check_writable, copy_file, read_json, write_json, write_text, write_torch
 
 log = logging.getLogger("st")
 
-PROGRESS, STATE, BEST, METRICS = ".progress", "state.pt", "best", "metrics.json"
+PROGRESS, STATE, BEST, METRICS, LOCK = ".progress", "state.pt", "best", "metrics.json", ".lock"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -37,24 +40,63 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
-def guard_settings(folder: Path, settings: dict, file: str = "run.json", what: str = "run") -> bool:
-    """Record `settings` in a new (or empty) `folder`, or check them against those it holds; refuses
-    other settings, naming the first that differs, and a non-empty folder that holds no `what`.
-    Returns True when the folder was made by an earlier call (a resume or a finished run)."""
-    path = folder / file
-    if path.exists():
-        previous, current = flatten(read_json(path)), flatten(settings)
+def read_settings(folder: Path, file: str) -> dict:
+    try:
+        return read_json(folder / file)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / file} is corrupt ({e}); delete {folder} to start that run over") from None
+
+
+def check_settings(folder: Path, settings: dict, file: str = "run.json", what: str = "run") -> bool:
+    """Read-only: True when `folder` holds a `what` made with `settings` (to resume or finished), False
+    when it is new or empty. Refuses other settings, naming the first that differs, a non-empty folder
+    that holds no `what`, and a folder that cannot be written to."""
+    if (folder / file).exists():
+        previous, current = flatten(read_settings(folder, file)), flatten(settings)
         for key in sorted(set(previous) | set(current)):
             if previous.get(key) != current.get(key):
                 raise UserError(f"{folder} holds a {what} made with {key}={previous.get(key)!r}, not {current.get(key)!r}; "
                                 f"use another --out, or delete {folder} to start over")
-        return True
+        found = True
+    elif folder.exists() and any(p.name != LOCK for p in folder.iterdir()):
+        raise UserError(f"{folder} is not empty and holds no st {what}; choose an empty or new --out folder")
+    else:
+        found = False
     if dist.is_main():
-        if folder.exists() and any(folder.iterdir()):
-            raise UserError(f"{folder} is not empty and holds no st {what}; choose an empty or new --out folder")
-        write_json(path, settings)
+        check_writable(folder)
+    return found
+
+
+def guard_settings(folder: Path, settings: dict, file: str = "run.json", what: str = "run") -> bool:
+    """`check_settings`, then record the settings in a new folder (rank 0). Call it once every input
+    is checked, so that a failed check leaves no folder behind that refuses the corrected rerun."""
+    found = check_settings(folder, settings, file, what)
+    if not found and dist.is_main():
+        write_json(folder / file, settings)
     dist.barrier()
-    return False
+    return found
+
+
+def lock_folder(folder: Path):
+    """An exclusive lock on `folder` for this process, so that two processes never write one run: a
+    second one gets a one-line error naming the holder. The kernel drops it when the process ends,
+    kill -9 included. Returns the open lock file (closing it releases the lock)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run unguarded, as before
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{folder} is being written by process {holder}; wait for it to finish or stop it, "
+                        "or choose another --out") from None
+    handle.seek(0), handle.truncate(), handle.write(str(os.getpid())), handle.flush()
+    return handle
 
 
 class RunFolder:
@@ -64,20 +106,21 @@ class RunFolder:
         self.path = Path(path)
         self.state_path = self.path / PROGRESS / STATE
         self.best_dir = self.path / PROGRESS / BEST
+        self._lock = None
 
-    def claim(self, settings: dict) -> dict | None:
-        """Guard the folder for a run with `settings`: the finished run's metrics, or None to start or resume."""
-        with self.lock():
-            if guard_settings(self.path, settings) and (self.path / METRICS).exists():
-                log.info("%s already finished; nothing to do", self.path)
-                return read_json(self.path / METRICS)
+    def check(self, settings: dict) -> dict | None:
+        """Read-only, before any heavy work: the finished run's metrics, or None to start or resume.
+        Refuses other settings, a foreign non-empty folder, an unwritable one."""
+        if check_settings(self.path, settings) and (self.path / METRICS).exists():
+            log.info("%s already finished; nothing to do", self.path)
+            return read_json(self.path / METRICS)
         return None
 
-    @contextmanager
-    def lock(self):
-        """Where an exclusive lock on the folder goes, so that two processes never run one run at once.
-        Not taken yet: every caller already goes through here, so adding it changes one place."""
-        yield
+    def claim(self, settings: dict) -> None:
+        """Once every input is checked: lock the folder for this process (rank 0) and record the settings."""
+        if dist.is_main():
+            self._lock = lock_folder(self.path)
+        guard_settings(self.path, settings)
 
     # ---- progress, after every epoch ----
 
@@ -87,7 +130,11 @@ class RunFolder:
             return []
         import torch
 
-        state = torch.load(self.state_path, map_location=device, weights_only=True)
+        try:
+            state = torch.load(self.state_path, map_location=device, weights_only=True)
+        except Exception as e:  # truncated or corrupt: the pickle reader raises many kinds
+            raise UserError(f"{self.state_path} is unreadable ({type(e).__name__}); delete {self.path / PROGRESS} "
+                            "to restart this run from its first epoch") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -112,12 +159,12 @@ class RunFolder:
         of a finished run, and drop the progress."""
         files = sorted((p for p in self.best_dir.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", str(p)))
         for source in files:
-            target = self.path / source.relative_to(self.best_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(source, tmp)
-            tmp.replace(target)
+            copy_file(source, self.path / source.relative_to(self.best_dir))
         for name, text in (texts or {}).items():
             write_text(self.path / name, text)
         write_json(self.path / METRICS, result)
         shutil.rmtree(self.path / PROGRESS)
+        if self._lock is not None:  # finished: nobody writes here again
+            (self.path / LOCK).unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None

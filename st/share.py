@@ -50,7 +50,7 @@ from st.errors import UserError
 from st.models.bert import Bert
 from st.models.heads import per_example_loss
 from st.multitask import MultiTask, MultiTaskModel, union_masks
-from st.pipeline import build_task, build_tokenizer, head_dropout, load_split, load_train, model_dir, pretrained_encoder, resolve_lr
+from st.pipeline import build_task, build_tokenizer, check_length, head_dropout, load_split, load_train, model_dir, pretrained_encoder, resolve_defaults
 from st.prune import prune_encoder
 from st.report import multitask_markdown
 from st.runs import RunFolder
@@ -274,7 +274,7 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
     """Multi-task training of one run spec per task (model, max length, dropout, training settings and
     seed must agree) with ticket sharing, or plain MT-DNN when `tickets` is None. A finished run is
     returned as it is, an interrupted one resumed."""
-    specs = [resolve_lr(s) for s in specs]
+    specs = [resolve_defaults(s) for s in specs]
     if not specs:
         raise UserError("no tasks given; pass --tasks")
     names = [s.data.task for s in specs]
@@ -298,7 +298,7 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
     settings = {"tasks": {s.data.task: s.settings() for s in specs},
                 "tickets": None if tickets is None else {n: tickets[n].to_json() for n in names}}
     run = RunFolder(out)
-    finished = run.claim(settings)
+    finished = run.check(settings)
     if finished is not None:
         return finished
 
@@ -306,6 +306,7 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
     tokenizer = build_tokenizer(base)
     encoder, pooler = pretrained_encoder(base.model)
     check_vocab(tokenizer, encoder.config.vocab_size, model_dir(base))
+    check_length(base.data.max_length, encoder.config.max_position_embeddings, model_dir(base))
     ticket_list = None if tickets is None else [tickets[n] for n in names]
     dropouts = [head_dropout(s.model, t) for s, t in zip(specs, tasks)]
     sharer = TicketSharer.create(encoder, tasks, ticket_list, head_dropouts=dropouts, pooler=pooler, seed=base.seed)
@@ -314,6 +315,7 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
     # evaluated with the chosen weights and reported beside it.
     dev = {t.name: load_split(t, tokenizer, t.dev_splits[0])[1] for t in tasks}
     extra_dev = {t.name: {s: load_split(t, tokenizer, s)[1] for s in t.dev_splits[1:]} for t in tasks if len(t.dev_splits) > 1}
+    run.claim(settings)  # every input checked: only now does the folder become this run's
     if dist.is_main():
         copy_tokenizer(model_dir(base), out)
     meta = {"model": base.model.name, "jobs": {s.data.task: s.settings() for s in specs}}

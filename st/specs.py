@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # the spec only carries a ticket; tickets.py builds on the mo
     from st.tickets import Ticket
 
 
+DEFAULT_MAX_LENGTH = 128  # tokens per example: the paper used 512; 128 covers most GLUE sentences
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Which task, where its files are and how much of its training set a run uses."""
@@ -30,7 +33,7 @@ class DataSpec:
     task_options: tuple[tuple[str, str], ...] = ()  # e.g. (("text_columns", "a,b"),) for csv tasks
     train_size: int | None = None  # a seeded sample of N training examples
     train_fraction: float | None = None  # or of this fraction of them
-    max_length: int = 128
+    max_length: int | None = None  # None: DEFAULT_MAX_LENGTH, or the model's positions where fewer
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,6 @@ def run_spec(task: str, *, model: str | None = None, data_dir: str | None = None
         raise UserError(f"--train-fraction must be in (0, 1], got {train_fraction}")
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     options = tuple(given(text_columns=text_columns, label_column=label_column, labels=labels, regression=regression).items())
-    data = DataSpec(task, data_dir, options, train_size, train_fraction, **given(max_length=max_length))
+    data = DataSpec(task, data_dir, options, train_size, train_fraction, max_length)
     model_spec = ModelSpec(**given(name=model, dropout=dropout), head_dropout=head_dropout, ticket=ticket, init=init)
     return RunSpec(data, model_spec, TrainConfig(**given(**train)), **given(seed=seed))

@@ -37,7 +37,7 @@ from st.errors import UserError
 from st.importance import Scores, plot_heatmap
 from st.io import read_json, write_json
 from st.models.bert import BertConfig
-from st.pipeline import build_task, build_tokenizer, resolve_lr, run_finetune, score_checkpoint
+from st.pipeline import build_task, build_tokenizer, resolve_defaults, run_finetune, score_checkpoint
 from st.runs import guard_settings
 from st.select import FULL, RESULTS
 from st.specs import HeldOut, RunSpec, run_spec
@@ -83,7 +83,7 @@ class SweepConfig:
         # r = 0 is the full model, which every seed trains anyway: it is not a ticket run.
         object.__setattr__(self, "ratios", tuple(sorted(float(r) for r in ratios if r > 0)))
         object.__setattr__(self, "kinds", tuple(k for k in KINDS if k in kinds))
-        object.__setattr__(self, "spec", resolve_lr(self.spec))
+        object.__setattr__(self, "spec", resolve_defaults(self.spec))
 
     @property
     def seed_list(self) -> list[int]:

@@ -5,7 +5,6 @@ Tokenise a whole dataset once with `encode_unpadded`, then pad per batch with `c
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
 from st.errors import UserError
+from st.io import copy_file
 
 # The files that make a tokenizer; checkpoints and exports carry copies so they need nothing else.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -149,4 +149,4 @@ def copy_tokenizer(source: str | Path, dest: str | Path) -> None:
         return
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
-            shutil.copyfile(source / name, dest / name)
+            copy_file(source / name, dest / name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -19,13 +20,14 @@ def test_flatten_names_nested_settings():
 
 def test_a_new_folder_records_its_settings_and_other_settings_are_refused(tmp_path):
     run = RunFolder(tmp_path / "run")
-    assert run.claim(SETTINGS) is None
+    assert run.check(SETTINGS) is None and not list((tmp_path / "run").iterdir())  # checking leaves the folder empty
+    run.claim(SETTINGS)
     assert json.loads((tmp_path / "run" / "run.json").read_text()) == SETTINGS
-    assert run.claim(SETTINGS) is None  # the same run again: resume
+    assert run.check(SETTINGS) is None  # the same run again: resume
     with pytest.raises(UserError, match=r"holds a run made with train.lr=0.001, not 0.002; use another --out"):
-        run.claim({**SETTINGS, "train": {"lr": 0.002, "epochs": 2}})
+        run.check({**SETTINGS, "train": {"lr": 0.002, "epochs": 2}})
     with pytest.raises(UserError, match=r"ticket=None, not \[1, 0\]"):  # a setting that appears is named too
-        run.claim({**SETTINGS, "ticket": [1, 0]})
+        run.check({**SETTINGS, "ticket": [1, 0]})
 
 
 def test_a_folder_with_other_files_is_refused(tmp_path):
@@ -60,6 +62,7 @@ def test_progress_round_trips_model_optimizer_schedule_and_rng(tmp_path):
 def test_commit_moves_the_best_files_and_marks_the_run_finished(tmp_path):
     run = RunFolder(tmp_path / "run")
     run.claim(SETTINGS)
+    assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())
     (run.best_dir / "tickets").mkdir(parents=True)
     (run.best_dir / "model.safetensors").write_bytes(b"weights")
     (run.best_dir / "config.json").write_text("{}")
@@ -71,4 +74,4 @@ def test_commit_moves_the_best_files_and_marks_the_run_finished(tmp_path):
     assert (folder / "report.md").read_text() == "# done\n" and not (folder / PROGRESS).exists()
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "report.md",
                                                        "run.json", "tickets"]  # no temporary file left
-    assert run.claim(SETTINGS) == {"dev": {"accuracy": 0.75}}  # finished: its metrics, nothing to do
+    assert run.check(SETTINGS) == {"dev": {"accuracy": 0.75}}  # finished: its metrics, nothing to do

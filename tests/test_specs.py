@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from st.errors import UserError
-from st.pipeline import resolve_lr, run_finetune, spec_from_settings
+from st.pipeline import resolve_defaults, run_finetune, spec_from_settings
 from st.specs import DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig, run_spec
 from st.sweep import QUICK, plan
 from st.tickets import Ticket
@@ -39,10 +39,11 @@ def test_settings_keep_run_json_layout_and_read_back():
     assert spec_from_settings(old) == spec
 
 
-def test_the_learning_rate_follows_the_encoder_size(tiny_bert_dir):
+def test_model_dependent_defaults_follow_the_model(tiny_bert_dir):
     spec = run_spec("csv", model=str(tiny_bert_dir))
-    assert resolve_lr(spec).train.lr == 2e-4  # hidden 16 < 768
-    assert resolve_lr(replace(spec, train=TrainConfig(lr=1e-3))).train.lr == 1e-3  # a given lr wins
+    assert resolve_defaults(spec).train.lr == 2e-4  # hidden 16 < 768
+    assert resolve_defaults(spec).data.max_length == 64  # the tiny model has 64 positions, fewer than 128
+    assert resolve_defaults(replace(spec, train=TrainConfig(lr=1e-3))).train.lr == 1e-3  # a given lr wins
 
 
 def test_sweep_presets_merge_in_the_library(tiny_bert_dir):
