@@ -69,7 +69,11 @@ def pick_device(requested: str | None) -> str:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(requested).type
+    except RuntimeError:
+        raise UserError(f"--device {requested} is not a device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     return requested
 

@@ -6,26 +6,37 @@ from pathlib import Path
 
 from st import dist
 from st.errors import UserError
+from st.io import atomic_path, check_output, read_json, starts_with
 from st.pipeline import checkpoint_spec, load_split
 from st.train import predict_set
 
 
-def evaluate_checkpoint(checkpoint, task_name, data_dir, split, predictions, batch_size, device, precision) -> dict:
+def evaluate_checkpoint(checkpoint, task_name, data_dir, split, predictions, batch_size, device, precision, *,
+                        overwrite: bool = False) -> dict:
     """{split: metrics} for `split` ("dev", "test" or an exact split name); metrics are empty for
-    unlabelled test splits, whose predictions go to `predictions` (one file per split)."""
+    unlabelled test splits, whose predictions go to `predictions` (one file per split). Existing
+    prediction files are refused before any work, unless `overwrite` (and they are predictions)."""
     model, _, task, tokenizer = checkpoint_spec(checkpoint, task_name, data_dir)
     if model.num_labels != task.num_labels:
         raise UserError(f"{checkpoint} has {model.num_labels} outputs but task {task.name} needs {task.num_labels}; pass the task it was fine-tuned on")
+    trained = read_json(Path(checkpoint) / "config.json").get("labels") or []
+    if trained and list(task.labels) and list(trained) != list(task.labels):  # output i must mean the same label
+        raise UserError(f"{checkpoint} was trained with labels {trained} but task {task.name} has {list(task.labels)}; "
+                        "pass --labels in the checkpoint's order, or evaluate on the task it was fine-tuned on")
     splits = {"dev": task.dev_splits, "test": task.test_splits}.get(split, (split,))
+    paths = {}
+    if predictions:
+        for name in splits:
+            path = Path(predictions)
+            path = path.with_name(f"{path.stem}.{name}{path.suffix}") if len(splits) > 1 else path
+            paths[name] = check_output(path, "predictions", (".tsv",), starts_with("index\tprediction"), overwrite)
     model.to(device)
     results = {}
     for name in splits:
         examples, data = load_split(task, tokenizer, name)
         preds = predict_set(model, data, tokenizer.pad_id, device=device, precision=precision, batch_size=batch_size)
         results[name] = task.compute_metrics(preds, data.labels) if data.labels is not None else {}
-        if predictions and dist.is_main():
-            path = Path(predictions)
-            if len(splits) > 1:
-                path = path.with_name(f"{path.stem}.{name}{path.suffix}")
-            task.write_predictions(name, examples, preds, path)
+        if name in paths and dist.is_main():
+            with atomic_path(paths[name]) as tmp:
+                task.write_predictions(name, examples, preds, tmp)
     return results

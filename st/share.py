@@ -57,7 +57,7 @@ from st.runs import RunFolder
 from st.specs import RunSpec, TrainConfig
 from st.tickets import Ticket
 from st.tokenize import check_vocab, copy_tokenizer
-from st.train import OnEpoch, OnStep, autocast, fit, load_best, make_optimizer, make_schedule, predict_set
+from st.train import OnEpoch, OnStep, autocast, check_finite, fit, load_best, make_optimizer, make_schedule, predict_set
 
 # An update mask per parameter: True = wholly the task's, False = not at all, or a bool tensor
 # that broadcasts to the parameter's shape (element-wise).
@@ -199,7 +199,9 @@ class TicketSharer(MultiTask):
                 elif mask is not True:
                     p.grad.masked_fill_(~mask, 0)  # zero already in exact arithmetic; keeps the clip norm task t's own
         _average_gradients([p for p, _ in params if p.grad is not None])
-        nn.utils.clip_grad_norm_([p for p, _ in params if p.grad is not None], cfg.clip)
+        norm = nn.utils.clip_grad_norm_([p for p, _ in params if p.grad is not None], cfg.clip)
+        if scaler is None:  # fp16's scaler skips non-finite steps itself
+            check_finite(loss, norm, f"a step of task {name}", cfg.lr)
         masked_step(optimizer, params, (lambda: scaler.step(optimizer)) if scaler else None)
         if scaler:
             scaler.update()

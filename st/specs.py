@@ -12,6 +12,7 @@ those files have always had, so earlier run folders still resume and earlier che
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -107,6 +108,10 @@ def run_spec(task: str, *, model: str | None = None, data_dir: str | None = None
              init: str | None = None, seed: int | None = None, **train) -> RunSpec:
     """A run from option values (`st finetune`'s options); None, an option not given, takes the default.
     `train`: TrainConfig's fields. text_columns ... regression are the csv/jsonl tasks' options."""
+    numbers = {"train_fraction": train_fraction, "dropout": dropout, "head_dropout": head_dropout, **train}
+    for name, value in numbers.items():
+        if isinstance(value, float) and not math.isfinite(value):  # inf and nan pass click's range checks
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if train_fraction is not None and not 0 < train_fraction <= 1:
         raise UserError(f"--train-fraction must be in (0, 1], got {train_fraction}")
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731

@@ -19,6 +19,7 @@ from torch import nn
 
 from st import dist
 from st.data import EncodedSet, eval_shards, steps_per_epoch, train_batches
+from st.errors import UserError
 from st.models.checkpoint import save_checkpoint
 from st.models.heads import BertClassifier, per_example_loss, predict
 from st.models.weights import read_tensors
@@ -74,6 +75,21 @@ def evaluate(model: nn.Module, data: EncodedSet, task: Task, pad_id: int, *, dev
     return task.compute_metrics(predict_set(model, data, pad_id, device=device, precision=precision), data.labels)
 
 
+def check_finite(loss: torch.Tensor, grad_norm: torch.Tensor, where: str, lr: float) -> None:
+    """Stop a diverged run with one line instead of training on to NaN weights and reporting success."""
+    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not torch.isfinite(value).all():
+            raise UserError(f"{where}: the {what} is {value.item()}, so training diverged; rerun into a new --out with a "
+                            f"lower --lr (now {lr})")
+
+
+def check_finite_weights(model: nn.Module, epoch: int) -> None:
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise UserError(f"epoch {epoch}: weight {bad} is no longer finite, so training diverged; the epochs before are kept, "
+                        "but rerun into a new --out with a lower --lr")
+
+
 # ---- the epoch loop -------------------------------------------------------------------------------
 
 
@@ -120,6 +136,7 @@ def fit(learner: Learner, run: RunFolder, optimizer, schedule, *, epochs: int, s
             done += 1
             if on_step:
                 on_step(done, steps, loss)
+        check_finite_weights(learner.model, epoch + 1)  # never evaluate, let alone keep, diverged weights
         record = {"epoch": epoch + 1, **learner.evaluate()}
         history.append(record)
         if on_epoch:
@@ -150,32 +167,37 @@ class FineTuning:
         self.optimizer, self.seed, self.pad_id, self.device, self.meta = optimizer, seed, pad_id, device, meta
         self.ddp = dist.wrap(model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
-        self.steps = steps_per_epoch(train, cfg.batch_size) // cfg.grad_accum
-        self.micro, self.seen, self.started = 0, 0, 0.0
+        # The last accumulation group of an epoch may be short: it still makes a step (of its own mean).
+        self.batches_per_epoch = steps_per_epoch(train, cfg.batch_size)
+        self.steps = math.ceil(self.batches_per_epoch / cfg.grad_accum)
+        self.epoch, self.micro, self.seen, self.started = 0, 0, 0, 0.0
 
     def batches(self, epoch: int):
-        self.micro, self.seen, self.started = 0, 0, time.perf_counter()
-        batches = train_batches(self.train, self.cfg.batch_size, self.seed, epoch, self.pad_id)
-        return (b for i, b in enumerate(batches) if i < self.steps * self.cfg.grad_accum)
+        self.epoch, self.micro, self.seen, self.started = epoch, 0, 0, time.perf_counter()
+        return train_batches(self.train, self.cfg.batch_size, self.seed, epoch, self.pad_id)
 
     def step(self, batch) -> float | None:
         cfg = self.cfg
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.pop("labels")
+        group = self.micro // cfg.grad_accum
+        size = min(cfg.grad_accum, self.batches_per_epoch - group * cfg.grad_accum)  # micro-batches in this group
         self.micro += 1
-        last_micro = self.micro % cfg.grad_accum == 0
+        last_micro = self.micro == group * cfg.grad_accum + size
         with (nullcontext() if last_micro or self.ddp is self.model else self.ddp.no_sync()), autocast(cfg.precision, self.device):
-            loss = per_example_loss(self.ddp(**batch).float(), labels).mean() / cfg.grad_accum
+            loss = per_example_loss(self.ddp(**batch).float(), labels).mean() / size
             self.scaler.scale(loss).backward()
         self.seen += len(labels)
         if not last_micro:
             return None
         self.scaler.unscale_(self.optimizer)
-        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps itself
+            check_finite(loss, norm, f"epoch {self.epoch + 1}, step {group + 1}", cfg.lr)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item() * cfg.grad_accum
+        return loss.item() * size
 
     def evaluate(self) -> dict:
         metrics = evaluate(self.model, self.dev, self.task, self.pad_id, device=self.device, precision=self.cfg.precision)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import replace
@@ -158,3 +159,35 @@ def test_two_process_ddp_matches_one_process(tiny_bert_dir, sentiment_dir, tmp_p
     model.eval(), one.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch), one(**batch), rtol=1e-4, atol=1e-4)
+
+
+# ---- runs that go wrong never report success ------------------------------------------------------
+
+
+def test_a_diverged_run_stops_with_one_line_and_keeps_no_weights(tiny_bert_dir, sentiment_dir, tmp_path):
+    with pytest.raises(UserError, match=r"epoch 1, step \d+: the (loss|gradient norm) is (nan|inf).*lower --lr \(now 1e\+30\)"):
+        run_finetune(make_job(tiny_bert_dir, sentiment_dir, lr=1e30, clip=1e30), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("option", ["lr", "clip", "warmup"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_options_are_refused(option, value):
+    from st.specs import run_spec
+
+    with pytest.raises(UserError, match=f"--{option} must be a finite number"):
+        run_spec("csv", **{option: value})
+
+
+def test_a_short_last_accumulation_group_still_makes_a_step(tiny_bert_dir, sentiment_dir, tmp_path):
+    """192 examples in batches of 64 are 3 batches: with --grad-accum 4 that is one (short) step per
+    epoch, not zero steps that would leave the pre-trained encoder and call it trained."""
+    from st.models import load_pretrained
+
+    run_finetune(make_job(tiny_bert_dir, sentiment_dir, epochs=1, batch_size=64, grad_accum=4), tmp_path / "run")
+    tuned, _ = load_checkpoint(tmp_path / "run")
+    start = load_pretrained(tiny_bert_dir).state_dict()
+    assert any(not torch.equal(tuned.encoder.state_dict()[k], v) for k, v in start.items())
+    # a group of 3 micro-batches is the mean over 3, as a full group of 3 would be
+    same = run_finetune(make_job(tiny_bert_dir, sentiment_dir, epochs=1, batch_size=64, grad_accum=3), tmp_path / "three")
+    assert same["dev"] == json.loads((tmp_path / "run" / "metrics.json").read_text())["dev"]
