@@ -4,7 +4,9 @@ For each seed: fine-tune the full model, score its heads and FFN blocks, make th
 rewind-and-fine-tune the physically pruned subnetwork of every (kind, ratio). One seed drives the
 full model, its scores, its random tickets and its rewound runs, so a sweep is reproducible. Each
 seed splits (a sample of) dev into a selection part, which chooses every run's epoch, and a report
-part (`st.pipeline.dev_parts`). Runs go one after another, or to a local pool of processes.
+part (`st.pipeline.dev_parts`). Runs go one after another, to a local pool of processes, or to a Ray
+cluster (`st.engines`), in the same order: every seed's full model first, then its ticket runs as
+soon as its tickets exist.
 
 Layout of a sweep folder (every file written atomically; only rank 0 writes):
   sweep.json                          the settings that made it: a rerun with others is refused
@@ -23,22 +25,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
 from st import dist
+from st.engines import Engine, check_engine, device_here, open_engine
 from st.errors import UserError
 from st.importance import Scores, plot_heatmap
 from st.io import read_json, write_json
 from st.models.bert import BertConfig
-from st.pipeline import build_task, build_tokenizer, resolve_defaults, run_finetune, score_checkpoint
-from st.runs import guard_settings
+from st.pipeline import check_run, resolve_defaults, run_finetune, score_checkpoint
+from st.runs import check_settings, guard_settings, lock_folder
 from st.select import FULL, RESULTS
 from st.specs import HeldOut, RunSpec, run_spec
 from st.tickets import KINDS, Ticket, make_ticket
@@ -144,9 +143,14 @@ QUICK = Preset(train_size=192, batch_size=12, dev_size=200, ratios=(0.3, 0.6), s
 
 def plan(*, quick: bool = False, ratios: list[float] | None = None, kinds: list[str] | None = None, seeds: int | None = None,
          select_fraction: float | None = None, dev_size: int | None = None, score_examples: int | None = None,
-         jobs: int | None = None, **options) -> tuple[SweepConfig, int]:
+         jobs: int | None = None, ray: str | None = None, **options) -> tuple[SweepConfig, int]:
     """`st sweep`'s sweep and how many runs go at once. Without a task (or with `quick`) the packaged
     main job's preset fills every option not given (None); `options` are `specs.run_spec`'s."""
+    if ray is not None:
+        if jobs is not None:
+            raise UserError("--jobs sizes the local pool; with --ray, Ray runs as many runs at once as the cluster has CPUs "
+                            "(or GPUs): drop --jobs")
+        jobs = 1  # unused: Ray decides
     preset = QUICK if quick else DEMO if options.get("task") is None else None
     if preset is not None:
         for name in ("task", "model", "train_size", "epochs", "batch_size", "lr", "max_length"):
@@ -183,14 +187,6 @@ def ticket_path(out: Path, seed: int, kind: str, ratio: float) -> Path:
 # ---- the runs ------------------------------------------------------------------------------------
 
 
-_WORKER_DEVICE: str | None = None  # set in pool workers that own one GPU
-
-
-def _device(device: str) -> str:
-    """A pool worker's own GPU, where it has one; else the sweep's device."""
-    return _WORKER_DEVICE or device
-
-
 def _record(seed: int, kind: str, ratio: float, out: Path) -> dict:
     return {"seed": seed, "kind": kind, "ratio": ratio, "percent_remaining": None, "selection": None, "report": None,
             "best_epoch": None, "seconds": None, "run": str(run_dir(out, seed, kind, ratio).relative_to(out)), "error": None}
@@ -214,7 +210,7 @@ def _failed(record: dict, error: BaseException) -> dict:
 def full_stage(cfg: SweepConfig, out: Path, seed: int, device: str = "cpu") -> tuple[dict, str | None]:
     """Fine-tune the full model of `seed`, score it and write every ticket of the grid. Returns the
     full model's record, and why the tickets could not be made (None when they were)."""
-    device, out = _device(device), Path(out)
+    device, out = device_here(device), Path(out)
     record = _record(seed, FULL, 0.0, out)
     record["percent_remaining"] = {"model": 100.0, "encoder": 100.0}
     folder = run_dir(out, seed, FULL, 0.0)
@@ -251,7 +247,7 @@ def full_stage(cfg: SweepConfig, out: Path, seed: int, device: str = "cpu") -> t
 
 def ticket_run(cfg: SweepConfig, out: Path, seed: int, kind: str, ratio: float, device: str = "cpu") -> dict:
     """Rewind to the pre-trained weights and fine-tune the pruned subnetwork of one ticket."""
-    device, out = _device(device), Path(out)
+    device, out = device_here(device), Path(out)
     record = _record(seed, kind, ratio, out)
     try:
         ticket = Ticket.load(ticket_path(out, seed, kind, ratio))
@@ -268,91 +264,32 @@ def _ticket_specs(cfg: SweepConfig, seed: int) -> list[tuple[int, str, float]]:
     return [(seed, kind, ratio) for kind in cfg.kinds for ratio in cfg.ratios]
 
 
-def _sequential(cfg: SweepConfig, out: Path, device: str) -> Iterator[dict]:
-    """Seed by seed: the full model, then its tickets (every rank takes part under torchrun)."""
+def _runs(cfg: SweepConfig, out: Path, engine: Engine, device: str) -> Iterator[dict]:
+    """Every seed's full model first, then its ticket runs as soon as its tickets exist; each record as
+    its run finishes. Keys are (seed, position): the in-process engine runs them seed by seed."""
+    runs = {}
     for seed in cfg.seed_list:
-        record, why_not = full_stage(cfg, out, seed, device)
+        runs[seed, 0] = (seed, FULL, 0.0)
+        engine.submit((seed, 0), full_stage, cfg, out, seed, device)
+    while runs:
+        key, result, error = engine.next()
+        seed, kind, ratio = runs.pop(key)
+        if isinstance(error, UserError):  # bad input, the same for every run: stop with its one-line message
+            raise error
+        if error is not None:  # the worker itself died (killed, out of memory)
+            yield _failed(_record(seed, kind, ratio, out), error)
+            continue
+        if kind != FULL:
+            yield result
+            continue
+        record, why_not = result
         yield record
-        for spec in _ticket_specs(cfg, seed):
-            yield ticket_run(cfg, out, *spec, device) if why_not is None else _failed(_record(*spec, out), RuntimeError(why_not))
-
-
-def _init_worker(threads: int, gpus, user_modules: list[str]) -> None:
-    global _WORKER_DEVICE
-    torch.set_num_threads(threads)
-    if gpus is not None:
-        _WORKER_DEVICE = f"cuda:{gpus.get()}"
-        torch.cuda.set_device(_WORKER_DEVICE)
-    if user_modules:  # tasks registered by `st --user-dir` live in the parent only; a spawned worker re-imports them
-        from st.tasks import import_user_dir
-
-        for path in user_modules:
-            import_user_dir(path)
-
-
-def _user_modules() -> list[str]:
-    found = []
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if name.startswith("st_user_") and "." not in name and path:
-            found.append(str(Path(path).parent) if Path(path).name == "__init__.py" else path)
-    return found
-
-
-def _parallel(cfg: SweepConfig, out: Path, jobs: int, device: str) -> Iterator[dict]:
-    """`jobs` spawned processes: every seed's full model first, then its tickets as soon as they exist."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    gpus = None
-    if device.startswith("cuda"):
-        gpus = ctx.SimpleQueue()
-        for i in range(jobs):
-            gpus.put(i)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                               initargs=(max(1, cpus // jobs), gpus, _user_modules()))
-    pending: dict = {}
-    try:
-        for seed in cfg.seed_list:
-            pending[pool.submit(full_stage, cfg, out, seed, device)] = (seed, FULL, 0.0)
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                seed, kind, ratio = pending.pop(future)
-                try:
-                    result = future.result()
-                except UserError:
-                    raise
-                except Exception as e:  # the worker itself died (e.g. killed for memory)
-                    yield _failed(_record(seed, kind, ratio, out), e)
-                    continue
-                if kind != FULL:
-                    yield result
-                    continue
-                record, why_not = result
-                yield record
-                for spec in _ticket_specs(cfg, seed):
-                    if why_not is None:
-                        pending[pool.submit(ticket_run, cfg, out, *spec, device)] = spec
-                    else:
-                        yield _failed(_record(*spec, out), RuntimeError(why_not))
-    finally:
-        # Normally everything is done; on an interrupt, queued runs are dropped (a rerun does them).
-        pool.shutdown(wait=not pending, cancel_futures=True)
-
-
-def workers(jobs: int, device: str) -> int:
-    """How many processes run at once: `jobs` on CPU, at most one per visible GPU, one under torchrun."""
-    if dist.is_distributed():
-        if jobs > 1:
-            log.info("under torchrun every run uses all ranks; --jobs %d is ignored", jobs)
-        return 1
-    if device.startswith("cuda"):
-        if device != "cuda":  # a named GPU: the user chose it
-            return 1
-        return max(1, min(jobs, torch.cuda.device_count()))
-    return jobs
+        for i, spec in enumerate(_ticket_specs(cfg, seed), 1):
+            if why_not is None:
+                runs[seed, i] = spec
+                engine.submit((seed, i), ticket_run, cfg, out, *spec, device)
+            else:
+                yield _failed(_record(*spec, out), RuntimeError(why_not))
 
 
 def _order(record: dict) -> tuple:
@@ -373,27 +310,36 @@ def write_results(out: Path, doc: dict) -> None:
                         "rerun the same command to resume") from None
 
 
-def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, device: str = "cpu", on_start: Callable[[int], None] | None = None,
-              on_result: Callable[[dict], None] | None = None) -> dict:
-    """Run (or resume) the sweep into `out`; returns results.json's contents. On rank 0,
-    `on_start(processes)` is called once the input is checked, and `on_result(record)` as each run
-    finishes (records of runs finished before this call carry reused=True)."""
-    out = Path(out)
-    if jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {jobs}")
-    task = build_task(cfg.spec.data)  # fail fast, before any process starts: unknown task, missing data or model
-    build_tokenizer(cfg.spec)
-    guard_settings(out, cfg.settings(), SETTINGS, "sweep")
-    n = workers(jobs, device)
-    if on_start and dist.is_main():
-        on_start(n)
+def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, device: str | None = "cpu", ray: str | None = None,
+              on_start: Callable[[int], None] | None = None, on_result: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) the sweep into `out`; returns results.json's contents. `jobs` runs at once in
+    local processes, or on the Ray cluster at `ray` ("local", "auto", host:port; see `st.engines`);
+    `device` None: cuda when there is one. On rank 0, `on_start(runs at once)` is called once the
+    input is checked, and `on_result(record)` as each run finishes (records of runs finished before
+    this call carry reused=True)."""
+    out = Path(out).resolve()  # absolute: a Ray worker on another node has another working directory
+    check_engine(jobs, ray)  # everything is checked before anything starts or is written
+    if ray is None:  # (a Ray cluster's GPUs are on its nodes, not necessarily here)
+        device = dist.pick_device(device)
+    check_settings(out, cfg.settings(), SETTINGS, "sweep")
+    task = check_run(cfg.spec)  # task, data, model, lengths, training sample: a bad one writes nothing
+    lock = lock_folder(out) if dist.is_main() else None  # one sweep at a time in a folder
+    guard_settings(out, cfg.settings(), SETTINGS, "sweep")  # how many processes or which engine is no setting: any may resume
+    engine, device = open_engine(jobs, device, ray)
     records = []
-    for record in (_sequential(cfg, out, device) if n == 1 else _parallel(cfg, out, n, device)):
-        records.append(record)
-        if dist.is_main():
-            write_results(out, results_doc(cfg, records, task))
-            if on_result:
-                on_result(record)
+    try:
+        if on_start and dist.is_main():
+            on_start(engine.slots)
+        for record in _runs(cfg, out, engine, device):
+            records.append(record)
+            if dist.is_main():
+                write_results(out, results_doc(cfg, records, task))
+                if on_result:
+                    on_result(record)
+    finally:
+        engine.close()  # on an interrupt too: no worker goes on running
+        if lock is not None:
+            lock.close()
     doc = results_doc(cfg, records, task)
     if dist.is_main():
         write_results(out, doc)

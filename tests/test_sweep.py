@@ -224,11 +224,14 @@ def test_crashed_run_is_reported_and_the_exit_code_says_so(tiny_bert_dir, sentim
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--select-fraction", "1"], "--select-fraction must be in (0, 1)"),
     (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--train-size", "100000"], "--train-size 100000"),  # found by the full run, but checked before anything is written
+    (["--max-length", "100"], "--max-length 100 is more than the 64 positions"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tiny_bert_dir, sentiment_dir, tmp_path):
     out = st("sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--device", "cpu",
              "--out", tmp_path / "s", *args, ok=False)
     assert message in out and out.strip().startswith("Error:") and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "s" / "sweep.json").exists()  # so the corrected command may use the same --out
 
 
 def test_folder_of_another_sweep_is_refused_naming_the_setting(swept, tiny_bert_dir, sentiment_dir, tmp_path):
