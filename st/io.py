@@ -8,6 +8,8 @@ unless the user says --overwrite, and then only a previous output of the same ki
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -68,6 +70,19 @@ def write_torch(path: str | Path, obj) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 of a file, computed once per process for an unchanged file (a sweep asks 75 times)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _digest(path, stat.st_size, stat.st_mtime_ns)
 
 
 def copy_file(source: str | Path, target: str | Path) -> None:

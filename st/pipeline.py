@@ -17,10 +17,11 @@ from st import dist
 from st.data import EncodedSet, encode_examples, make_batch
 from st.errors import UserError
 from st.importance import Scores, compute_importance
-from st.models import Bert, BertClassifier, load_checkpoint, load_pretrained_parts, resolve_model_dir
-from st.models.weights import read_config
+from st.io import file_digest
+from st.models import Bert, BertClassifier, BertConfig, load_checkpoint, load_pretrained_parts, resolve_model_dir
+from st.models.weights import config_from_hf, read_config
 from st.multitask import is_multitask_dir, load_task_model
-from st.prune import export, export_hf, prune_classifier
+from st.prune import prune_classifier
 from st.runs import RunFolder
 from st.specs import DEFAULT_MAX_LENGTH, DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig
 from st.tasks import Example, Task, get_task
@@ -40,15 +41,30 @@ def default_lr(hidden_size: int) -> float:
 
 
 def resolve_defaults(spec: RunSpec) -> RunSpec:
-    """`spec` with the defaults that depend on the model filled in and recorded: the learning rate by
-    the encoder's size, and --max-length 128, or the model's positions where it has fewer."""
-    if spec.train.lr is not None and spec.data.max_length is not None:
-        return spec
-    config = read_config(resolve_model_dir(spec.model.init or spec.model.name))
-    shape = config.get("encoder", config)  # our checkpoints nest the encoder's config
-    lr = spec.train.lr or default_lr(shape.get("hidden_size", 768))
-    max_length = spec.data.max_length or min(DEFAULT_MAX_LENGTH, shape.get("max_position_embeddings", DEFAULT_MAX_LENGTH))
-    return replace(spec, train=replace(spec.train, lr=lr), data=replace(spec.data, max_length=max_length))
+    """`spec` with what depends on the model filled in and recorded, so that run.json says what the
+    run used: the model (the --init folder when given), its weights' fingerprint, the learning rate
+    by the encoder's size, and --max-length 128, or the model's positions where it has fewer."""
+    folder = model_dir(spec)
+    config = pretrained_config(folder)
+    lr = spec.train.lr or default_lr(config.hidden_size)
+    max_length = spec.data.max_length or min(DEFAULT_MAX_LENGTH, config.max_position_embeddings)
+    model = replace(spec.model, name=spec.model.init or spec.model.name, weights=weights_digest(folder))
+    return replace(spec, model=model, train=replace(spec.train, lr=lr), data=replace(spec.data, max_length=max_length))
+
+
+def pretrained_config(folder: Path) -> BertConfig:
+    """The encoder config of a model folder, checked, without reading its weights. Our checkpoints
+    (single- and multi-task) nest it under "encoder"; a Hugging Face config is converted."""
+    raw = read_config(folder)
+    return BertConfig.from_dict(raw["encoder"]) if "encoder" in raw else config_from_hf(raw, folder)
+
+
+def weights_digest(folder: Path) -> str:
+    """A run's model by content: the sha256 of its weights file (swapped weights are another run)."""
+    path = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    if path is None:
+        raise UserError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    return file_digest(path)
 
 
 def build_task(data: DataSpec) -> Task:
@@ -115,6 +131,19 @@ def load_train(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> EncodedSet:
     examples = check_nonempty(task.load("train"), task, "train")
     examples = subsample(examples, train_size=spec.data.train_size, train_fraction=spec.data.train_fraction, seed=spec.seed)
     return encode_examples(tokenizer, examples, regression=task.num_labels == 1)
+
+
+def check_run(spec: RunSpec) -> Task:
+    """What a run of `spec` would refuse, checked without training it (e.g. before a sweep writes
+    anything): the task and its data, the model's config, the tokenizer, lengths, the training sample."""
+    spec = resolve_defaults(spec)
+    task, tokenizer = build_task(spec.data), build_tokenizer(spec)
+    config = pretrained_config(model_dir(spec))
+    check_vocab(tokenizer, config.vocab_size, model_dir(spec))
+    check_length(spec.data.max_length, config.max_position_embeddings, model_dir(spec))
+    load_train(spec, task, tokenizer)
+    load_split(task, tokenizer, task.dev_splits[0])
+    return task
 
 
 def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step: OnStep | None = None,
@@ -186,7 +215,7 @@ def spec_from_settings(s: dict) -> RunSpec:
     held = HeldOut(s["select_fraction"], s.get("dev_size")) if s.get("select_fraction") is not None else None
     data = DataSpec(s["task"], s.get("data_dir"), tuple((s.get("task_options") or {}).items()), s.get("train_size"),
                     s.get("train_fraction"), s.get("max_length", DEFAULT_MAX_LENGTH))
-    model = ModelSpec(s["model"], s.get("dropout", 0.1), s.get("head_dropout"), None, s.get("init"))
+    model = ModelSpec(s["model"], s.get("dropout", 0.1), s.get("head_dropout"), None, s.get("init"), s.get("model_weights"))
     return RunSpec(data, model, TrainConfig(**train), s["train"].get("seed", 0), held)
 
 
@@ -235,23 +264,3 @@ def share_tickets(paths: dict[str, str], model: str | None, ratios: dict[str, fl
     its scores), checked against the pre-trained `model` (None: the default model)."""
     config = load_pretrained_parts(model or ModelSpec.name)[0]
     return tickets_for_tasks({name: Path(p) for name, p in paths.items()}, config, ratios)
-
-
-def export_checkpoint(checkpoint: str | Path, ticket: Ticket | None, out: str | Path, hf_out: str | Path | None = None) -> dict:
-    """Physically prune a fine-tuned checkpoint (to a ticket, if given) into `out`, and optionally
-    a Hugging Face folder; finished exports are never overwritten."""
-    for folder in filter(None, (out, hf_out)):
-        if (Path(folder) / "config.json").exists():
-            raise UserError(f"{folder} already holds an exported model; choose another folder or delete it")
-    model, cfg = load_checkpoint(checkpoint)
-    masks, meta = {}, {k: v for k, v in cfg.items() if k not in ("format", "encoder", "head")}
-    if ticket is not None:
-        ticket.check_matches(model.encoder.config)
-        masks = {"head_mask": ticket.head_mask_tensor(), "ffn_mask": ticket.ffn_mask_tensor()}
-        meta["ticket"] = ticket.to_json()
-    copy_tokenizer(checkpoint, out)
-    small = export(model, out, **masks, **meta)
-    if hf_out:
-        export_hf(model, hf_out, id2label=cfg.get("labels") or None, **masks, tokenizer_from=checkpoint)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"parameters": count(small), "percent": 100.0 * count(small) / count(model)}

@@ -8,6 +8,7 @@ Scores are shown ×100 (GLUE style); means ± sample standard deviations over se
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.markup import escape
@@ -21,10 +22,14 @@ REPORT, PLOT, SUPER_TICKET = "report.md", "phase.png", "super_ticket.json"
 COLOURS = {"winning": "tab:green", "random": "tab:blue", "losing": "tab:red"}
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (st writes null for an undefined metric)")
+
+
 def load_results(out: str | Path) -> dict:
     path = Path(out) / RESULTS
     try:
-        doc = read_json(path)
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; pass a folder written by `st sweep`") from None
     except ValueError as e:

@@ -95,6 +95,10 @@ def lock_folder(folder: Path):
         handle.close()
         raise UserError(f"{folder} is being written by process {holder}; wait for it to finish or stop it, "
                         "or choose another --out") from None
+    except OSError as e:  # a file system without locks (some network mounts): run unguarded, say so
+        log.warning("could not lock %s (%s); make sure no other process writes there", folder, e.strerror)
+        handle.close()
+        return None
     handle.seek(0), handle.truncate(), handle.write(str(os.getpid())), handle.flush()
     return handle
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from st.errors import UserError
@@ -47,6 +48,7 @@ class ModelSpec:
     head_dropout: float | None = None  # None: the task's own (MNLI 0.2, CoLA 0.05, else 0.1)
     ticket: Ticket | None = None
     init: str | None = None
+    weights: str | None = None  # the sha256 of the weights file, filled in when the run is built
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class RunSpec:
             "task": d.task, "model": m.name, "data_dir": d.data_dir, "task_options": dict(d.task_options),
             "train_size": d.train_size, "train_fraction": d.train_fraction, "max_length": d.max_length,
             "dropout": m.dropout, "head_dropout": m.head_dropout,
-            "ticket": None if m.ticket is None else m.ticket.to_json(), "init": m.init,
+            "ticket": None if m.ticket is None else m.ticket.to_json(), "init": m.init, "model_weights": m.weights,
             "train": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "warmup": t.warmup,
                       "weight_decay": t.weight_decay, "clip": t.clip, "grad_accum": t.grad_accum, "seed": self.seed,
                       "precision": t.precision},
@@ -116,6 +118,8 @@ def run_spec(task: str, *, model: str | None = None, data_dir: str | None = None
         raise UserError(f"--train-fraction must be in (0, 1], got {train_fraction}")
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     options = tuple(given(text_columns=text_columns, label_column=label_column, labels=labels, regression=regression).items())
-    data = DataSpec(task, data_dir, options, train_size, train_fraction, max_length)
-    model_spec = ModelSpec(**given(name=model, dropout=dropout), head_dropout=head_dropout, ticket=ticket, init=init)
+    # Paths are recorded absolute: a run's data and start are the same wherever its command ran from.
+    absolute = lambda path: None if path is None else str(Path(path).expanduser().resolve())  # noqa: E731
+    data = DataSpec(task, absolute(data_dir), options, train_size, train_fraction, max_length)
+    model_spec = ModelSpec(**given(name=model, dropout=dropout), head_dropout=head_dropout, ticket=ticket, init=absolute(init))
     return RunSpec(data, model_spec, TrainConfig(**given(**train)), **given(seed=seed))

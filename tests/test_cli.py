@@ -137,3 +137,111 @@ def test_help_shows_the_library_defaults():
     assert len(checked) >= 10
     for name, text in checked.items():
         assert text == str(where[name]), name
+
+
+# ---- outputs are never overwritten; the environment's faults are one line --------------------------
+
+
+def test_outputs_never_replace_another_file(finetuned, tmp_path):
+    config = finetuned / "config.json"
+    before = config.read_bytes()
+    assert "already exists" in st("score", "--checkpoint", finetuned, "--out", config, "--device", "cpu", ok=False)
+    assert "is not importance scores" in st("score", "--checkpoint", finetuned, "--out", config, "--overwrite", ok=False)
+    assert "does not end in .png" in st("task-importance", "--scores", f"a={config}", "--out", tmp_path / "x.txt", ok=False)
+    assert "already exists" in st("eval", "--checkpoint", finetuned, "--split", "test", "--predictions", finetuned / "test.csv", ok=False) \
+        or "does not end in .tsv" in st("eval", "--checkpoint", finetuned, "--split", "test", "--predictions", finetuned / "test.csv", ok=False)
+    assert config.read_bytes() == before
+
+    scores = tmp_path / "scores.json"
+    st("score", "--checkpoint", finetuned, "--out", scores, "--device", "cpu")
+    first = scores.read_bytes()
+    assert "already exists" in st("score", "--checkpoint", finetuned, "--out", scores, "--device", "cpu", ok=False)
+    st("prune", "--scores", scores, "--ratio", 0.5, "--out", tmp_path / "ticket.json")
+    out = st("prune", "--scores", scores, "--ratio", 0.5, "--out", scores, "--overwrite", ok=False)  # a ticket over scores
+    assert "is not a ticket" in out and scores.read_bytes() == first
+    st("prune", "--scores", scores, "--ratio", 0.25, "--out", tmp_path / "ticket.json", "--overwrite")  # same kind: replaced
+    assert Ticket.load(tmp_path / "ticket.json").ratio == 0.25
+    st("score", "--checkpoint", finetuned, "--out", scores, "--device", "cpu", "--num-examples", 8, "--overwrite")
+    assert json.loads(scores.read_text())["num_examples"] == 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "1e23"], "'1e23' is not a valid integer range"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--device", "bogus"], "--device bogus"),
+    (["--max-length", "100"], "--max-length 100 is more than the 64 positions"),
+])
+def test_bad_options_are_one_line_and_leave_no_folder(args, message, tiny_bert_dir, sentiment_dir, tmp_path):
+    out = st("finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--out", tmp_path / "run", *args, ok=False)
+    assert message in out and out.strip().startswith("Error:") and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "run.json").exists()  # the corrected command may use the same --out
+
+
+def test_an_unwritable_out_and_an_interrupt_are_one_line(tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
+    args = ["finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--device", "cpu"]
+    assert "cannot write to /proc/st" in st(*args, "--out", "/proc/st/run", ok=False)
+
+    import st.pipeline as pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "finetune", interrupted)
+    result = CliRunner().invoke(cli, [str(a) for a in (*args, "--out", tmp_path / "run")])
+    assert result.exit_code == 130 and "the same command resumes" in result.output and "Traceback" not in result.output
+
+
+def _model_with_config(folder, tiny_bert_dir, edit):
+    import shutil
+
+    shutil.copytree(tiny_bert_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config)))
+    return folder
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: [c], "holds a list, not a model config"),
+    (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "lacks hidden_size"),
+    (lambda c: {**c, "hidden_size": "16"}, "hidden_size must be a positive whole number, got '16'"),
+    (lambda c: {**c, "num_hidden_layers": -2}, "num_layers must be a positive whole number, got -2"),
+    (lambda c: {**c, "num_attention_heads": 3}, "hidden_size 16 is not a multiple of num_heads 3"),
+])
+def test_bad_model_configs_are_one_line(edit, message, tiny_bert_dir, sentiment_dir, tmp_path):
+    model = _model_with_config(tmp_path / "model", tiny_bert_dir, edit)
+    out = st("finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", model, "--out", tmp_path / "run", ok=False)
+    assert message in out and len(out.strip().splitlines()) == 1
+
+
+def test_bad_files_and_user_code_are_one_line(finetuned, tiny_bert_dir, tmp_path):
+    edited = tmp_path / "edited"
+    import shutil
+
+    shutil.copytree(finetuned, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "head": {**config["head"], "num_labels": 5}}))
+    assert "does not match its config.json" in st("eval", "--checkpoint", edited, ok=False)
+    assert "is a folder; pass the scores.json" in st("prune", "--scores", tmp_path, "--ratio", 0.2, "--out", tmp_path / "t.json", ok=False)
+    (tmp_path / "tasks.csv").write_text("a,b\n")
+    assert "is not a Python file" in st("--user-dir", tmp_path / "tasks.csv", "tasks", ok=False)
+    (tmp_path / "again.py").write_text("from st.tasks import register_task\n\n@register_task('csv')\nclass Mine:\n    pass\n")
+    assert "task 'csv' is already registered" in st("--user-dir", tmp_path / "again.py", "tasks", ok=False)
+
+    data = tmp_path / "jsonl"
+    data.mkdir()
+    for split in ("train", "dev", "test"):
+        (data / f"{split}.jsonl").write_text('{"sentence": "good", "label": "pos"}\n{"sentence": NaN, "label": "neg"}\n')
+    out = st("finetune", "--task", "jsonl", "--data-dir", data, "--model", tiny_bert_dir, "--out", tmp_path / "r", ok=False)
+    assert "train.jsonl, line 2: NaN is not valid JSON" in out
+
+    rte = tmp_path / "RTE"
+    rte.mkdir()
+    (rte / "train.tsv").write_bytes(b"index\tsentence1\tsentence2\tlabel\n0\tgood\t\xff\xfe bad\tentailment\n")
+    out = st("finetune", "--task", "rte", "--data-dir", rte, "--model", tiny_bert_dir, "--out", tmp_path / "g", ok=False)
+    assert "train.tsv:2: not UTF-8 text" in out
+
+
+def test_report_refuses_nan_in_results(tmp_path):
+    (tmp_path / "results.json").write_text('{"runs": [], "main_metric": "accuracy", "settings": {}, "x": NaN}')
+    assert "NaN is not valid JSON" in st("report", tmp_path, ok=False)

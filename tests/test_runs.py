@@ -75,3 +75,21 @@ def test_commit_moves_the_best_files_and_marks_the_run_finished(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "report.md",
                                                        "run.json", "tickets"]  # no temporary file left
     assert run.check(SETTINGS) == {"dev": {"accuracy": 0.75}}  # finished: its metrics, nothing to do
+
+
+def test_one_writer_per_folder_and_the_lock_dies_with_its_process(tmp_path):
+    import subprocess
+    import sys
+
+    from st.runs import lock_folder
+
+    held = lock_folder(tmp_path)
+    with pytest.raises(UserError, match=f"is being written by process {os.getpid()}; wait for it to finish"):
+        RunFolder(tmp_path).claim(SETTINGS)
+    assert not (tmp_path / "run.json").exists()
+    held.close()
+    # a process killed while holding the lock leaves the file but not the lock
+    code = f"from pathlib import Path; from st.runs import lock_folder; import os; h = lock_folder(Path({str(tmp_path)!r})); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    RunFolder(tmp_path).claim(SETTINGS)
+    assert (tmp_path / "run.json").exists()

@@ -26,11 +26,11 @@ def test_options_left_out_take_the_defaults():
 
 
 def test_settings_keep_run_json_layout_and_read_back():
-    spec = RunSpec(DataSpec("csv", "data", (("label_column", "y"),), 10, None, 64), ModelSpec("m", 0.0, 0.05),
+    spec = RunSpec(DataSpec("csv", "data", (("label_column", "y"),), 10, None, 64), ModelSpec("m", 0.0, 0.05, weights="ab12"),
                    TrainConfig(epochs=1, lr=1e-3, precision="bf16"), seed=4, held_out=HeldOut(0.5, 200))
     settings = spec.settings()
     assert list(settings) == ["task", "model", "data_dir", "task_options", "train_size", "train_fraction", "max_length",
-                              "dropout", "head_dropout", "ticket", "init", "train", "dev_size", "select_fraction"]
+                              "dropout", "head_dropout", "ticket", "init", "model_weights", "train", "dev_size", "select_fraction"]
     assert settings["train"] == {"epochs": 1, "batch_size": 32, "lr": 1e-3, "warmup": 0.1, "weight_decay": 0.0, "clip": 1.0,
                                  "grad_accum": 1, "seed": 4, "precision": "bf16"}
     assert spec_from_settings(json.loads(json.dumps(settings))) == spec
@@ -67,3 +67,20 @@ def test_a_run_is_its_ticket_not_the_ticket_file(tiny_bert_dir, sentiment_dir, t
     assert run_finetune(spec, tmp_path / "moved") == first
     with pytest.raises(UserError, match=r"ticket.head_mask=\[\[0, 1, 1, 1\], \[1, 1, 1, 1\]\], not \[\[1, 1, 1, 1\], \[1, 1, 1, 0\]\]"):
         run_finetune(replace(spec, model=replace(spec.model, ticket=keep_last)), tmp_path / "moved")
+
+
+def test_a_run_is_its_model_weights_and_absolute_data(sentiment_dir, tmp_path, monkeypatch):
+    from tests.conftest import write_tiny_bert
+
+    model = write_tiny_bert(tmp_path / "model")
+    monkeypatch.chdir(sentiment_dir.parent)  # a relative --data-dir ...
+    spec = run_spec("csv", model=str(model), data_dir=sentiment_dir.name, epochs=1, batch_size=32, lr=5e-3)
+    assert spec.data.data_dir == str(sentiment_dir.resolve())
+    run_finetune(spec, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)  # ... still works from elsewhere: st score reads the recorded data
+    from st.pipeline import score_checkpoint
+
+    assert score_checkpoint(tmp_path / "run", num_examples=16).num_examples == 16
+    write_tiny_bert(model, seed=1)  # the same shapes, other weights: another run
+    with pytest.raises(UserError, match=r"holds a run made with model_weights='[0-9a-f]{64}', not '[0-9a-f]{64}'"):
+        run_finetune(spec, tmp_path / "run")

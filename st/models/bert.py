@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from st.errors import UserError
+
 
 @dataclass(frozen=True)
 class BertConfig:
@@ -42,8 +44,12 @@ class BertConfig:
     ffn_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:  # a hand-edited config.json: strings, negatives, floats
+                raise UserError(f"the model config's {name} must be a positive whole number, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+            raise UserError(f"the model config's hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         for name, per_layer in (("kept_heads", self.kept_heads), ("ffn_sizes", self.ffn_sizes)):
             if per_layer is not None and len(per_layer) != self.num_layers:
                 raise ValueError(f"{name} has {len(per_layer)} entries for {self.num_layers} layers")

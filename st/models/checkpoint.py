@@ -34,10 +34,18 @@ def load_checkpoint(folder: str | Path) -> tuple[BertClassifier, dict]:
     cfg = read_config(folder)
     if cfg.get("format") != ST_FORMAT or "head" not in cfg:
         raise UserError(f"{folder} is not an st fine-tuned checkpoint (its config.json lacks \"format\": \"st\"); run `st finetune` first")
-    encoder = Bert(BertConfig.from_dict(cfg["encoder"]))
-    model = BertClassifier(encoder, cfg["head"]["num_labels"], cfg["head"]["dropout"])
+    try:
+        encoder = Bert(BertConfig.from_dict(cfg["encoder"]))
+        model = BertClassifier(encoder, cfg["head"]["num_labels"], cfg["head"]["dropout"])
+    except (KeyError, TypeError) as e:  # a hand-edited config.json
+        raise UserError(f"{folder}/config.json has a broken encoder or head entry ({type(e).__name__}: {e}); "
+                        "restore it from the run that made it") from None
     tensors, source = read_tensors(folder)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a shape that disagrees with config.json (e.g. an edited num_labels)
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise UserError(f"{source} does not match its config.json: {first.strip()}") from None
     if missing or unexpected:
         key = (missing or unexpected)[0]
         raise UserError(f"{source}: {'missing' if missing else 'unknown'} key {key!r}; the checkpoint does not match its config.json")

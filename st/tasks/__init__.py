@@ -55,7 +55,8 @@ def register_task(name: str):
 
     def decorator(factory):
         if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered (by {TASKS[name]!r})")
+            raise UserError(f"task {name!r} is already registered (by {getattr(TASKS[name], '__module__', '?')}); "
+                            "give your task another name")
         TASKS[name] = factory
         return factory
 
@@ -77,6 +78,8 @@ def import_user_dir(path: str | Path) -> None:
     if not path.exists():
         raise UserError(f"--user-dir {path} does not exist; pass a .py file or a folder with __init__.py")
     if path.is_file():
+        if path.suffix != ".py":
+            raise UserError(f"--user-dir {path} is not a Python file; pass a .py file or a folder with __init__.py")
         module_name = f"st_user_{path.stem}"
         spec = importlib.util.spec_from_file_location(module_name, path)
     else:
@@ -89,7 +92,11 @@ def import_user_dir(path: str | Path) -> None:
         return
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:  # a half-imported module would pass for a loaded one next time
+        del sys.modules[module_name]
+        raise
 
 
 def _import_all_tasks() -> None:

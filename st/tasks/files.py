@@ -56,14 +56,20 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 if not text.strip():
                     continue
                 try:
-                    row = json.loads(text)
+                    row = json.loads(text, parse_constant=_refuse_constant)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}, line {line}: invalid JSON ({e.msg}, column {e.colno})") from None
+                except ValueError as e:  # NaN or Infinity: not JSON, and never a text
+                    raise UserError(f"{path}, line {line}: {e}; write null, a number or a quoted string") from None
                 if not isinstance(row, dict):
                     raise UserError(f"{path}, line {line}: expected a JSON object per line, got {type(row).__name__}")
                 yield line, row
         except UnicodeDecodeError as e:
             raise UserError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _as_text(value) -> str | None:
