@@ -62,6 +62,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)  # save_file writes a new owner-only file: results are meant to be shared
 
 
 def write_torch(path: str | Path, obj) -> None:
