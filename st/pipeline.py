@@ -47,7 +47,7 @@ def resolve_defaults(spec: RunSpec) -> RunSpec:
     folder = model_dir(spec)
     config = pretrained_config(folder)
     lr = spec.train.lr or default_lr(config.hidden_size)
-    max_length = spec.data.max_length or min(DEFAULT_MAX_LENGTH, config.max_position_embeddings)
+    max_length = spec.data.max_length or min(DEFAULT_MAX_LENGTH, config.max_tokens)
     model = replace(spec.model, name=spec.model.init or spec.model.name, weights=weights_digest(folder))
     return replace(spec, model=model, train=replace(spec.train, lr=lr), data=replace(spec.data, max_length=max_length))
 
@@ -140,7 +140,7 @@ def check_run(spec: RunSpec) -> Task:
     task, tokenizer = build_task(spec.data), build_tokenizer(spec)
     config = pretrained_config(model_dir(spec))
     check_vocab(tokenizer, config.vocab_size, model_dir(spec))
-    check_length(spec.data.max_length, config.max_position_embeddings, model_dir(spec))
+    check_length(spec.data.max_length, config.max_tokens, model_dir(spec))
     load_train(spec, task, tokenizer)
     load_split(task, tokenizer, task.dev_splits[0])
     return task
@@ -158,7 +158,7 @@ def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step
     tokenizer = build_tokenizer(spec)
     model = build_model(spec, task)
     check_vocab(tokenizer, model.encoder.config.vocab_size, model_dir(spec))
-    check_length(spec.data.max_length, model.encoder.config.max_position_embeddings, model_dir(spec))
+    check_length(spec.data.max_length, model.encoder.config.max_tokens, model_dir(spec))
     train = load_train(spec, task, tokenizer)
     _, dev = load_split(task, tokenizer, task.dev_splits[0])
     select, report = split_dev(dev, spec)
@@ -224,7 +224,11 @@ def checkpoint_spec(checkpoint: str | Path, task: str | None = None, data_dir: s
     """A fine-tuned checkpoint with the spec that made it (another `task` or `data_dir` if given),
     its task and its tokenizer."""
     model, cfg = load_checkpoint(checkpoint)
-    spec = spec_from_settings(cfg["job"])
+    try:
+        spec = spec_from_settings(cfg["job"])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a hand-edited config.json
+        raise UserError(f"{checkpoint}/config.json has a broken \"job\" entry ({type(e).__name__}: {e}); "
+                        "restore it from the run's run.json") from None
     data = replace(spec.data, **{k: v for k, v in (("task", task), ("data_dir", data_dir)) if v is not None})
     spec = replace(spec, data=data, model=replace(spec.model, init=str(checkpoint)))
     return model, spec, build_task(spec.data), Tokenizer.from_dir(checkpoint, max_length=spec.data.max_length)

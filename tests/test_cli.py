@@ -222,6 +222,8 @@ def test_bad_files_and_user_code_are_one_line(finetuned, tiny_bert_dir, tmp_path
     config = json.loads((edited / "config.json").read_text())
     (edited / "config.json").write_text(json.dumps({**config, "head": {**config["head"], "num_labels": 5}}))
     assert "does not match its config.json" in st("eval", "--checkpoint", edited, ok=False)
+    (edited / "config.json").write_text(json.dumps({**config, "job": {"task": "csv"}}))
+    assert "has a broken \"job\" entry" in st("score", "--checkpoint", edited, "--out", tmp_path / "s.json", ok=False)
     assert "is a folder; pass the scores.json" in st("prune", "--scores", tmp_path, "--ratio", 0.2, "--out", tmp_path / "t.json", ok=False)
     (tmp_path / "tasks.csv").write_text("a,b\n")
     assert "is not a Python file" in st("--user-dir", tmp_path / "tasks.csv", "tasks", ok=False)
