@@ -299,14 +299,16 @@ def _log_level(level):
 @click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Every run a Ray task (pip install 'st[ray]'): alone, a local Ray instance; auto, the cluster this node is in; "
                    "HOST:PORT, that cluster's head. One CPU or one GPU per run; --out must be on storage every node sees.")
-@click.option("--quick", is_flag=True, help="A one-minute look: 1 seed, ratios 0.3,0.6, all three kinds, 192 examples, 2 epochs.")
+@click.option("--quick", is_flag=True, help="A one-minute smoke test (claims no super ticket): 1 seed, ratios 0.3,0.6, all three kinds, 192 examples, 2 epochs.")
 @click.pass_context
-def sweep_command(ctx, out, device, ray, **options):
+@click.option("--keep-weights", type=click.Choice(["best", "all", "none"]), default="best", show_default=True,
+              help="Whose weights stay once the sweep is done: the full model's and the super ticket's, every run's, or none.")
+def sweep_command(ctx, out, device, ray, keep_weights, **options):
     """Phase transition: the full model and winning/random/losing tickets at every ratio and seed; the super ticket.
 
     Without --task: the main job, rotten_tomatoes on minilm-l6 with 256 training examples, 2 epochs,
     batch 16, lr 5e-4, max length 64, 400 dev examples and 2 processes (about 15 minutes on 2 CPU
-    cores); --quick: a one-minute version. Defaults shown below are for a --task of your own; an
+    cores); --quick: a one-minute smoke test. Defaults shown below are for a --task of your own; an
     option you give always wins.
     """
     from st import dist
@@ -319,8 +321,8 @@ def sweep_command(ctx, out, device, ray, **options):
         cfg, jobs = plan(ray=ray, **options)
         starting = lambda n: console.print(f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name}: {cfg.seeds} seed(s) x (full model + "  # noqa: E731
                                            f"{len(cfg.kinds)} kinds x {len(cfg.ratios)} ratios), {n} run(s) at a time -> {out}")
-        printer = RunPrinter(console, build_task(cfg.spec.data).main_metric)
-        doc = run_sweep(cfg, out, jobs=jobs, device=device, ray=ray, on_start=starting, on_result=printer)
+        printer = RunPrinter(console, build_task(cfg.spec.data).main_metric, cfg.total_runs)
+        doc = run_sweep(cfg, out, jobs=jobs, device=device, ray=ray, keep_weights=keep_weights, on_start=starting, on_result=printer)
         if dist.is_main():
             selection = render(out)
             Console().print(phase_table(doc, selection))

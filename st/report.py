@@ -9,6 +9,7 @@ Scores are shown ×100 (GLUE style); means ± sample standard deviations over se
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from rich.markup import escape
@@ -102,8 +103,13 @@ def phase_table(doc: dict, selection: Selection | None = None, part: str = "repo
 
 
 def summary_lines(selection: Selection) -> list[str]:
-    """What was chosen and what it gains on the report part, in a few sentences."""
+    """What was chosen and what it gains on the report part, in a few sentences. From one seed
+    nothing is claimed: the spread between seeds is larger than most gains (a smoke test)."""
     sel = selection
+    if max(c["n"] for c in sel.candidates) < 2:
+        return [f"one seed is a smoke test, not evidence: no super ticket is claimed (run --seeds 3 or more); "
+                f"on the selection part the best was {_chosen_name(sel)} ({sel.metric} {fmt(stats(list(sel.selection.values())))})",
+                *([f"{len(sel.failures)} run(s) failed"] if sel.failures else [])]
     if sel.kind == FULL:
         lines = [f"super ticket: the full model ({sel.metric} {fmt(stats(list(sel.selection.values())))} on the selection part; "
                  f"report part {fmt(stats(list(sel.report.values())))})"]
@@ -131,8 +137,9 @@ class RunPrinter:
 
     COLUMNS = (("seed", 4), ("kind", 7), ("r", 4), ("% weights", 9), ("selection", 9), ("report", 7), ("epoch", 5), ("seconds", 7))
 
-    def __init__(self, console, metric: str):
-        self.console, self.metric, self.started = console, metric, False
+    def __init__(self, console, metric: str, total: int | None = None, clock=time.monotonic):
+        self.console, self.metric, self.total, self.clock = console, metric, total, clock
+        self.started, self.begin, self.done, self.trained = False, clock(), 0, 0
 
     def _line(self, cells: list[str]) -> str:
         return " ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.COLUMNS))
@@ -144,9 +151,22 @@ class RunPrinter:
         metric = lambda part: "—" if record[part] is None else fmt_value(record[part][self.metric])  # noqa: E731
         percent = record["percent_remaining"]["model"] if record["percent_remaining"] else None
         note = f"  [red]{escape(record['error'])}[/]" if record["error"] else ("  [dim]finished earlier[/]" if record.get("reused") else "")
+        self.done += 1
+        self.trained += not record.get("reused")
         self.console.print(self._line([str(record["seed"]), record["kind"], f"{record['ratio']:g}", "—" if percent is None else f"{percent:.1f}",
                                        metric("selection"), metric("report"), str(record["best_epoch"] or "—"),
-                                       "—" if record["seconds"] is None else f"{record['seconds']:.0f}"]) + note)
+                                       "—" if record["seconds"] is None else f"{record['seconds']:.0f}"])
+                           + f"  [dim]{progress_note(self.done, self.total, self.clock() - self.begin, self.trained)}[/]" + note)
+
+
+def progress_note(done: int, total: int | None, elapsed: float, trained: int) -> str:
+    """"3/7 runs, 1:02 elapsed, ~1:30 left": the time left from the runs trained in this call (runs
+    finished earlier come back at once and say nothing about speed)."""
+    clock = lambda s: f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}" if s >= 3600 else f"{int(s) // 60}:{int(s) % 60:02d}"  # noqa: E731
+    text = f"{done}/{total} runs, {clock(elapsed)} elapsed" if total else f"{done} runs, {clock(elapsed)} elapsed"
+    if total and trained and done < total:
+        text += f", ~{clock(elapsed / trained * (total - done))} left"
+    return text
 
 
 # ---- markdown --------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from st.io import read_json, write_json
 from st.models.bert import BertConfig
 from st.pipeline import check_run, resolve_defaults, run_finetune, score_checkpoint
 from st.runs import check_settings, guard_settings, lock_folder
-from st.select import FULL, RESULTS
+from st.select import FULL, RESULTS, select_super_ticket
 from st.specs import HeldOut, RunSpec, run_spec
 from st.tickets import KINDS, Ticket, make_ticket
 
@@ -83,6 +83,10 @@ class SweepConfig:
         object.__setattr__(self, "ratios", tuple(sorted(float(r) for r in ratios if r > 0)))
         object.__setattr__(self, "kinds", tuple(k for k in KINDS if k in kinds))
         object.__setattr__(self, "spec", resolve_defaults(self.spec))
+
+    @property
+    def total_runs(self) -> int:
+        return self.seeds * (1 + len(self.kinds) * len(self.ratios))
 
     @property
     def seed_list(self) -> list[int]:
@@ -311,7 +315,8 @@ def write_results(out: Path, doc: dict) -> None:
 
 
 def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, device: str | None = "cpu", ray: str | None = None,
-              on_start: Callable[[int], None] | None = None, on_result: Callable[[dict], None] | None = None) -> dict:
+              keep_weights: str = "best", on_start: Callable[[int], None] | None = None,
+              on_result: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) the sweep into `out`; returns results.json's contents. `jobs` runs at once in
     local processes, or on the Ray cluster at `ray` ("local", "auto", host:port; see `st.engines`);
     `device` None: cuda when there is one. On rank 0, `on_start(runs at once)` is called once the
@@ -319,6 +324,8 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, device: str |
     this call carry reused=True)."""
     out = Path(out).resolve()  # absolute: a Ray worker on another node has another working directory
     check_engine(jobs, ray)  # everything is checked before anything starts or is written
+    if keep_weights not in KEEP_WEIGHTS:
+        raise UserError(f"--keep-weights must be one of {', '.join(KEEP_WEIGHTS)}, got {keep_weights!r}")
     if ray is None:  # (a Ray cluster's GPUs are on its nodes, not necessarily here)
         device = dist.pick_device(device)
     check_settings(out, cfg.settings(), SETTINGS, "sweep")
@@ -343,4 +350,24 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, device: str |
     doc = results_doc(cfg, records, task)
     if dist.is_main():
         write_results(out, doc)
+        drop_weights(out, doc, keep_weights)
     return doc
+
+
+KEEP_WEIGHTS = ("all", "best", "none")
+
+
+def drop_weights(out: Path, doc: dict, keep: str) -> list[Path]:
+    """Once every run finished, delete the weights nobody needs: "best" keeps the full model's and the
+    super ticket's runs (every seed), "none" keeps none, "all" all (75 copies, ~5 GB for the main
+    job). Metrics, tickets and configs stay, so the sweep still resumes and reports. Returns what went."""
+    if keep == "all" or any(r["error"] for r in doc["runs"]):  # a rerun may still change the choice
+        return []
+    kept = set()
+    if keep == "best":
+        chosen = select_super_ticket(doc)
+        kept = {(FULL, 0.0), (chosen.kind, chosen.ratio)}
+    dropped = [out / r["run"] / "model.safetensors" for r in doc["runs"] if (r["kind"], r["ratio"]) not in kept]
+    for path in dropped:
+        path.unlink(missing_ok=True)
+    return dropped

@@ -293,7 +293,7 @@ def test_killed_ray_driver_rerun_skips_finished_runs(ray_local, pool_doc, tiny_b
     stamps = {str(run.relative_to(out)): (run / "model.safetensors").stat().st_mtime_ns for run in finished}
 
     seen = []
-    doc = run_sweep(config(tiny_bert_dir, sentiment_dir), out, ray="local", on_result=seen.append)
+    doc = run_sweep(config(tiny_bert_dir, sentiment_dir), out, ray="local", keep_weights="all", on_result=seen.append)
     assert sorted(r["run"] for r in seen if r["reused"]) == sorted(stamps)  # finished runs skipped ...
     assert all((out / run / "model.safetensors").stat().st_mtime_ns == stamp for run, stamp in stamps.items())  # ... not rewritten
     assert metrics(doc) == metrics(pool_doc)

@@ -83,7 +83,7 @@ def swept(tiny_bert_dir, sentiment_dir, tmp_path_factory):
     trained, real_finetune = [], pipeline.finetune
     patch.setattr(pipeline, "finetune", lambda *a, **k: trained.append(a[5].path) or real_finetune(*a, **k))
     resumed = []
-    doc = run_sweep(cfg, out, on_result=resumed.append)
+    doc = run_sweep(cfg, out, keep_weights="all", on_result=resumed.append)
     patch.undo()
     render(out)
     return SimpleNamespace(out=out, cfg=cfg, doc=doc, partial=partial, stamps=stamps, trained=trained, resumed=resumed)
@@ -264,3 +264,45 @@ def test_full_disk_leaves_the_previous_results_intact(swept, monkeypatch):
         run_sweep(swept.cfg, swept.out)
     assert results.read_bytes() == before and json.loads(before)["runs"]
     assert not list(swept.out.glob(".results.json.*"))  # no partial file left behind
+
+
+# ---- a sweep that respects its user ----------------------------------------------------------------
+
+
+def test_weights_are_kept_where_needed(swept, tmp_path):
+    """--keep-weights best (the default): the full model's and the super ticket's weights stay, every
+    other run's go; none: none stay; the sweep still reports and a rerun trains nothing."""
+    best, none = tmp_path / "best", tmp_path / "none"
+    for folder in (best, none):
+        shutil.copytree(swept.out, folder)
+    chosen = select_super_ticket(swept.doc)
+    dropped = sweep.drop_weights(best, swept.doc, "best")
+    kept = {(r["kind"], r["ratio"]) for r in swept.doc["runs"] if (best / r["run"] / "model.safetensors").exists()}
+    assert kept == {("full", 0.0), (chosen.kind, chosen.ratio)} and len(dropped) == len(swept.doc["runs"]) - 2 * len(kept)
+    sweep.drop_weights(none, swept.doc, "none")
+    assert not any((none / r["run"] / "model.safetensors").exists() for r in swept.doc["runs"])
+    assert run_sweep(swept.cfg, none, keep_weights="none")["runs"] == swept.doc["runs"]  # finished runs: kept as results
+    assert sweep.drop_weights(best, {**swept.doc, "runs": [{**swept.doc["runs"][0], "error": "boom"}]}, "none") == []
+
+
+def test_progress_line_and_one_seed_claims_nothing(swept):
+    import io
+
+    from rich.console import Console
+
+    from st.report import RunPrinter, progress_note, summary_lines
+
+    assert progress_note(3, 7, 62, 3) == "3/7 runs, 1:02 elapsed, ~1:22 left"
+    assert progress_note(7, 7, 3725, 2) == "7/7 runs, 1:02:05 elapsed"
+    ticks = iter([0.0, 10.0, 20.0])
+    text = io.StringIO()
+    printer = RunPrinter(Console(file=text, width=200), "accuracy", total=4, clock=lambda: next(ticks))
+    printer({**swept.doc["runs"][0], "reused": True})
+    printer(swept.doc["runs"][1])
+    assert "1/4 runs, 0:10 elapsed" in text.getvalue() and "2/4 runs, 0:20 elapsed, ~0:40 left" in text.getvalue()
+
+    one_seed = {**swept.doc, "runs": [r for r in swept.doc["runs"] if r["seed"] == 0]}
+    lines = summary_lines(select_super_ticket(one_seed))
+    assert lines[0].startswith("one seed is a smoke test, not evidence: no super ticket is claimed")
+    assert not any("gain" in line or "p =" in line for line in lines)
+    assert summary_lines(select_super_ticket(swept.doc))[0].startswith("super ticket:")  # two seeds: claimed
