@@ -1,6 +1,9 @@
 """Our encoder against transformers.BertModel, same weights (the packaged MiniLM-L6) and inputs, one run.
 
-  python bench/bench_encoder.py [--batch 32] [--seq 128] [--repeats 4] [--warmup 1] [--threads 2]
+  python bench/bench_encoder.py [--batch 32] [--seq 128] [--repeats 4] [--warmup 1] [--threads 2] [--family roberta]
+
+`--family roberta` runs the same workloads on a RoBERTa of MiniLM-L6's shape (random weights built by
+transformers, perturbed: RobertaModel, pad id 1, positions after the pad id, one token type).
 
 Three workloads; the contenders of a workload are timed round-robin (one call each, repeat) after a
 warm-up, so load from other processes hits all of them alike; medians are reported.
@@ -36,7 +39,7 @@ from st.models import load_pretrained, resolve_model_dir  # noqa: E402
 TARGETS = {"forward": 1.0, "train step": 1.15, "masked f+b": 1.5}
 
 
-def make_inputs(batch: int, seq: int, vocab: int, seed: int = 0):
+def make_inputs(batch: int, seq: int, vocab: int, seed: int = 0, pad: int = 0):
     """Sentence pairs of lengths uniform in [seq/2, seq], padded to the longest (= seq):
     [CLS] a [SEP] b [SEP] [PAD]..."""
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +52,23 @@ def make_inputs(batch: int, seq: int, vocab: int, seed: int = 0):
         ids[b, 0], ids[b, split], ids[b, n - 1] = 101, 102, 102
         types[b, split + 1 : n] = 1
         mask[b, :n] = 1
-    return ids * mask, types * mask, mask
+    return ids.masked_fill(mask == 0, pad), types * mask, mask
+
+
+def roberta_like(folder: Path, out: Path) -> Path:
+    """A random RobertaModel with the shape of the BERT in `folder`, saved to `out`."""
+    import transformers
+
+    bert = transformers.BertConfig.from_pretrained(str(folder))
+    config = transformers.RobertaConfig(vocab_size=bert.vocab_size, hidden_size=bert.hidden_size, num_hidden_layers=bert.num_hidden_layers,
+                                        num_attention_heads=bert.num_attention_heads, intermediate_size=bert.intermediate_size,
+                                        max_position_embeddings=bert.max_position_embeddings + 2, type_vocab_size=1, layer_norm_eps=1e-5)
+    model = transformers.RobertaModel(config, add_pooling_layer=False)
+    with torch.no_grad():  # fresh LayerNorms (γ = 1, β = 0) make the benchmark's loss, a sum over D, constant:
+        for p in model.parameters():  # its head-mask gradients would be rounding noise
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(str(out))
+    return out
 
 
 def race(contenders: dict, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
@@ -77,6 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default="minilm-l6", help="folder, alias or cached hub id of a BERT checkpoint")
     p.add_argument("--only", choices=["forward", "train", "masked"], action="append", help="run only these workloads")
+    p.add_argument("--family", choices=["bert", "roberta"], default="bert", help="roberta: a random RoBERTa of the model's shape")
     args = p.parse_args(argv)
 
     import transformers
@@ -85,28 +105,34 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     folder = resolve_model_dir(args.model)
+    if args.family == "roberta":
+        import tempfile
+
+        folder = roberta_like(folder, Path(tempfile.mkdtemp(prefix="st-bench-roberta-")))
 
     def hf_model(attn: str):
-        return transformers.BertModel.from_pretrained(str(folder), attn_implementation=attn)
+        return transformers.AutoModel.from_pretrained(str(folder), attn_implementation=attn)
 
     ours = load_pretrained(folder)
     hf = {"sdpa": hf_model("sdpa"), "eager": hf_model("eager")}
     c = ours.config
     L, H, B = c.num_layers, c.num_heads, args.batch
-    ids, types, mask = make_inputs(B, args.seq, c.vocab_size)
+    ids, types, mask = make_inputs(B, args.seq, c.vocab_size, pad=c.pad_token_id)
+    # HF's RoBERTa tokenizers pass no token types (ours ignores them for a one-type model)
+    hf_types = types if c.type_vocab_size > 1 else None
     real = mask.bool()
     weight = mask[..., None].float()  # the loss sees real tokens only: HF's outputs at padding are not zero
 
     def loss(out):  # B,T,D -> scalar
         return (out * weight).sum()
-    print(f"{args.model}: L={L} D={c.hidden_size} H={H} | batch {B} x seq {args.seq}, {real.float().mean():.0%} real tokens "
+    print(f"{args.model} ({c.model_type}): L={L} D={c.hidden_size} H={H} | batch {B} x seq {args.seq}, {real.float().mean():.0%} real tokens "
           f"| threads {torch.get_num_threads()} | torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
     # Same weights, same numbers: a benchmark of different computations would mean nothing.
     ours.eval(), hf["sdpa"].eval()
     with torch.no_grad():
-        diff = (ours(ids, types, mask) - hf["sdpa"](input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state)[real]
+        diff = (ours(ids, types, mask) - hf["sdpa"](input_ids=ids, token_type_ids=hf_types, attention_mask=mask).last_hidden_state)[real]
     print(f"parity: max |ours - HF sdpa| on real tokens = {diff.abs().max():.1e}")
 
     rows = []  # (workload, contender, (wall, cpu), reference (wall, cpu) or None)
@@ -125,8 +151,8 @@ def main(argv=None) -> None:
         t = race(
             {
                 "ours": fwd(lambda: ours(ids, types, mask)),
-                "HF sdpa": fwd(lambda: hf["sdpa"](input_ids=ids, token_type_ids=types, attention_mask=mask)),
-                "HF eager": fwd(lambda: hf["eager"](input_ids=ids, token_type_ids=types, attention_mask=mask)),
+                "HF sdpa": fwd(lambda: hf["sdpa"](input_ids=ids, token_type_ids=hf_types, attention_mask=mask)),
+                "HF eager": fwd(lambda: hf["eager"](input_ids=ids, token_type_ids=hf_types, attention_mask=mask)),
             },
             args.warmup,
             args.repeats,
@@ -150,7 +176,7 @@ def main(argv=None) -> None:
         t = race(
             {
                 "ours": step("ours", lambda: ours(ids, types, mask)),
-                "HF sdpa": step("HF sdpa", lambda: hf["sdpa"](input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state),
+                "HF sdpa": step("HF sdpa", lambda: hf["sdpa"](input_ids=ids, token_type_ids=hf_types, attention_mask=mask).last_hidden_state),
             },
             args.warmup,
             args.repeats,
@@ -177,7 +203,7 @@ def main(argv=None) -> None:
         def hf_masked():  # HF-based scoring: one L×H gradient for the batch, weights' gradients too
             head_mask = torch.ones(L, H, requires_grad=True)
             hf_eager.zero_grad(set_to_none=True)
-            loss(hf_eager(input_ids=ids, token_type_ids=types, attention_mask=mask, head_mask=head_mask).last_hidden_state).backward()
+            loss(hf_eager(input_ids=ids, token_type_ids=hf_types, attention_mask=mask, head_mask=head_mask).last_hidden_state).backward()
             return head_mask.grad
 
         g_hf = hf_masked()

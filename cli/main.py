@@ -217,7 +217,7 @@ def prune_command(scores_path, ratio, kind, seed, checkpoint, model, out, overwr
 @click.option("--ticket", type=TICKET, default=None, help="Prune to this ticket first.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for the physically pruned model in st's format.")
 @click.option("--hf", "hf_out", type=click.Path(file_okay=False), default=None,
-              help="Folder for a Hugging Face BertForSequenceClassification (from_pretrained in transformers 4.x and 5.x).")
+              help="Folder for the family's Hugging Face ...ForSequenceClassification (from_pretrained in transformers 4.x and 5.x).")
 @click.option("--hf-layout", type=click.Choice(["dense", "pruned-heads"]), default="dense", show_default=True,
               help="dense: full-size matrices, pruned heads and FFN blocks zero-filled (exact; any transformers). "
                    "pruned-heads: smaller matrices through the config's pruned_heads (transformers 4.x only).")

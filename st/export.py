@@ -1,6 +1,7 @@
 """Exports of a fine-tuned (and usually pruned) model: `st`'s own folder, Hugging Face folders, ONNX.
 
-Hugging Face layouts, each a `BertForSequenceClassification` folder (the family's classes):
+Hugging Face layouts, each a folder of the family's `...ForSequenceClassification` (Bert, Roberta,
+XLMRoberta, Electra, DistilBert; the family is the encoder config's model_type):
   dense (default)  full-size tensors; a pruned head's Q/K/V rows and output-projection columns and
                    a removed FFN block's weights and down bias are zeros. Exact: such a head's scores
                    are 0, its softmax uniform, its values 0, so it adds nothing, exactly as a head
@@ -27,7 +28,7 @@ from st.errors import UserError
 from st.io import write_json, write_safetensors
 from st.models.bert import Bert, BertConfig
 from st.models.checkpoint import load_checkpoint, save_checkpoint
-from st.models.families import BERT, FAMILIES, Family
+from st.models.families import Family, family_of
 from st.models.heads import BertClassifier
 from st.models.weights import head_rows, load_pretrained_parts, read_config, read_tensors
 from st.onnx_export import export_onnx, require_onnx
@@ -88,15 +89,19 @@ def _ffn_full_width(tensor: Tensor | None, name: str, c: BertConfig, like: Tenso
     return full
 
 
-def hf_state(model: BertClassifier, layout: str = "dense", family: Family = BERT) -> dict[str, Tensor]:
+def _family(model: BertClassifier) -> Family:
+    return family_of(model.encoder.config.model_type, "the model's encoder config")
+
+
+def hf_state(model: BertClassifier, layout: str = "dense") -> dict[str, Tensor]:
     """The tensors of the family's HF sequence-classification model for `model`, in `layout`."""
     if layout not in HF_LAYOUTS:
         raise UserError(f"unknown Hugging Face layout {layout!r}; choose one of: {', '.join(HF_LAYOUTS)}")
-    config = model.encoder.config
+    config, family = model.encoder.config, _family(model)
     ours = {k: v.detach() for k, v in model.encoder.state_dict().items()}
     like = ours["embeddings.word.weight"]
     out = {}
-    for name, hf_names in family.encoder_table(config.num_layers).items():
+    for name, hf_names in family.encoder_table(config).items():
         if ".ffn." in name:
             tensor = _ffn_full_width(ours.get(name), name, config, like)
         elif name.startswith("layers."):
@@ -105,17 +110,15 @@ def hf_state(model: BertClassifier, layout: str = "dense", family: Family = BERT
             tensor = ours[name]
         for part, hf_name in zip(tensor.chunk(len(hf_names)), hf_names):  # Q, K, V are three HF tensors
             out[family.prefix + hf_name] = part
-    pooler, head = model.pooler.state_dict(), model.classifier.state_dict()
-    for name, (hf_name,) in family.pooler_table.items():
-        out[family.prefix + hf_name] = pooler[name].detach()
-    for name, hf_name in family.task_table.items():
-        out[hf_name] = head[name].detach()
+    top = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}  # pooler.*, classifier.*
+    for name, hf_name in family.head_table.items():
+        out[hf_name] = top[name].detach()
     return out
 
 
-def hf_config(model: BertClassifier, id2label=None, layout: str = "dense", family: Family = BERT) -> dict:
+def hf_config(model: BertClassifier, id2label=None, layout: str = "dense") -> dict:
     """config.json of the family's HF sequence-classification model for `model`, in `layout`."""
-    c, n = model.encoder.config, model.num_labels
+    c, n, family = model.encoder.config, model.num_labels, _family(model)
     if id2label is None:
         id2label = {i: f"LABEL_{i}" for i in range(n)}
     elif not isinstance(id2label, dict):
@@ -123,7 +126,7 @@ def hf_config(model: BertClassifier, id2label=None, layout: str = "dense", famil
     if sorted(int(k) for k in id2label) != list(range(n)):
         raise UserError(f"id2label has {len(id2label)} labels {sorted(id2label)}; the model has {n} outputs (0..{n - 1})")
     id2label = {int(k): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
-    cfg = {"architectures": [family.classifier_class], **family.config_fields(c), "classifier_dropout": model.classifier.dropout.p}
+    cfg = {"architectures": [family.classifier_class], **family.config_fields(c), family.head_dropout_field: model.classifier.dropout.p}
     if layout == "pruned-heads":
         pruned = {str(i): sorted(set(range(c.num_heads)) - set(c.layer_heads(i))) for i in range(c.num_layers)}
         # transformers 4.x prunes these heads again when it builds the model, then loads the smaller tensors.
@@ -155,20 +158,20 @@ def export_hf(model: BertClassifier, folder: str | Path, id2label=None, *, layou
 def load_hf_classifier(folder: str | Path, remove_zeros: bool = False) -> tuple[BertClassifier, dict]:
     """(model, config.json) of a Hugging Face sequence-classification folder, either layout (or a
     model pruned by transformers 4.x); `remove_zeros` removes zero-filled heads and FFN blocks."""
-    config, encoder, pooler, folder = load_pretrained_parts(folder, remove_zeros)
+    config, encoder, _, folder = load_pretrained_parts(folder, remove_zeros)
     cfg = read_config(folder)
-    family = FAMILIES.get(cfg.get("model_type"))
+    family = family_of(cfg.get("model_type"), f"{folder}/config.json") if cfg.get("format") != "st" else None
     raw, source = read_tensors(folder)
-    missing = [k for k in family.task_table.values() if k not in raw] if family else ["config.json model_type"]
-    if missing or pooler is None:
-        raise UserError(f"{folder} is not a Hugging Face sequence-classification folder (no {(missing or ['pooler'])[0]}); "
+    missing = [k for k in family.head_table.values() if k not in raw] if family else ["config.json model_type"]
+    if missing:
+        raise UserError(f"{folder} is not a Hugging Face sequence-classification folder (no {missing[0]}); "
                         f"for st checkpoints use load_checkpoint")
-    head = {ours: raw[hf].float() for ours, hf in family.task_table.items()}
-    dropout = cfg.get("classifier_dropout")
-    model = BertClassifier(Bert(config), head["out.weight"].shape[0], cfg.get("hidden_dropout_prob", 0.1) if dropout is None else dropout)
+    top = {ours: raw[hf].float() for ours, hf in family.head_table.items()}  # pooler.*, classifier.*
+    dropout = cfg.get(family.head_dropout_field)
+    model = BertClassifier(Bert(config), top["classifier.out.weight"].shape[0], config.hidden_dropout if dropout is None else dropout)
     model.encoder.load_state_dict(encoder)
-    model.pooler.load_state_dict(pooler)
-    model.classifier.load_state_dict(head)
+    for name, module in (("pooler.", model.pooler), ("classifier.", model.classifier)):
+        module.load_state_dict({k.removeprefix(name): v for k, v in top.items() if k.startswith(name)})
     return model, cfg
 
 

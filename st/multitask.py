@@ -42,7 +42,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         d = encoder.config.hidden_size
         self.encoder = encoder
-        self.pooler = Pooler(d)
+        self.pooler = Pooler.for_config(encoder.config)
         self.heads = nn.ModuleList(TaskHead(d, n, p) for n, p in heads)
         for module in (self.pooler, self.heads):
             module.apply(lambda m: init_weights(m, encoder.config.initializer_range))

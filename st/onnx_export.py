@@ -74,7 +74,7 @@ class OnnxClassifier(nn.Module):
 def example_batch(config, batch: int = 3, length: int = 16, seed: int = 0) -> dict[str, Tensor]:
     """A padded batch of sentence pairs: [CLS] a [SEP] b [SEP] [PAD]..., lengths differing by row."""
     g = torch.Generator().manual_seed(seed)
-    length = min(length, config.max_position_embeddings)
+    length = min(length, config.max_tokens)
     ids = torch.randint(1, config.vocab_size, (batch, length), generator=g)
     mask = torch.zeros(batch, length, dtype=torch.long)
     types = torch.zeros(batch, length, dtype=torch.long)
@@ -103,7 +103,7 @@ def export_onnx(model: BertClassifier, path: str | Path, id2label=None) -> float
     try:
         wrapper = OnnxClassifier(model).eval()
         example = example_batch(model.encoder.config, batch=2)
-        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=model.encoder.config.max_position_embeddings)
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=model.encoder.config.max_tokens)
         axes = {name: {0: batch, 1: sequence} for name in INPUTS}
         with _quiet():
             program = torch.onnx.export(wrapper, tuple(example[k] for k in INPUTS), dynamo=True, input_names=list(INPUTS),

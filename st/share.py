@@ -308,7 +308,7 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
     tokenizer = build_tokenizer(base)
     encoder, pooler = pretrained_encoder(base.model)
     check_vocab(tokenizer, encoder.config.vocab_size, model_dir(base))
-    check_length(base.data.max_length, encoder.config.max_position_embeddings, model_dir(base))
+    check_length(base.data.max_length, encoder.config.max_tokens, model_dir(base))
     ticket_list = None if tickets is None else [tickets[n] for n in names]
     dropouts = [head_dropout(s.model, t) for s, t in zip(specs, tasks)]
     sharer = TicketSharer.create(encoder, tasks, ticket_list, head_dropouts=dropouts, pooler=pooler, seed=base.seed)

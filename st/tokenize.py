@@ -1,4 +1,9 @@
-"""WordPiece tokenisation through the `tokenizers` library, matching HF's BertTokenizerFast.
+"""Tokenisation through the `tokenizers` library, matching the family's HF fast tokenizer.
+
+A folder's tokenizer.json gives the model (WordPiece for BERT, ELECTRA and DistilBERT, byte-level BPE
+for RoBERTa, Unigram for XLM-R) and the pair template (`[CLS] A [SEP] B [SEP]`, RoBERTa's
+`<s> A </s></s> B </s>`); tokenizer_config.json overrides it where HF's fast tokenizers let it
+(lower-casing, accents, add_prefix_space). A folder with only vocab.txt is a BERT WordPiece.
 
 Tokenise a whole dataset once with `encode_unpadded`, then pad per batch with `collate`;
 `encode` does both for a single batch.
@@ -15,7 +20,8 @@ from st.errors import UserError
 from st.io import copy_file
 
 # The files that make a tokenizer; checkpoints and exports carry copies so they need nothing else.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model",
+                   "tokenizer_config.json", "special_tokens_map.json")
 
 Item = tuple[list[int], list[int]]  # (input_ids, token_type_ids) of one example, unpadded
 
@@ -58,6 +64,10 @@ def _from_vocab(vocab_file: Path, cfg: dict, specials: dict[str, str]) -> Backen
 
 
 def _follow_config(tok: Backend, cfg: dict) -> None:
+    # HF's fast tokenizers set the pre-tokenizer's add_prefix_space from tokenizer_config.json,
+    # False when absent (PreTrainedTokenizerFast.__init__); it decides RoBERTa's first-word ids.
+    if isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel):
+        tok.pre_tokenizer.add_prefix_space = bool(cfg.get("add_prefix_space", False))
     # tokenizer_config.json wins over tokenizer.json's normalizer, as in HF's BertTokenizerFast:
     # a cased model shipped with a lower-casing tokenizer.json must still be cased.
     if not isinstance(tok.normalizer, normalizers.BertNormalizer):
@@ -73,12 +83,19 @@ def _follow_config(tok: Backend, cfg: dict) -> None:
         tok.normalizer = normalizers.BertNormalizer(**{**state, **want})
 
 
+def _token(value) -> str | None:
+    # tokenizer_config.json writes a special token as a string or as an AddedToken {"content": ...}
+    return value.get("content") if isinstance(value, dict) else value
+
+
 class Tokenizer:
-    """BERT WordPiece: [CLS] A [SEP] (B [SEP]), longest-first truncation to `max_length`."""
+    """The tokenizer.json's model and pair template (e.g. [CLS] A [SEP] (B [SEP])), longest-first
+    truncation to `max_length`."""
 
     def __init__(self, backend: Backend, pad_id: int, max_length: int):
-        if max_length < 3:
-            raise UserError(f"max_length is {max_length}: it must be at least 3 to fit [CLS] A [SEP] B [SEP]")
+        specials = backend.num_special_tokens_to_add(is_pair=True)
+        if max_length < max(specials, 1):
+            raise UserError(f"max_length is {max_length}: it must be at least {specials} to fit a pair's special tokens")
         self.backend, self.pad_id, self.max_length = backend, pad_id, max_length
         backend.no_padding()  # tokenizer.json may ask for fixed padding; we pad per batch in `collate`
         backend.enable_truncation(max_length, strategy="longest_first")
@@ -88,15 +105,18 @@ class Tokenizer:
         folder = Path(path)
         cfg = _read_config(folder)
         defaults = {"unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]"}
-        specials = {k: str(cfg.get(f"{k}_token") or v) for k, v in defaults.items()}
+        specials = {k: str(_token(cfg.get(f"{k}_token")) or v) for k, v in defaults.items()}
         if (folder / "tokenizer.json").is_file():
             try:
                 backend = Backend.from_file(str(folder / "tokenizer.json"))
             except Exception as e:  # the Rust side raises a bare Exception on a bad file
                 raise UserError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
-            if not isinstance(backend.model, models.WordPiece):
-                raise UserError(f"{folder / 'tokenizer.json'} is not a WordPiece (BERT) tokenizer")
+            if not isinstance(backend.model, (models.WordPiece, models.BPE, models.Unigram)):
+                raise UserError(f"{folder / 'tokenizer.json'} has a {type(backend.model).__name__} model; "
+                                "st reads WordPiece, byte-level BPE and Unigram tokenizers")
             _follow_config(backend, cfg)
+            if "pad_token" not in cfg and backend.token_to_id(specials["pad"]) is None:
+                specials["pad"] = "<pad>"  # RoBERTa-style vocabularies without a tokenizer_config.json
         elif (folder / "vocab.txt").is_file():
             backend = _from_vocab(folder / "vocab.txt", cfg, specials)
         else:

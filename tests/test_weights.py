@@ -251,13 +251,15 @@ def test_invalid_config_json(tmp_path):
         load_pretrained(tmp_path)
 
 
-def test_non_bert_config(tiny_hf):
+@pytest.mark.parametrize("model_type", ["gpt2", "deberta-v2"])
+def test_unsupported_model_type_names_the_supported_families(tiny_hf, model_type):
     folder, _, _ = tiny_hf
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["model_type"] = "roberta"
+    cfg["model_type"] = model_type
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="model_type 'roberta'"):
+    with pytest.raises(UserError, match=f"model_type '{model_type}'; st supports 'bert', 'roberta', 'xlm-roberta', 'electra', 'distilbert'") as e:
         load_pretrained(folder)
+    assert "\n" not in str(e.value)
 
 
 def test_unsupported_activation(tiny_hf):

