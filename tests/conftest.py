@@ -55,3 +55,13 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sentiment_dir(tmp_path_factory) -> Path:
     return write_sentiment_csv(tmp_path_factory.mktemp("sentiment"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: several intra-op threads only fight each other (and the other processes on a
+    busy machine: runs take seconds instead of 0.2 s), so modules of many tiny runs use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,12 +28,7 @@ FAULTS = "ST_TEST_FAULTS"  # a folder, in Ray workers' environment: where the pa
 TARGET = "ray-killed/seed0/winning-r0.50/run"  # the run whose worker is killed after its first epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def config(model, data, epochs: int = 2) -> SweepConfig:

@@ -28,14 +28,7 @@ from st.tickets import Ticket, tickets_for_tasks
 from st.train import evaluate
 from tests.conftest import WORDS
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: several intra-op threads only fight each other (and the other processes on a
-    busy machine: 10x slower here), so this module runs on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 CONFIG = BertConfig(vocab_size=30, hidden_size=16, num_layers=3, num_heads=4, intermediate_size=32,
