@@ -70,7 +70,7 @@ def task_options(required: bool = True):
     task_help = "Task name (see `st tasks`)." + ("" if required else " Without it, the main job: rotten_tomatoes on minilm-l6.")
     return _options(
         click.option("--task", required=required, help=task_help),
-        click.option("--data-dir", type=click.Path(), default=None, help="Task data folder (GLUE: defaults to $GLUE_DIR/<Task>)."),
+        click.option("--data-dir", type=click.Path(), default=None, help="Task data folder (GLUE: the task folder or the GLUE root; default $GLUE_DIR)."),
         click.option("--text-columns", default=None, help="csv/jsonl tasks: text column, or two comma-separated for pairs."),
         click.option("--label-column", default=None, help="csv/jsonl tasks: label column."),
         click.option("--labels", default=None, help="csv/jsonl tasks: comma-separated label set (default: from train)."),

@@ -40,7 +40,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise UserError(f"{path} has no config.json: point --model at a BERT checkpoint folder")
+            raise UserError(f"{path} has no config.json: point --model at a model folder (config.json + weights)")
         return path
     name = str(name_or_path)
     if name in ALIASES:
@@ -81,7 +81,7 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.exists():
-        raise UserError(f"{folder} has no config.json: point --model at a BERT checkpoint folder")
+        raise UserError(f"{folder} has no config.json: point --model at a model folder (config.json + weights)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
