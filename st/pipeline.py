@@ -76,7 +76,8 @@ def model_dir(spec: RunSpec) -> Path:
 
 
 def build_tokenizer(spec: RunSpec) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir(spec), max_length=resolve_defaults(spec).data.max_length)
+    max_length = spec.data.max_length or resolve_defaults(spec).data.max_length  # a resolved spec has it already
+    return Tokenizer.from_dir(model_dir(spec), max_length=max_length)
 
 
 def pretrained_encoder(model: ModelSpec) -> tuple[Bert, dict | None]:
@@ -88,10 +89,13 @@ def pretrained_encoder(model: ModelSpec) -> tuple[Bert, dict | None]:
     return encoder, pooler_state
 
 
-def check_length(max_length: int, positions: int, where: Path) -> None:
-    """Refuse up front a --max-length the model has no position embeddings for (it would fail mid-run)."""
-    if max_length > positions:
-        raise UserError(f"--max-length {max_length} is more than the {positions} positions of the model in {where}; "
+def check_fits(spec: RunSpec, tokenizer: Tokenizer, config: BertConfig) -> None:
+    """Refuse up front what would fail mid-run: token ids beyond the model's embeddings, or a
+    --max-length beyond its position table."""
+    where, positions = model_dir(spec), config.max_tokens
+    check_vocab(tokenizer, config.vocab_size, where)
+    if spec.data.max_length > positions:
+        raise UserError(f"--max-length {spec.data.max_length} is more than the {positions} positions of the model in {where}; "
                         f"pass --max-length {positions} or less")
 
 
@@ -133,17 +137,15 @@ def load_train(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> EncodedSet:
     return encode_examples(tokenizer, examples, regression=task.num_labels == 1)
 
 
-def check_run(spec: RunSpec) -> Task:
-    """What a run of `spec` would refuse, checked without training it (e.g. before a sweep writes
-    anything): the task and its data, the model's config, the tokenizer, lengths, the training sample."""
-    spec = resolve_defaults(spec)
+def prepare_run(spec: RunSpec) -> tuple[Task, Tokenizer, BertClassifier, EncodedSet, EncodedSet]:
+    """Everything a run of (resolved) `spec` needs, built and checked before anything is written:
+    the task, tokenizer, model, training sample and dev set (a sweep calls it to check its input)."""
     task, tokenizer = build_task(spec.data), build_tokenizer(spec)
-    config = pretrained_config(model_dir(spec))
-    check_vocab(tokenizer, config.vocab_size, model_dir(spec))
-    check_length(spec.data.max_length, config.max_tokens, model_dir(spec))
-    load_train(spec, task, tokenizer)
-    load_split(task, tokenizer, task.dev_splits[0])
-    return task
+    model = build_model(spec, task)
+    check_fits(spec, tokenizer, model.encoder.config)
+    train = load_train(spec, task, tokenizer)
+    _, dev = load_split(task, tokenizer, task.dev_splits[0])
+    return task, tokenizer, model, train, dev
 
 
 def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step: OnStep | None = None,
@@ -154,13 +156,7 @@ def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step
     finished = run.check(spec.settings())
     if finished is not None:
         return finished
-    task = build_task(spec.data)
-    tokenizer = build_tokenizer(spec)
-    model = build_model(spec, task)
-    check_vocab(tokenizer, model.encoder.config.vocab_size, model_dir(spec))
-    check_length(spec.data.max_length, model.encoder.config.max_tokens, model_dir(spec))
-    train = load_train(spec, task, tokenizer)
-    _, dev = load_split(task, tokenizer, task.dev_splits[0])
+    task, tokenizer, model, train, dev = prepare_run(spec)
     select, report = split_dev(dev, spec)
     run.claim(spec.settings())  # every input checked: only now does the folder become this run's
     if dist.is_main():

@@ -50,13 +50,13 @@ from st.errors import UserError
 from st.models.bert import Bert
 from st.models.heads import per_example_loss
 from st.multitask import MultiTask, MultiTaskModel, union_masks
-from st.pipeline import build_task, build_tokenizer, check_length, head_dropout, load_split, load_train, model_dir, pretrained_encoder, resolve_defaults
+from st.pipeline import build_task, build_tokenizer, check_fits, head_dropout, load_split, load_train, model_dir, pretrained_encoder, resolve_defaults
 from st.prune import prune_encoder
 from st.report import multitask_markdown
 from st.runs import RunFolder
 from st.specs import RunSpec, TrainConfig
 from st.tickets import Ticket
-from st.tokenize import check_vocab, copy_tokenizer
+from st.tokenize import copy_tokenizer
 from st.train import OnEpoch, OnStep, autocast, check_finite, fit, load_best, make_optimizer, make_schedule, predict_set
 
 # An update mask per parameter: True = wholly the task's, False = not at all, or a bool tensor
@@ -286,10 +286,11 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
     base = specs[0]
     shared = lambda s: {"model": s.model.name, "max_length": s.data.max_length, "dropout": s.model.dropout,  # noqa: E731
                         "train": s.train, "seed": s.seed}
+    expected = shared(base)
     for spec in specs:
         for key, value in shared(spec).items():
-            if value != shared(base)[key]:
-                raise UserError(f"task {spec.data.task} has {key}={value!r} but {base.data.task} has {shared(base)[key]!r}; "
+            if value != expected[key]:
+                raise UserError(f"task {spec.data.task} has {key}={value!r} but {base.data.task} has {expected[key]!r}; "
                                 "a multi-task model shares them")
         if spec.model.ticket is not None or spec.model.init:
             raise UserError(f"task {spec.data.task}: pass tickets to ticket sharing itself, not as the run's ticket/init")
@@ -307,8 +308,7 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
     tasks = [build_task(s.data) for s in specs]
     tokenizer = build_tokenizer(base)
     encoder, pooler = pretrained_encoder(base.model)
-    check_vocab(tokenizer, encoder.config.vocab_size, model_dir(base))
-    check_length(base.data.max_length, encoder.config.max_tokens, model_dir(base))
+    check_fits(base, tokenizer, encoder.config)
     ticket_list = None if tickets is None else [tickets[n] for n in names]
     dropouts = [head_dropout(s.model, t) for s, t in zip(specs, tasks)]
     sharer = TicketSharer.create(encoder, tasks, ticket_list, head_dropouts=dropouts, pooler=pooler, seed=base.seed)

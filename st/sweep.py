@@ -36,7 +36,7 @@ from st.errors import UserError
 from st.importance import Scores, plot_heatmap
 from st.io import read_json, write_json
 from st.models.bert import BertConfig
-from st.pipeline import check_run, resolve_defaults, run_finetune, score_checkpoint
+from st.pipeline import prepare_run, resolve_defaults, run_finetune, score_checkpoint
 from st.runs import check_settings, guard_settings, lock_folder
 from st.select import FULL, RESULTS, select_super_ticket
 from st.specs import HeldOut, RunSpec, run_spec
@@ -329,7 +329,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, device: str |
     if ray is None:  # (a Ray cluster's GPUs are on its nodes, not necessarily here)
         device = dist.pick_device(device)
     check_settings(out, cfg.settings(), SETTINGS, "sweep")
-    task = check_run(cfg.spec)  # task, data, model, lengths, training sample: a bad one writes nothing
+    task = prepare_run(cfg.spec)[0]  # task, data, model, lengths, training sample: a bad one writes nothing
     lock = lock_folder(out) if dist.is_main() else None  # one sweep at a time in a folder
     guard_settings(out, cfg.settings(), SETTINGS, "sweep")  # how many processes or which engine is no setting: any may resume
     engine, device = open_engine(jobs, device, ray)

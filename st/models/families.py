@@ -31,7 +31,22 @@ class Family:
     config_fields: Callable[[BertConfig], dict]  # the encoder's part of an HF config.json
 
 
-def _bert_names(c: BertConfig) -> dict[str, tuple[str, ...]]:
+# Each layer's tensors (ours -> the HF modules they are made of; Q, K and V are concatenated, in that order).
+_BERT_LAYER = {"attention.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+               "attention.out": ("attention.output.dense",), "attention_norm": ("attention.output.LayerNorm",),
+               "ffn.up": ("intermediate.dense",), "ffn.down": ("output.dense",), "ffn_norm": ("output.LayerNorm",)}
+_DISTILBERT_LAYER = {"attention.qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+                     "attention.out": ("attention.out_lin",), "attention_norm": ("sa_layer_norm",),
+                     "ffn.up": ("ffn.lin1",), "ffn.down": ("ffn.lin2",), "ffn_norm": ("output_layer_norm",)}
+
+
+def _layer_table(c: BertConfig, hf_layers: str, layer: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """`layer`'s names for every layer: layers.{i}.<ours>.{weight,bias} -> <hf_layers>{i}.<HF module>.{weight,bias}."""
+    return {f"layers.{i}.{ours}.{p}": tuple(f"{hf_layers}{i}.{module}.{p}" for module in modules)
+            for i in range(c.num_layers) for p in ("weight", "bias") for ours, modules in layer.items()}
+
+
+def bert_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
     """Our parameter name -> the HF names it is made of (Q, K and V are concatenated, in that order).
     BERT, RoBERTa, XLM-R and ELECTRA share these names."""
     table = {
@@ -43,24 +58,12 @@ def _bert_names(c: BertConfig) -> dict[str, tuple[str, ...]]:
     }
     if not c.type_vocab_size:
         del table["embeddings.token_type.weight"]
-    for i in range(c.num_layers):
-        ours, hf = f"layers.{i}.", f"encoder.layer.{i}."
-        for p in ("weight", "bias"):
-            table[ours + f"attention.qkv.{p}"] = tuple(hf + f"attention.self.{n}.{p}" for n in ("query", "key", "value"))
-            table[ours + f"attention.out.{p}"] = (hf + f"attention.output.dense.{p}",)
-            table[ours + f"attention_norm.{p}"] = (hf + f"attention.output.LayerNorm.{p}",)
-            table[ours + f"ffn.up.{p}"] = (hf + f"intermediate.dense.{p}",)
-            table[ours + f"ffn.down.{p}"] = (hf + f"output.dense.{p}",)
-            table[ours + f"ffn_norm.{p}"] = (hf + f"output.LayerNorm.{p}",)
+    table.update(_layer_table(c, "encoder.layer.", _BERT_LAYER))
     return table
 
 
-def bert_key_table(config: BertConfig) -> dict[str, tuple[str, ...]]:
-    return _bert_names(config)
-
-
 def electra_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
-    table = _bert_names(c)
+    table = bert_key_table(c)
     if c.embedding_size not in (None, c.hidden_size):  # ElectraModel.embeddings_project, outside "embeddings."
         table.update({f"embeddings.project.{p}": (f"embeddings_project.{p}",) for p in ("weight", "bias")})
     return table
@@ -73,15 +76,7 @@ def distilbert_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
         "embeddings.norm.weight": ("embeddings.LayerNorm.weight",),
         "embeddings.norm.bias": ("embeddings.LayerNorm.bias",),
     }
-    for i in range(c.num_layers):
-        ours, hf = f"layers.{i}.", f"transformer.layer.{i}."
-        for p in ("weight", "bias"):
-            table[ours + f"attention.qkv.{p}"] = tuple(hf + f"attention.{n}_lin.{p}" for n in ("q", "k", "v"))
-            table[ours + f"attention.out.{p}"] = (hf + f"attention.out_lin.{p}",)
-            table[ours + f"attention_norm.{p}"] = (hf + f"sa_layer_norm.{p}",)
-            table[ours + f"ffn.up.{p}"] = (hf + f"ffn.lin1.{p}",)
-            table[ours + f"ffn.down.{p}"] = (hf + f"ffn.lin2.{p}",)
-            table[ours + f"ffn_norm.{p}"] = (hf + f"output_layer_norm.{p}",)
+    table.update(_layer_table(c, "transformer.layer.", _DISTILBERT_LAYER))
     return table
 
 
