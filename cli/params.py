@@ -72,7 +72,8 @@ def pairs_option(ctx, param, values) -> dict[str, str]:
 
 def for_tasks(names: Sequence[str], values: Sequence[str], option: str) -> dict[str, str]:
     """Per-task values of a repeated option: all TASK=VALUE pairs, or bare values in the order of
-    --tasks (each may hold several, comma-separated). Every task needs one; no other task may appear."""
+    --tasks (each may hold several, comma-separated). No other task may appear; a task left out is the
+    caller's to refuse (`st share` names the task without a ticket)."""
     values = [v for value in values for v in value.split(",") if v.strip()]
     named = ["=" in v for v in values]
     if any(named) and not all(named):

@@ -55,6 +55,15 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def strict_json(text: str):
+    """JSON as the standard has it: NaN and Infinity (which Python's json reads and writes) are refused
+    with a ValueError naming them. For inputs where such a value is always a mistake."""
+    def refuse(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file  # imported here: readers of JSON (`st report`) never load torch
 

@@ -8,7 +8,6 @@ Scores are shown ×100 (GLUE style); means ± sample standard deviations over se
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,21 +15,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from st.errors import UserError
-from st.io import atomic_path, read_json, write_json, write_text
+from st.io import atomic_path, read_json, strict_json, write_json, write_text
 from st.select import FULL, RESULTS, Selection, fmt, fmt_value, per_seed, select_super_ticket, stats
 
 REPORT, PLOT, SUPER_TICKET = "report.md", "phase.png", "super_ticket.json"
 COLOURS = {"winning": "tab:green", "random": "tab:blue", "losing": "tab:red"}
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON (st writes null for an undefined metric)")
-
-
 def load_results(out: str | Path) -> dict:
     path = Path(out) / RESULTS
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+        doc = strict_json(path.read_text(encoding="utf-8"))  # st writes null for an undefined metric
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; pass a folder written by `st sweep`") from None
     except ValueError as e:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from st.errors import UserError
+from st.io import strict_json
 from st.tasks import Example, register_task
 from st.tasks._common import check_split, compute_metrics, write_predictions
 
@@ -56,7 +57,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 if not text.strip():
                     continue
                 try:
-                    row = json.loads(text, parse_constant=_refuse_constant)
+                    row = strict_json(text)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}, line {line}: invalid JSON ({e.msg}, column {e.colno})") from None
                 except ValueError as e:  # NaN or Infinity: not JSON, and never a text
@@ -66,10 +67,6 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 yield line, row
         except UnicodeDecodeError as e:
             raise UserError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _as_text(value) -> str | None:
