@@ -3,7 +3,8 @@ plot, and super_ticket.json. Everything here is rendered from results.json alone
 files and run configs it names), so `st report DIR` redoes it at any time, without loading torch:
 nothing here imports a module that does.
 
-Scores are shown ×100 (GLUE style); means ± sample standard deviations over seeds (`st.select`).
+Scores are shown ×100 (GLUE style); means ± sample standard deviations over seeds, and comparisons
+as paired differences with a 95% bootstrap CI and a paired t-test's p-value (`st.select`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from st.errors import UserError
 from st.io import atomic_path, read_json, strict_json, write_json, write_text
-from st.select import FULL, RESULTS, Selection, fmt, fmt_value, per_seed, select_super_ticket, stats
+from st.select import FULL, RESULTS, Selection, fmt, fmt_paired, fmt_value, per_seed, select_super_ticket, stats
 
 REPORT, PLOT, SUPER_TICKET = "report.md", "phase.png", "super_ticket.json"
 COLOURS = {"winning": "tab:green", "random": "tab:blue", "losing": "tab:red"}
@@ -114,8 +115,8 @@ def summary_lines(selection: Selection) -> list[str]:
     if sel.kind != FULL:
         lines.append(f"on the report part: {fmt(stats(list(sel.report.values())))} vs the full model's "
                      f"{fmt(stats(list(sel.full_report.values())))}"
-                     + (f", gain {fmt_value(sel.gain, sign=True)} points" if sel.gain is not None else ""))
-    lines.append(f"p = {sel.p_value:.3g} ({sel.test_note})" if sel.p_value is not None else sel.test_note)
+                     + (f", gain {fmt_paired(sel.gain, sel.ci, sel.n_paired, sel.p_value)}" if sel.gain is not None else ""))
+    lines.append(sel.test_note)  # how the interval and p-value were computed, or why there are none
     if sel.failures:
         lines.append(f"{len(sel.failures)} run(s) failed: " + "; ".join(
             f"seed {r['seed']} {run_label(r)}: {r['error']}" for r in sel.failures))
@@ -183,16 +184,24 @@ def markdown(doc: dict, selection: Selection) -> str:
     s, job, sel = doc["settings"], doc["settings"]["job"], selection
     seeds = [job["train"]["seed"] + i for i in range(s["seeds"])]
     dev = f"a sample of {s['dev_size']} dev examples" if s["dev_size"] else "the dev set"
+    controls = s.get("control_ratios", s["ratios"])
+    if s.get("report_split"):
+        held_out = (f"For each seed, {dev} chooses every run's epoch and the super ticket (the selection part); the "
+                    f"{s['report_split']} split, evaluated once per run on the chosen weights, is the report part. ")
+    else:
+        held_out = (f"For each seed, {dev} is split with the seed into a selection part ({s['select_fraction']:g} of it), which "
+                    "chooses every run's epoch and the super ticket, and a report part, used only for the numbers reported here. ")
     lines = [
         f"# Super tickets: {doc['task']} on {job['model']}",
         "",
-        f"Seeds {', '.join(map(str, seeds))}; ratios {', '.join(f'{r:g}' for r in s['ratios'])}; tickets {', '.join(s['kinds'])}; "
+        f"Seeds {', '.join(map(str, seeds))}; ratios {', '.join(f'{r:g}' for r in s['ratios'])}"
+        + (f" (random and losing tickets at {', '.join(f'{r:g}' for r in controls)})" if controls != s["ratios"] else "")
+        + f"; tickets {', '.join(s['kinds'])}; "
         f"{job['train_size'] or 'all'} training examples, {job['train']['epochs']} epoch(s), batch {job['train']['batch_size']}, "
         f"lr {job['train']['lr']:g}, max length {job['max_length']}.",
-        f"For each seed, {dev} is split with the seed into a selection part ({s['select_fraction']:g} of it), which chooses "
-        "every run's epoch and the super ticket, and a report part, used only for the numbers reported here. "
-        f"Scores are {doc['main_metric']} ×100, mean ± standard deviation over seeds; r = 0 is the full model; "
-        "the super ticket is in bold.",
+        held_out + f"Scores are {doc['main_metric']} ×100, mean ± standard deviation over seeds; r = 0 is the full model; "
+        "the super ticket is in bold. Its gain is the mean paired difference from the full model over seeds, "
+        "with a 95% bootstrap confidence interval and a paired t-test's p-value.",
         "",
         "## Phase transition: report part", "", *_md_table(doc, sel, "report"), "",
         "## Phase transition: selection part", "", *_md_table(doc, sel, "selection"), "",
@@ -278,10 +287,11 @@ def super_ticket(out: Path, doc: dict, selection: Selection) -> dict:
         files = {str(s): str(_ticket_file(doc, s, sel.kind, sel.ratio)) for s in sorted(sel.selection)}
     part = lambda d: {"per_seed": {str(k): v for k, v in sorted(d.items())}, **stats(list(d.values()))}  # noqa: E731
     return {**ticket, "task": doc["task"], "note": note, "metric": sel.metric,
-            "chosen_on": "the selection part of dev; numbers under report are from the held-out report part",
+            "chosen_on": "the selection part of dev; numbers under report are from the held-out "
+                         + (f"{doc['settings']['report_split']} split" if doc["settings"].get("report_split") else "report part"),
             "ticket_files": files, "selection": part(sel.selection), "report": part(sel.report),
             "full_model": {"selection": part(sel.full_selection), "report": part(sel.full_report)},
-            "gain": sel.gain, "p_value": sel.p_value, "test": sel.test_note,
+            "gain": sel.gain, "ci": sel.ci, "p_value": sel.p_value, "test": sel.test_note,
             "candidates": sel.candidates}
 
 

@@ -1,11 +1,14 @@
 """The super ticket's choice and the statistics behind every number shown (Liang et al. 2021).
 
 Pure: it reads results.json's contents (a dict) and imports no torch, so `st report` re-renders a
-sweep without loading a deep-learning stack. scipy is imported only when a t-test runs.
+sweep without loading a deep-learning stack. scipy is imported only when a comparison runs.
 
 Honest selection: each run was scored on two parts of dev. The super ticket is the winning ticket,
 or the full model, with the best mean score on the selection part; its report-part scores are then
-compared with the full model's by a paired t-test over seeds.
+compared with the full model's seed by seed (`paired`).
+
+One rule for comparisons everywhere (`paired`, rendered by `fmt_paired`): the mean paired difference
+over the seeds both sides share, its 95% bootstrap confidence interval, and the paired t-test's p-value.
 
 One rule for spread everywhere (`stats`): mean and sample standard deviation over seeds (ddof=1),
 no standard deviation from a single value. One formatter for scores (`fmt`, `fmt_value`).
@@ -48,6 +51,55 @@ def fmt(s: dict, seeds: int | None = None) -> str:
     return text + (f" (n={s['n']})" if seeds is not None and s["n"] < seeds else "")
 
 
+CONFIDENCE, RESAMPLES = 0.95, 10_000
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """a - b, seed by seed, over the seeds where both have a number: {"n", "mean" (mean difference),
+    "ci" ([low, high], 95% percentile bootstrap of the mean, or None), "p_value" (paired t-test,
+    two-sided, or None), "note" (how they were computed, or why they are missing)}."""
+    # a None or NaN score (an undefined metric) has no difference: that seed is left out, and said so
+    seeds = sorted(s for s in set(a) & set(b) if all(v is not None and math.isfinite(v) for v in (a[s], b[s])))
+    dropped = len(set(a) & set(b)) - len(seeds)
+    diffs = [a[s] - b[s] for s in seeds]  # sorted seeds: the bootstrap resamples the same list every call
+    result = {"n": len(seeds), "mean": float(np.mean(diffs)) if diffs else None, "ci": None, "p_value": None}
+    if not diffs:
+        note = "no seed has a score on both sides: nothing to compare"
+    elif len(diffs) < 2:
+        note = "a paired comparison needs at least 2 seeds (--seeds 2 or more): no confidence interval, no p-value"
+    elif np.ptp(diffs) <= 1e-12:  # float noise around one value: the t statistic would be meaningless
+        note = "every seed gave the same difference: the t-test is undefined and a bootstrap interval would be a point"
+    else:
+        from scipy.stats import bootstrap, ttest_rel  # lazily: scipy costs a second to import and most callers never compare
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result["p_value"] = float(ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+            # percentile, not BCa: with the 2-5 seeds a sweep has, BCa's jackknife acceleration is noise
+            # and it warns or returns NaN on degenerate resamples; the percentile interval is always
+            # defined and lies within the observed differences. A fixed rng: the same results give
+            # the same interval, so re-rendering a report changes no byte.
+            ci = bootstrap((diffs,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES,
+                           method="percentile", rng=np.random.default_rng(0)).confidence_interval
+        result["ci"] = [float(ci.low), float(ci.high)]
+        note = (f"paired t-test over {len(diffs)} seeds (scipy.stats.ttest_rel, two-sided); {CONFIDENCE:.0%} CI: "
+                f"percentile bootstrap of the mean difference ({RESAMPLES} resamples)")
+        if len(diffs) < 10:  # resampling a handful of values cannot reach past them: the interval is too narrow
+            note += f"; from {len(diffs)} seeds it is optimistic, read it with the p-value"
+    if dropped:
+        note += f"; {dropped} seed(s) with an undefined score left out"
+    return {**result, "note": note}
+
+
+def fmt_paired(mean: float | None, ci: list[float] | None, n: int, p_value: float | None) -> str:
+    """A `paired` difference as people read it: "+1.20 points (95% CI -0.40 to +2.80, bootstrap over
+    5 seeds), p = 0.21" (×100, see fmt_value); only the mean where there is no interval or p-value."""
+    text = f"{fmt_value(mean, sign=True)} points"
+    if ci is not None:
+        text += f" ({CONFIDENCE:.0%} CI {fmt_value(ci[0], sign=True)} to {fmt_value(ci[1], sign=True)}, bootstrap over {n} seeds)"
+    return text + (f", p = {p_value:.3g}" if p_value is not None else "")
+
+
 @dataclass(frozen=True)
 class Selection:
     """The super ticket of a sweep: the candidate (full model or winning ticket) with the best mean
@@ -64,7 +116,9 @@ class Selection:
     full_report: dict[int, float]
     gain: float | None  # mean over paired seeds of (chosen - full) on the report part
     p_value: float | None  # paired t-test over those seeds (scipy.stats.ttest_rel), two-sided
-    test_note: str  # why there is no p-value, or how it was computed
+    ci: list[float] | None  # 95% percentile-bootstrap interval of gain
+    n_paired: int  # the seeds gain, p_value and ci are computed over
+    test_note: str  # why there is no p-value or interval, or how they were computed
     failures: list[dict] = field(default_factory=list)
 
 
@@ -94,25 +148,10 @@ def select_super_ticket(doc: dict) -> Selection:
     kind, ratio = best["kind"], best["ratio"]
     chosen_sel, chosen_rep = per_seed(runs, kind, ratio, "selection", metric), per_seed(runs, kind, ratio, "report", metric)
     full_sel, full_rep = per_seed(runs, FULL, 0.0, "selection", metric), per_seed(runs, FULL, 0.0, "report", metric)
-    paired = sorted(set(chosen_rep) & set(full_rep))
-    gain = p = None
-    if kind == FULL:
-        note = "the full model scored best on the selection part: no pruned ticket beat it"
-    elif not paired:
-        note = "no seed has both this ticket and the full model: nothing to compare"
+    if kind == FULL:  # nothing to compare: the full model against itself
+        compared = {"n": 0, "mean": None, "ci": None, "p_value": None,
+                    "note": "the full model scored best on the selection part: no pruned ticket beat it"}
     else:
-        diffs = [chosen_rep[s] - full_rep[s] for s in paired]
-        gain = float(np.mean(diffs))
-        if len(paired) < 2:
-            note = "the paired t-test needs at least 2 seeds (--seeds 2 or more)"
-        elif np.ptp(diffs) <= 1e-12:  # float noise around one value: the t statistic would be meaningless
-            note = "every seed gave the same difference: the t-test is undefined"
-        else:
-            from scipy.stats import ttest_rel  # lazily: scipy costs a second to import and most callers never test
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                p = float(ttest_rel([chosen_rep[s] for s in paired], [full_rep[s] for s in paired]).pvalue)
-            note = f"paired t-test over {len(paired)} seeds (scipy.stats.ttest_rel, two-sided)"
-    return Selection(metric, kind, ratio, best["percent_remaining"], candidates, chosen_sel, chosen_rep,
-                     full_sel, full_rep, gain, p, note, failures)
+        compared = paired(chosen_rep, full_rep)
+    return Selection(metric, kind, ratio, best["percent_remaining"], candidates, chosen_sel, chosen_rep, full_sel, full_rep,
+                     compared["mean"], compared["p_value"], compared["ci"], compared["n"], compared["note"], failures)

@@ -1,6 +1,7 @@
 """`st report` renders a sweep folder from results.json and the files its runs name, without torch:
 super_ticket.json holds the chosen seed's own ticket file, or for the full model exactly the
-all-ones ticket that st.tickets makes."""
+all-ones ticket that st.tickets makes; the super ticket's gain comes with its 95% bootstrap CI and
+p-value."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import sys
 from dataclasses import replace
 
 from st.models.bert import BertConfig
-from st.report import full_ticket_json
-from st.select import FULL
+import pytest
+from scipy.stats import ttest_rel
+
+from st.report import full_ticket_json, summary_lines
+from st.select import FULL, select_super_ticket
 from st.tickets import Ticket
 
 CONFIG = BertConfig(vocab_size=30, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=24)
@@ -24,8 +28,9 @@ def test_full_ticket_is_the_one_st_tickets_makes():
     assert Ticket.from_json(full_ticket_json(CONFIG.to_dict(), 7)) == replace(Ticket.full(CONFIG), seed=7)
 
 
-def _sweep(out, winning_selection: float) -> None:
-    """A finished 2-seed sweep folder (full + winning r=0.5): results.json, run configs, ticket files."""
+def _sweep(out, winning_selection: float, spread: float = 0.0) -> None:
+    """A finished 2-seed sweep folder (full + winning r=0.5): results.json, run configs, ticket files;
+    the winning ticket's report score gains `spread` more on seed 1 than on seed 0."""
     runs = []
     for seed in (0, 1):
         (out / f"seed{seed}" / "full").mkdir(parents=True)
@@ -34,7 +39,7 @@ def _sweep(out, winning_selection: float) -> None:
         ticket.save(out / f"seed{seed}" / "winning-r0.50" / "ticket.json")
         for kind, ratio, run, score in ((FULL, 0.0, f"seed{seed}/full", 0.8), ("winning", 0.5, f"seed{seed}/winning-r0.50/run", winning_selection)):
             runs.append({"seed": seed, "kind": kind, "ratio": ratio, "percent_remaining": {"model": 100 - 60 * ratio, "encoder": 100 - 70 * ratio},
-                         "selection": {"accuracy": score + 0.01 * seed}, "report": {"accuracy": score - 0.02 * seed * seed},
+                         "selection": {"accuracy": score + 0.01 * seed}, "report": {"accuracy": score - 0.02 * seed * seed + (spread * seed if kind == "winning" else 0)},
                          "best_epoch": 1, "seconds": 1.0, "run": run, "error": None})
     train = {"epochs": 1, "batch_size": 8, "lr": 5e-5, "seed": 0}
     settings = {"job": {"model": "tiny", "train_size": None, "max_length": 128, "train": train},
@@ -65,3 +70,22 @@ def test_report_of_a_full_model_choice_is_its_all_ones_ticket(tmp_path):
     chosen = json.loads((tmp_path / "super_ticket.json").read_text())
     assert Ticket.from_json(chosen) == Ticket.full(CONFIG) and chosen["ticket_files"] == {}
     Ticket.load(tmp_path / "super_ticket.json").check_matches(CONFIG)  # loadable, for this model
+
+
+def test_report_shows_the_gain_with_its_confidence_interval(tmp_path):
+    _sweep(tmp_path, winning_selection=0.9, spread=0.03)  # report differences: +10.00 on seed 0, +13.00 on seed 1
+    _render_without_torch(tmp_path)
+    p = ttest_rel([0.9, 0.88 + 0.03], [0.8, 0.78]).pvalue
+    line = f"gain +11.50 points (95% CI +10.00 to +13.00, bootstrap over 2 seeds), p = {p:.3g}"
+    report = (tmp_path / "report.md").read_text()
+    assert f"on the report part: 90.50 ± 0.71 vs the full model's 79.00 ± 1.41, {line}" in report
+    assert "percentile bootstrap of the mean difference" in report
+    chosen = json.loads((tmp_path / "super_ticket.json").read_text())
+    assert chosen["gain"] == pytest.approx(0.115) and chosen["ci"] == pytest.approx([0.10, 0.13]) and chosen["p_value"] == pytest.approx(p)
+
+
+def test_summary_has_no_interval_where_every_seed_gains_the_same(tmp_path):
+    _sweep(tmp_path, winning_selection=0.9)  # +10.00 on both seeds
+    lines = summary_lines(select_super_ticket(json.loads((tmp_path / "results.json").read_text())))
+    assert lines[1].endswith(", gain +10.00 points") and "CI" not in lines[1] and "p =" not in lines[1]
+    assert "t-test is undefined" in lines[2]

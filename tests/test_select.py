@@ -1,6 +1,7 @@
 """The super ticket's choice and its statistics from results.json's contents alone: chosen on the
-selection part, ties to the full model, a paired t-test on the report part only when it means
-something; one std rule and one score formatter; and no torch behind any of it."""
+selection part, ties to the full model; one comparison rule (`paired`: mean paired difference, 95%
+bootstrap CI, paired t-test) used only when it means something; one std rule and one score
+formatter; and no torch behind any of it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from scipy import stats as sps
 
 from st.errors import UserError
-from st.select import FULL, fmt, fmt_value, select_super_ticket, stats
+from st.select import FULL, fmt, fmt_paired, fmt_value, paired, select_super_ticket, stats
 
 
 def _doc(table: dict, seeds=(0, 1, 2)) -> dict:
@@ -27,11 +29,12 @@ def test_choice_uses_selection_scores_and_tests_the_report_gain():
     chosen = select_super_ticket(doc)
     assert (chosen.kind, chosen.ratio) == ("winning", 0.2)
     assert chosen.gain == pytest.approx(-0.20 + 0.006 * 5 / 3) and chosen.p_value is not None and chosen.p_value < 0.01
-    assert "paired t-test over 3 seeds" in chosen.test_note
+    assert "paired t-test over 3 seeds" in chosen.test_note and chosen.n_paired == 3
+    assert chosen.ci is not None and chosen.ci[0] <= chosen.gain <= chosen.ci[1] < 0  # a clear loss: the interval excludes 0
     tie = select_super_ticket(_doc({("full", 0.0): (0.8, 0.8), ("winning", 0.2): (0.8, 0.9)}))
-    assert tie.kind == "full" and tie.gain is None  # a ticket must do strictly better
+    assert tie.kind == "full" and tie.gain is None and tie.ci is None  # a ticket must do strictly better
     one_seed = select_super_ticket(_doc({("full", 0.0): (0.8, 0.8), ("winning", 0.2): (0.9, 0.9)}, seeds=(0,)))
-    assert one_seed.p_value is None and "at least 2 seeds" in one_seed.test_note
+    assert one_seed.p_value is None and one_seed.ci is None and "at least 2 seeds" in one_seed.test_note
 
 
 def test_candidates_are_best_first_and_equal_tickets_go_to_the_lower_ratio():
@@ -61,6 +64,62 @@ def test_no_p_value_when_every_seed_gains_the_same():
         r["report"]["accuracy"] = {FULL: 0.8, "winning": 0.85}[r["kind"]] + 0.01 * r["seed"]  # the same difference per seed
     chosen = select_super_ticket(doc)
     assert chosen.gain == pytest.approx(0.05) and chosen.p_value is None and "t-test is undefined" in chosen.test_note
+    assert chosen.ci is None
+
+
+A = {0: 0.80, 1: 0.84, 2: 0.79, 3: 0.86, 4: 0.83}
+B = {0: 0.78, 1: 0.85, 2: 0.75, 3: 0.83, 4: 0.80, 9: 0.10}  # seed 9 has no partner: left out
+
+
+def test_paired_p_value_is_the_paired_t_test_over_shared_seeds():
+    result = paired(A, B)
+    diffs = [0.02, -0.01, 0.04, 0.03, 0.03]  # by hand, seeds 0-4
+    assert result["n"] == 5 and result["mean"] == pytest.approx(sum(diffs) / 5)
+    assert result["p_value"] == pytest.approx(sps.ttest_rel([A[s] for s in range(5)], [B[s] for s in range(5)]).pvalue, rel=1e-12)
+    t = 0.022 / (sps.tstd(diffs) / 5 ** 0.5)  # the paired t statistic by hand: mean / standard error, 4 degrees of freedom
+    assert result["p_value"] == pytest.approx(2 * sps.t.sf(t, 4), rel=1e-9) and 0.05 < result["p_value"] < 0.1
+    assert "paired t-test over 5 seeds" in result["note"] and "bootstrap" in result["note"]
+
+
+def test_paired_ci_contains_the_mean_and_is_the_same_every_call():
+    result = paired(A, B)
+    low, high = result["ci"]
+    assert low < result["mean"] < high and -0.01 <= low and high <= 0.04  # a percentile interval stays within the differences
+    # 12 distinct differences: enough distinct resample means that another rng, or another order of
+    # the same differences, moves the interval (with 5 seeds the percentiles often land on the same values)
+    a = {s: 0.8 + 0.01 * (s * 7919 % 13) / 13 + 0.001 * s for s in range(12)}
+    b = {s: 0.8 for s in a}
+    first = paired(a, b)
+    assert first == paired(a, b) and first["ci"][0] < first["mean"] < first["ci"][1]
+    assert paired(dict(reversed(list(a.items()))), b)["ci"] == first["ci"]  # seeds, not dict order, fix the resamples
+
+
+def test_paired_ci_narrows_as_the_differences_agree():
+    widths = []
+    for spread in (0.05, 0.02, 0.005):
+        a = {s: 0.8 + 0.03 + spread * d for s, d in enumerate((-1.0, 0.5, 1.0, -0.5, 0.2))}
+        result = paired(a, {s: 0.8 for s in a})
+        assert result["ci"][0] <= result["mean"] <= result["ci"][1]
+        widths.append(result["ci"][1] - result["ci"][0])
+    assert widths[0] > widths[1] > widths[2] > 0
+    assert widths[0] / widths[2] == pytest.approx(10, rel=1e-6)  # the same resamples: the width scales with the spread
+
+
+def test_paired_gives_no_ci_or_p_value_where_they_mean_nothing():
+    one = paired({0: 0.9}, {0: 0.8, 1: 0.7})
+    assert (one["n"], one["ci"], one["p_value"]) == (1, None, None) and one["mean"] == pytest.approx(0.1)
+    assert "at least 2 seeds" in one["note"]
+    same = paired({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.85, 1: 0.75, 2: 0.65})  # +0.05 on every seed, up to float noise
+    assert same["ci"] is None and same["p_value"] is None and same["mean"] == pytest.approx(0.05) and "undefined" in same["note"]
+    none = paired({0: 0.9}, {1: 0.8})
+    assert none == {"n": 0, "mean": None, "ci": None, "p_value": None, "note": none["note"]} and "nothing to compare" in none["note"]
+    undefined = paired({0: 0.9, 1: float("nan"), 2: 0.7}, {0: 0.8, 1: 0.8, 2: None})  # undefined metrics: no difference
+    assert undefined["n"] == 1 and "2 seed(s) with an undefined score left out" in undefined["note"]
+
+
+def test_paired_differences_are_formatted_with_their_interval():
+    assert fmt_paired(0.012, [-0.004, 0.028], 5, 0.2149) == "+1.20 points (95% CI -0.40 to +2.80, bootstrap over 5 seeds), p = 0.215"
+    assert fmt_paired(0.05, None, 3, None) == "+5.00 points"
 
 
 def test_stats_is_mean_and_sample_std():
