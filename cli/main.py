@@ -291,9 +291,11 @@ def _log_level(level):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder; the same command again resumes it.")
 @click.option("--ratios", type=NUMBERS, help="Comma-separated pruning ratios in [0, 1)  [default: 0.1,0.2,...,0.8]")
 @click.option("--kinds", type=NAMES, help="Comma-separated ticket kinds. Default: winning,random,losing.")
+@click.option("--control-ratios", type=NUMBERS, help="Ratios of the random and losing tickets, the controls (a few save time). Default: --ratios.")
 @click.option("--seeds", type=int, help="How many seeds: --seed, --seed+1, ...  [default: 3]")
 @click.option("--select-fraction", type=float, help="Part of the dev sample that chooses epochs and the ticket; the rest only reports. Default: 0.5.")
 @click.option("--dev-size", type=click.IntRange(1), help="A seeded sample of N dev examples (default: all; the main job: 400).")
+@click.option("--report-split", help="Report on this labelled split (e.g. test) once per run; all of the dev sample then chooses epochs and the ticket.")
 @click.option("--score-examples", type=click.IntRange(1), help="Importance over a seeded sample of N training examples (default: all).")
 @click.option("--jobs", type=int, help="Runs at once: processes on CPU, at most one per GPU (default 1; the main job: 2).")
 @click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -320,7 +322,7 @@ def sweep_command(ctx, out, device, ray, keep_weights, **options):
     with dist.session(), _log_level(logging.WARNING if quiet else None):
         cfg, jobs = plan(ray=ray, **options)
         starting = lambda n: console.print(f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name}: {cfg.seeds} seed(s) x (full model + "  # noqa: E731
-                                           f"{len(cfg.kinds)} kinds x {len(cfg.ratios)} ratios), {n} run(s) at a time -> {out}")
+                                           f"{len(cfg.grid)} tickets), {n} run(s) at a time -> {out}")
         printer = RunPrinter(console, build_task(cfg.spec.data).main_metric, cfg.total_runs)
         doc = run_sweep(cfg, out, jobs=jobs, device=device, ray=ray, keep_weights=keep_weights, on_start=starting, on_result=printer)
         if dist.is_main():

@@ -137,15 +137,15 @@ def load_train(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> EncodedSet:
     return encode_examples(tokenizer, examples, regression=task.num_labels == 1)
 
 
-def prepare_run(spec: RunSpec) -> tuple[Task, Tokenizer, BertClassifier, EncodedSet, EncodedSet]:
-    """Everything a run of (resolved) `spec` needs, built and checked before anything is written:
-    the task, tokenizer, model, training sample and dev set (a sweep calls it to check its input)."""
+def prepare_run(spec: RunSpec) -> tuple[Task, Tokenizer, BertClassifier, EncodedSet, EncodedSet, EncodedSet | None]:
+    """Everything a run of (resolved) `spec` needs, built and checked before anything is written: the
+    task, tokenizer, model, training sample, and the held-out sets that choose the epoch and report
+    (`held_out_sets`; a sweep calls it to check its input)."""
     task, tokenizer = build_task(spec.data), build_tokenizer(spec)
     model = build_model(spec, task)
     check_fits(spec, tokenizer, model.encoder.config)
     train = load_train(spec, task, tokenizer)
-    _, dev = load_split(task, tokenizer, task.dev_splits[0])
-    return task, tokenizer, model, train, dev
+    return task, tokenizer, model, train, *held_out_sets(spec, task, tokenizer)
 
 
 def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step: OnStep | None = None,
@@ -156,8 +156,7 @@ def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step
     finished = run.check(spec.settings())
     if finished is not None:
         return finished
-    task, tokenizer, model, train, dev = prepare_run(spec)
-    select, report = split_dev(dev, spec)
+    task, tokenizer, model, train, select, report = prepare_run(spec)
     run.claim(spec.settings())  # every input checked: only now does the folder become this run's
     if dist.is_main():
         copy_tokenizer(model_dir(spec), out)
@@ -188,14 +187,22 @@ def dev_parts(n: int, seed: int, dev_size: int | None = None, select_fraction: f
     return sorted(order[:k]), sorted(order[k:])
 
 
-def split_dev(dev: EncodedSet, spec: RunSpec) -> tuple[EncodedSet, EncodedSet | None]:
-    """The run's selection part of dev (all of it by default) and its report part (None by default)."""
+def held_out_sets(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> tuple[EncodedSet, EncodedSet | None]:
+    """The set that chooses the run's epoch (all of dev by default) and the one evaluated once on the
+    chosen weights (None by default): two seeded parts of dev, or dev and a labelled `report_split`."""
+    _, dev = load_split(task, tokenizer, task.dev_splits[0])
     held = spec.held_out
     if held is None:
         return dev, None
     if held.dev_size is not None and held.dev_size > len(dev):
         log.info("--dev-size %d is more than the %d dev examples; using all of them", held.dev_size, len(dev))
-    select, report = dev_parts(len(dev), spec.seed, held.dev_size, held.select_fraction)
+    select, report = dev_parts(len(dev), spec.seed, held.dev_size, None if held.report_split else held.select_fraction)
+    if held.report_split:
+        _, reported = load_split(task, tokenizer, held.report_split)
+        if reported.labels is None:
+            raise UserError(f"the {held.report_split} split of task {task.name} has no labels to report on; "
+                            f"drop --report-split or name a labelled split ({', '.join(task.dev_splits)})")
+        return subset(dev, select), reported
     return subset(dev, select), (subset(dev, report) if report else None)
 
 
@@ -208,7 +215,8 @@ def spec_from_settings(s: dict) -> RunSpec:
     """The spec whose `settings()` a checkpoint's config.json recorded as "job". Its ticket is left
     out: the checkpoint's weights are already the ticket's subnetwork."""
     train = {k: v for k, v in s["train"].items() if k in TrainConfig.__dataclass_fields__}
-    held = HeldOut(s["select_fraction"], s.get("dev_size")) if s.get("select_fraction") is not None else None
+    held = (HeldOut(s["select_fraction"], s.get("dev_size"), s.get("report_split"))
+            if s.get("select_fraction") is not None or s.get("report_split") else None)
     data = DataSpec(s["task"], s.get("data_dir"), tuple((s.get("task_options") or {}).items()), s.get("train_size"),
                     s.get("train_fraction"), s.get("max_length", DEFAULT_MAX_LENGTH))
     model = ModelSpec(s["model"], s.get("dropout", 0.1), s.get("head_dropout"), None, s.get("init"), s.get("model_weights"))

@@ -71,10 +71,12 @@ class TrainConfig:
 class HeldOut:
     """Honest model selection (`st sweep`): a seeded sample of `dev_size` dev examples (None: all) is
     split with the run's seed into a selection part (`select_fraction` of it), which chooses the
-    epoch, and a report part, evaluated once on the chosen weights."""
+    epoch, and a report part, evaluated once on the chosen weights. With `report_split` (e.g. "test",
+    labelled), the whole dev sample chooses and that split is the report part (select_fraction None)."""
 
-    select_fraction: float = 0.5
+    select_fraction: float | None = 0.5
     dev_size: int | None = None
+    report_split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class RunSpec:
                       "weight_decay": t.weight_decay, "clip": t.clip, "grad_accum": t.grad_accum, "seed": self.seed,
                       "precision": t.precision},
             "dev_size": None if h is None else h.dev_size, "select_fraction": None if h is None else h.select_fraction,
+            # only when set: run.json of runs that report on a part of dev keeps the layout it always had
+            **({"report_split": h.report_split} if h is not None and h.report_split else {}),
         }
 
 

@@ -53,21 +53,17 @@ class SweepConfig:
     """One sweep: the full model's run (`spec`; its seed is the first seed) and the grid around it."""
 
     spec: RunSpec
-    ratios: tuple[float, ...] = RATIOS
+    ratios: tuple[float, ...] = RATIOS  # of the winning tickets
     kinds: tuple[str, ...] = KINDS
+    control_ratios: tuple[float, ...] | None = None  # of the random and losing tickets (None: `ratios`)
     seeds: int = 3  # spec.seed, spec.seed + 1, ...
     held_out: HeldOut = HeldOut()  # each seed's dev sample: a part chooses epochs and the ticket, the rest reports
     score_examples: int | None = None  # importance over a seeded sample of the training set (None: all)
 
     def __post_init__(self):
-        ratios, kinds = tuple(self.ratios), tuple(self.kinds)
-        if not ratios:
-            raise UserError("--ratios is empty; give comma-separated ratios in [0, 1), e.g. 0.1,0.2,0.3")
-        for r in ratios:
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
-                raise UserError(f"--ratios must each be in [0, 1), got {r}")
-        if len(set(ratios)) != len(ratios):
-            raise UserError(f"--ratios lists a ratio twice: {', '.join(map(str, ratios))}")
+        kinds = tuple(self.kinds)
+        ratios = check_ratios(self.ratios, "--ratios")
+        controls = ratios if self.control_ratios is None else check_ratios(self.control_ratios, "--control-ratios")
         if not kinds:
             raise UserError(f"--kinds is empty; give some of {', '.join(KINDS)}")
         for k in kinds:
@@ -75,18 +71,28 @@ class SweepConfig:
                 raise UserError(f"--kinds must be among {', '.join(KINDS)}, got {k!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise UserError(f"--seeds must be at least 1, got {self.seeds}")
-        if not 0 < self.held_out.select_fraction < 1:
-            raise UserError(f"--select-fraction must be in (0, 1), got {self.held_out.select_fraction}")
+        fraction = self.held_out.select_fraction
+        if (fraction is None) == (self.held_out.report_split is None):
+            raise UserError("--select-fraction splits dev into a choosing and a reporting part, --report-split reports "
+                            "on another split: give one of them, not both")
+        if fraction is not None and not 0 < fraction < 1:
+            raise UserError(f"--select-fraction must be in (0, 1), got {fraction}")
         if self.spec.model.ticket is not None or self.spec.model.init:
             raise UserError("a sweep starts from the pre-trained model: drop --ticket / --init")
         # r = 0 is the full model, which every seed trains anyway: it is not a ticket run.
-        object.__setattr__(self, "ratios", tuple(sorted(float(r) for r in ratios if r > 0)))
+        object.__setattr__(self, "ratios", ratios)
+        object.__setattr__(self, "control_ratios", controls)
         object.__setattr__(self, "kinds", tuple(k for k in KINDS if k in kinds))
         object.__setattr__(self, "spec", resolve_defaults(self.spec))
 
     @property
+    def grid(self) -> list[tuple[str, float]]:
+        """Every ticket of a seed as (kind, ratio): winning ones at `ratios`, the controls at `control_ratios`."""
+        return [(kind, ratio) for kind in self.kinds for ratio in (self.ratios if kind == "winning" else self.control_ratios)]
+
+    @property
     def total_runs(self) -> int:
-        return self.seeds * (1 + len(self.kinds) * len(self.ratios))
+        return self.seeds * (1 + len(self.grid))
 
     @property
     def seed_list(self) -> list[int]:
@@ -101,7 +107,25 @@ class SweepConfig:
         s = {"job": self.spec.settings(), "ratios": list(self.ratios), "kinds": list(self.kinds), "seeds": self.seeds,
              "select_fraction": self.held_out.select_fraction, "dev_size": self.held_out.dev_size,
              "score_examples": self.score_examples}
+        # Only when used: the sweep.json of a sweep made without them stays valid to resume.
+        if self.control_ratios != self.ratios:
+            s["control_ratios"] = list(self.control_ratios)
+        if self.held_out.report_split:
+            s["report_split"] = self.held_out.report_split
         return json.loads(json.dumps(s))  # tuples as lists: compares equal to what sweep.json reads back
+
+
+def check_ratios(ratios, option: str) -> tuple[float, ...]:
+    """Ratios as sorted floats without r = 0: the full model, which every seed trains anyway, is no ticket."""
+    ratios = tuple(ratios)
+    if not ratios:
+        raise UserError(f"{option} is empty; give comma-separated ratios in [0, 1), e.g. 0.1,0.2,0.3")
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise UserError(f"{option} must each be in [0, 1), got {r}")
+    if len(set(ratios)) != len(ratios):
+        raise UserError(f"{option} lists a ratio twice: {', '.join(map(str, ratios))}")
+    return tuple(sorted(float(r) for r in ratios if r > 0))
 
 
 # ---- the packaged main job -----------------------------------------------------------------------
@@ -119,10 +143,8 @@ class Preset:
     examples at ~120/CPU-s, ~1.5 s of loading and saving), scoring ~8, two worker start-ups ~6,
     and ~18 per ticket run: a pruned run is physically smaller, costing about (1 - r) of the full
     model's compute plus fixed costs, and those ratios average 1 - r = 0.57 as the full grid's 0.55.
-    The main job: 3 x (27 + 8 + 24 x 18) + 6 = ~1,410 CPU-s; two one-thread processes on 2 cores
-    take ~710 s, about 12 minutes, leaving ~20% of the 15-minute budget for a busier machine.
-    Epochs are the cost driver (each adds ~40% to a run); one epoch does not get past predicting
-    the majority class, hence a larger lr over 2 epochs.
+    The main job: 3 x (27 + 8 + 24 x 18) + 6 = ~1,410 CPU-s, ~12 minutes on 2 cores. Epochs are the
+    cost driver (each adds ~40% to a run), hence a larger lr over 2 epochs.
     """
 
     task: str = "rotten_tomatoes"
@@ -134,6 +156,7 @@ class Preset:
     max_length: int = 64  # the longest rotten_tomatoes snippet is 63 tokens: nothing is cut
     dev_size: int = 400  # 200 to choose, 200 to report, per seed
     ratios: tuple[float, ...] = RATIOS
+    control_ratios: tuple[float, ...] | None = None  # random and losing tickets' ratios (None: `ratios`)
     seeds: int = 3
     jobs: int = 2  # one-thread processes: on 2 cores, 2 of them beat one with 2 threads
 
@@ -145,8 +168,9 @@ DEMO = Preset()
 QUICK = Preset(train_size=192, batch_size=12, dev_size=200, ratios=(0.3, 0.6), seeds=1)
 
 
-def plan(*, quick: bool = False, ratios: list[float] | None = None, kinds: list[str] | None = None, seeds: int | None = None,
-         select_fraction: float | None = None, dev_size: int | None = None, score_examples: int | None = None,
+def plan(*, quick: bool = False, ratios: list[float] | None = None, kinds: list[str] | None = None,
+         control_ratios: list[float] | None = None, seeds: int | None = None, select_fraction: float | None = None,
+         dev_size: int | None = None, report_split: str | None = None, score_examples: int | None = None,
          jobs: int | None = None, ray: str | None = None, **options) -> tuple[SweepConfig, int]:
     """`st sweep`'s sweep and how many runs go at once. Without a task (or with `quick`) the packaged
     main job's preset fills every option not given (None); `options` are `specs.run_spec`'s."""
@@ -163,11 +187,15 @@ def plan(*, quick: bool = False, ratios: list[float] | None = None, kinds: list[
         dev_size = preset.dev_size if dev_size is None else dev_size
         seeds = preset.seeds if seeds is None else seeds
         ratios = list(preset.ratios) if ratios is None else ratios
+        if control_ratios is None and preset.control_ratios is not None:
+            control_ratios = list(preset.control_ratios)
         jobs = min(preset.jobs, os.cpu_count() or 1) if jobs is None else jobs
-    held_out = HeldOut(*(() if select_fraction is None else (select_fraction,)), dev_size=dev_size)
+    if select_fraction is None and report_split is None:
+        select_fraction = HeldOut.select_fraction
     cfg = SweepConfig(run_spec(**options), ratios=tuple(RATIOS if ratios is None else ratios),
-                      kinds=tuple(KINDS if kinds is None else kinds), seeds=3 if seeds is None else seeds,
-                      held_out=held_out, score_examples=score_examples)
+                      kinds=tuple(KINDS if kinds is None else kinds), control_ratios=control_ratios,
+                      seeds=3 if seeds is None else seeds, held_out=HeldOut(select_fraction, dev_size, report_split),
+                      score_examples=score_examples)
     return cfg, 1 if jobs is None else jobs
 
 
@@ -235,11 +263,10 @@ def full_stage(cfg: SweepConfig, out: Path, seed: int, device: str = "cpu") -> t
                 scores.save(scores_file)  # last: its presence means the scores are complete
         checkpoint = read_json(folder / "config.json")
         config, num_labels = BertConfig.from_dict(checkpoint["encoder"]), checkpoint["head"]["num_labels"]
-        for kind in cfg.kinds:
-            for ratio in cfg.ratios:
-                path = ticket_path(out, seed, kind, ratio)
-                if not path.exists() and dist.is_main():
-                    make_ticket(scores, ratio, kind, seed, config=config, num_labels=num_labels).save(path)
+        for kind, ratio in cfg.grid:
+            path = ticket_path(out, seed, kind, ratio)
+            if not path.exists() and dist.is_main():
+                make_ticket(scores, ratio, kind, seed, config=config, num_labels=num_labels).save(path)
         dist.barrier()
     except UserError:
         raise
@@ -265,7 +292,7 @@ def ticket_run(cfg: SweepConfig, out: Path, seed: int, kind: str, ratio: float, 
 
 
 def _ticket_specs(cfg: SweepConfig, seed: int) -> list[tuple[int, str, float]]:
-    return [(seed, kind, ratio) for kind in cfg.kinds for ratio in cfg.ratios]
+    return [(seed, kind, ratio) for kind, ratio in cfg.grid]
 
 
 def _runs(cfg: SweepConfig, out: Path, engine: Engine, device: str) -> Iterator[dict]:
@@ -329,7 +356,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, device: str |
     if ray is None:  # (a Ray cluster's GPUs are on its nodes, not necessarily here)
         device = dist.pick_device(device)
     check_settings(out, cfg.settings(), SETTINGS, "sweep")
-    task = prepare_run(cfg.spec)[0]  # task, data, model, lengths, training sample: a bad one writes nothing
+    task = prepare_run(cfg.seed_spec(cfg.spec.seed))[0]  # task, model, lengths, data, held-out sets: a bad one writes nothing
     lock = lock_folder(out) if dist.is_main() else None  # one sweep at a time in a folder
     guard_settings(out, cfg.settings(), SETTINGS, "sweep")  # how many processes or which engine is no setting: any may resume
     engine, device = open_engine(jobs, device, ray)

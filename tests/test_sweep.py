@@ -300,3 +300,41 @@ def test_progress_line_and_one_seed_claims_nothing(swept):
     assert lines[0].startswith("one seed is a smoke test, not evidence: no super ticket is claimed")
     assert not any("gain" in line or "p =" in line for line in lines)
     assert summary_lines(select_super_ticket(swept.doc))[0].startswith("super ticket:")  # two seeds: claimed
+
+
+def test_controls_at_fewer_ratios_and_report_on_test(tiny_bert_dir, sentiment_dir, tmp_path):
+    """--control-ratios runs random and losing tickets only where asked; --report-split test chooses
+    each run's epoch on all of dev and evaluates the test split once, on the chosen weights."""
+    out = tmp_path / "s"
+    args = ["sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--epochs", 2, "--batch-size", 8,
+            "--lr", 5e-3, "--ratios", "0.2,0.5", "--control-ratios", "0.5", "--seeds", 1, "--report-split", "test",
+            "--device", "cpu", "--out", out]
+    printed = st(*args)
+    assert "full model + 4 tickets" in printed
+    doc = json.loads((out / "results.json").read_text())
+    assert [(r["kind"], r["ratio"]) for r in doc["runs"]] == [
+        ("full", 0.0), ("winning", 0.2), ("winning", 0.5), ("random", 0.5), ("losing", 0.5)]
+    assert doc["settings"]["control_ratios"] == [0.5] and doc["settings"]["report_split"] == "test"
+    metrics = json.loads((out / "seed0" / "full" / "metrics.json").read_text())
+    assert (metrics["dev_examples"], metrics["report_examples"]) == (48, 48)  # all of dev chooses; test reports
+    assert json.loads((out / "seed0" / "full" / "run.json").read_text())["report_split"] == "test"
+    without = [a for a in args if a not in ("--report-split", "test")]  # reporting on a part of dev is another sweep
+    assert "report_split" in st(*without, ok=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--report-split", "test", "--select-fraction", "0.5"], "give one of them, not both"),
+    (["--report-split", "train2"], "has no split 'train2'"),
+    (["--control-ratios", "0.3,0.3"], "--control-ratios lists a ratio twice"),
+])
+def test_bad_held_out_options_are_one_line(args, message, tiny_bert_dir, sentiment_dir, tmp_path):
+    out = st("sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--device", "cpu",
+             "--out", tmp_path / "s", *args, ok=False)
+    assert message in out and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "s" / "sweep.json").exists()
+
+
+def test_old_sweep_settings_are_unchanged_without_the_new_options(tiny_bert_dir, sentiment_dir):
+    settings = config(tiny_bert_dir, sentiment_dir).settings()
+    assert "control_ratios" not in settings and "report_split" not in settings
+    assert "report_split" not in settings["job"]
