@@ -6,7 +6,6 @@ line on stderr and exit code 1, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from cli.params import NAMES, NUMBERS, TICKET, TaskNames, for_tasks, pairs_option, ratios_for_tasks
+from cli.params import NAMES, NUMBERS, TICKET, TaskNames, for_tasks, pairs_option, ratios_for_tasks, sizes_for_tasks
 from st.errors import UserError
 
 console = Console(stderr=True, soft_wrap=True)  # never break paths across lines
@@ -95,6 +94,8 @@ train_options = _options(
     click.option("--train-size", type=click.IntRange(1), help="Use N training examples, sampled with the seed."),
     click.option("--train-fraction", type=float, help="Use this fraction (0, 1] of the training set."),
     click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast on CUDA. Default: fp32."),
+    click.option("--report-split", help="Also evaluate this labelled split (e.g. test) once, on the weights dev chose; "
+                                        "a sweep then chooses on all of its dev sample."),
 )
 device_option = click.option("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun, this rank's GPU).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
@@ -239,11 +240,12 @@ def export_command(checkpoint, ticket, out, hf_out, hf_layout, onnx_out):
               "A ticket.json / super_ticket.json, or an `st sweep` folder (with --ratios: scores.json, or a folder holding it).")
 @click.option("--ratios", type=NUMBERS, default=None, help="Comma-separated: make winning tickets at these ratios (one for all, or one per task) from the --tickets scores.")
 @click.option("--no-tickets", is_flag=True, help="Plain MT-DNN: every task uses and updates every weight.")
+@click.option("--train-sizes", multiple=True, callback=pairs_option, help="TASK=N: that task's training sample (repeat); others take --train-size.")
 @click.option("--max-length", type=click.IntRange(8, 512), help="Tokens per example. Default: 128, or the model's positions where fewer.")
 @train_options
 @device_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumes if interrupted).")
-def share_command(names, data_dirs, tickets, ratios, no_tickets, out, device, **options):
+def share_command(names, data_dirs, tickets, ratios, no_tickets, train_sizes, out, device, **options):
     """Multi-task training with ticket sharing (Algorithm 1), or plain MT-DNN with --no-tickets."""
     from st import dist
     from st.pipeline import share_tickets
@@ -254,11 +256,14 @@ def share_command(names, data_dirs, tickets, ratios, no_tickets, out, device, **
 
     if no_tickets == bool(tickets) or (no_tickets and ratios):
         raise UserError("pass --tickets (one per task, optionally with --ratios) or --no-tickets, not both or neither")
-    unknown = [name for name in data_dirs if name not in names]
-    if unknown:
-        raise UserError(f"--data-dir names task {unknown[0]}, which is not in --tasks")
+    for option, given in (("--data-dir", data_dirs), ("--train-sizes", train_sizes)):
+        unknown = [name for name in given if name not in names]
+        if unknown:
+            raise UserError(f"{option} names task {unknown[0]}, which is not in --tasks")
+    sizes = sizes_for_tasks(train_sizes)
     with dist.session():
-        specs = [run_spec(task=name, data_dir=data_dirs.get(name), **options) for name in names]
+        specs = [run_spec(task=name, data_dir=data_dirs.get(name), **{**options, "train_size": sizes.get(name, options["train_size"])})
+                 for name in names]
         chosen = None if no_tickets else share_tickets(for_tasks(names, tickets, "--tickets"), options["model"],
                                                         ratios and ratios_for_tasks(names, ratios))
         device = dist.pick_device(device)
@@ -272,18 +277,6 @@ def share_command(names, data_dirs, tickets, ratios, no_tickets, out, device, **
 # ---- sweep and report -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _log_level(level):
-    logger = logging.getLogger("st")
-    before = logger.level
-    if level is not None:
-        logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(before)
-
-
 @cli.command("sweep")
 @task_options(required=False)
 @train_options
@@ -295,7 +288,6 @@ def _log_level(level):
 @click.option("--seeds", type=int, help="How many seeds: --seed, --seed+1, ...  [default: 3]")
 @click.option("--select-fraction", type=float, help="Part of the dev sample that chooses epochs and the ticket; the rest only reports. Default: 0.5.")
 @click.option("--dev-size", type=click.IntRange(1), help="A seeded sample of N dev examples (default: all; the main job: 400).")
-@click.option("--report-split", help="Report on this labelled split (e.g. test) once per run; all of the dev sample then chooses epochs and the ticket.")
 @click.option("--score-examples", type=click.IntRange(1), help="Importance over a seeded sample of N training examples (default: all).")
 @click.option("--jobs", type=int, help="Runs at once: processes on CPU, at most one per GPU (default 1; the main job: 2).")
 @click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -316,10 +308,11 @@ def sweep_command(ctx, out, device, ray, keep_weights, **options):
     from st import dist
     from st.pipeline import build_task
     from st.report import RunPrinter, phase_table, render, summary_lines
+    from cli.progress import log_level
     from st.sweep import plan, run_sweep
 
     quiet = not ctx.find_root().params.get("verbose")  # the table says which runs had finished earlier
-    with dist.session(), _log_level(logging.WARNING if quiet else None):
+    with dist.session(), log_level(logging.WARNING if quiet else None):
         cfg, jobs = plan(ray=ray, **options)
         starting = lambda n: console.print(f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name}: {cfg.seeds} seed(s) x (full model + "  # noqa: E731
                                            f"{len(cfg.grid)} tickets), {n} run(s) at a time -> {out}")

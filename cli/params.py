@@ -98,6 +98,14 @@ def ratios_for_tasks(names: Sequence[str], ratios: Sequence[float]) -> dict[str,
     return dict(zip(names, list(ratios) * len(names) if len(ratios) == 1 else ratios))
 
 
+def sizes_for_tasks(pairs: dict[str, str]) -> dict[str, int]:
+    """--train-sizes TASK=N pairs as {task: N}."""
+    bad = next((f"{name}={n}" for name, n in pairs.items() if not n.strip().isdigit() or int(n) < 1), None)
+    if bad:
+        raise UserError(f"--train-sizes {bad}: N must be a positive whole number of training examples")
+    return {name: int(n) for name, n in pairs.items()}
+
+
 class TicketFile(click.ParamType):
     """A ticket.json path -> the `Ticket` it holds (a run is identified by the ticket, not its path)."""
 

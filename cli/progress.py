@@ -1,7 +1,9 @@
-"""A rich progress bar for training: loss and throughput per step, one line per epoch."""
+"""What a command shows while it works: a rich progress bar for training (loss and throughput per
+step, one line per epoch), and the library's log level around a command."""
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 
@@ -36,3 +38,16 @@ def training_progress(enabled: bool = True):
             progress.reset(bar, epoch=epoch + 1, loss=float("nan"), rate=0.0)
 
         yield on_step, on_epoch
+
+
+@contextmanager
+def log_level(level):
+    """The "st" logger at `level` (None: as it is) for the block, then as before."""
+    logger = logging.getLogger("st")
+    before = logger.level
+    if level is not None:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

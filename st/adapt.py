@@ -48,7 +48,8 @@ def run_adapt(base: RunSpec, sources: dict[str, str], fractions=FRACTIONS, seeds
                 result = run_finetune(replace(start, data=data, seed=seed), out / name / f"fraction{fraction:g}-seed{seed}",
                                       device=device)
                 rows.append({"source": name, "fraction": fraction, "seed": seed,
-                             "main_metric": result["main_metric"], "score": result["dev"][result["main_metric"]], "dev": result["dev"]})
+                             "main_metric": result["main_metric"], "score": result["dev"][result["main_metric"]], "dev": result["dev"],
+                             "report": result.get("report")})
     table = {name: {fraction: stats([r["score"] for r in rows if r["source"] == name and r["fraction"] == fraction])
                     for fraction in fractions} for name in sources}
     result = {"task": base.data.task, "fractions": list(fractions), "seeds": list(seeds), "rows": rows, "table": table}

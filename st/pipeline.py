@@ -131,6 +131,15 @@ def load_split(task: Task, tokenizer: Tokenizer, split: str) -> tuple[list[Examp
     return examples, encode_examples(tokenizer, examples, regression=task.num_labels == 1)
 
 
+def load_labelled(task: Task, tokenizer: Tokenizer, split: str) -> EncodedSet:
+    """A split to report on (--report-split): it must have labels."""
+    data = load_split(task, tokenizer, split)[1]
+    if data.labels is None:
+        raise UserError(f"the {split} split of task {task.name} has no labels to report on; "
+                        f"drop --report-split or name a labelled split ({', '.join(task.dev_splits)})")
+    return data
+
+
 def load_train(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> EncodedSet:
     examples = check_nonempty(task.load("train"), task, "train")
     examples = subsample(examples, train_size=spec.data.train_size, train_fraction=spec.data.train_fraction, seed=spec.seed)
@@ -198,11 +207,7 @@ def held_out_sets(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> tuple[Enco
         log.info("--dev-size %d is more than the %d dev examples; using all of them", held.dev_size, len(dev))
     select, report = dev_parts(len(dev), spec.seed, held.dev_size, None if held.report_split else held.select_fraction)
     if held.report_split:
-        _, reported = load_split(task, tokenizer, held.report_split)
-        if reported.labels is None:
-            raise UserError(f"the {held.report_split} split of task {task.name} has no labels to report on; "
-                            f"drop --report-split or name a labelled split ({', '.join(task.dev_splits)})")
-        return subset(dev, select), reported
+        return subset(dev, select), load_labelled(task, tokenizer, held.report_split)
     return subset(dev, select), (subset(dev, report) if report else None)
 
 

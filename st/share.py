@@ -50,7 +50,7 @@ from st.errors import UserError
 from st.models.bert import Bert
 from st.models.heads import per_example_loss
 from st.multitask import MultiTask, MultiTaskModel, union_masks
-from st.pipeline import build_task, build_tokenizer, check_fits, head_dropout, load_split, load_train, model_dir, pretrained_encoder, resolve_defaults
+from st.pipeline import build_task, build_tokenizer, check_fits, head_dropout, load_labelled, load_split, load_train, model_dir, pretrained_encoder, resolve_defaults
 from st.prune import prune_encoder
 from st.report import multitask_markdown
 from st.runs import RunFolder
@@ -313,16 +313,21 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
     dropouts = [head_dropout(s.model, t) for s, t in zip(specs, tasks)]
     sharer = TicketSharer.create(encoder, tasks, ticket_list, head_dropouts=dropouts, pooler=pooler, seed=base.seed)
     train = {t.name: load_train(s, t, tokenizer) for s, t in zip(specs, tasks)}
-    # Epochs are chosen on each task's first dev set; the others (MNLI's dev_mismatched) are
-    # evaluated with the chosen weights and reported beside it.
+    # Epochs are chosen on each task's first dev set; the others (MNLI's dev_mismatched) and a
+    # --report-split are evaluated with the chosen weights and reported beside it.
     dev = {t.name: load_split(t, tokenizer, t.dev_splits[0])[1] for t in tasks}
-    extra_dev = {t.name: {s: load_split(t, tokenizer, s)[1] for s in t.dev_splits[1:]} for t in tasks if len(t.dev_splits) > 1}
+    extra_dev = {t.name: {s: load_labelled(t, tokenizer, s) for s in (*t.dev_splits[1:], *report_split(spec))}
+                 for spec, t in zip(specs, tasks)}
     run.claim(settings)  # every input checked: only now does the folder become this run's
     if dist.is_main():
         copy_tokenizer(model_dir(base), out)
     meta = {"model": base.model.name, "jobs": {s.data.task: s.settings() for s in specs}}
     return sharer.train(train, dev, base.train, tokenizer.pad_id, run, seed=base.seed, device=device, on_step=on_step,
                         on_epoch=on_epoch, meta=meta, extra_dev=extra_dev, dev_split={t.name: t.dev_splits[0] for t in tasks})
+
+
+def report_split(spec: RunSpec) -> tuple[str, ...]:  # the split --report-split names, if any
+    return (spec.held_out.report_split,) if spec.held_out is not None and spec.held_out.report_split else ()
 
 
 class SharedTraining:

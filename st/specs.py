@@ -111,7 +111,7 @@ def run_spec(task: str, *, model: str | None = None, data_dir: str | None = None
              label_column: str | None = None, labels: str | None = None, regression: bool | None = None,
              train_size: int | None = None, train_fraction: float | None = None, max_length: int | None = None,
              dropout: float | None = None, head_dropout: float | None = None, ticket: Ticket | None = None,
-             init: str | None = None, seed: int | None = None, **train) -> RunSpec:
+             init: str | None = None, seed: int | None = None, report_split: str | None = None, **train) -> RunSpec:
     """A run from option values (`st finetune`'s options); None, an option not given, takes the default.
     `train`: TrainConfig's fields. text_columns ... regression are the csv/jsonl tasks' options."""
     numbers = {"train_fraction": train_fraction, "dropout": dropout, "head_dropout": head_dropout, **train}
@@ -126,4 +126,5 @@ def run_spec(task: str, *, model: str | None = None, data_dir: str | None = None
     absolute = lambda path: None if path is None else str(Path(path).expanduser().resolve())  # noqa: E731
     data = DataSpec(task, absolute(data_dir), options, train_size, train_fraction, max_length)
     model_spec = ModelSpec(**given(name=model, dropout=dropout), head_dropout=head_dropout, ticket=ticket, init=absolute(init))
-    return RunSpec(data, model_spec, TrainConfig(**given(**train)), **given(seed=seed))
+    held_out = HeldOut(None, None, report_split) if report_split else None
+    return RunSpec(data, model_spec, TrainConfig(**given(**train)), **given(seed=seed), held_out=held_out)

@@ -328,6 +328,27 @@ def test_cli_no_tickets_and_bad_inputs(tiny_bert_dir, sentiment_dir, tmp_path):
     assert "--no-tickets" in st("share", "--tasks", "csv", *common[:2], "--out", tmp_path / "x", ok=False)
 
 
+
+def test_cli_per_task_train_sizes_and_test_report(tiny_bert_dir, sentiment_dir, tmp_path):
+    """--train-sizes gives each task its own sample; --report-split test is evaluated once on the chosen weights."""
+    topic_dir = write_topic_jsonl(tmp_path / "topic", n_train=48, n_dev=16)
+    common = ["--model", tiny_bert_dir, "--data-dir", f"csv={sentiment_dir}", "--data-dir", f"jsonl={topic_dir}",
+              "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--no-tickets"]
+    st("share", "--tasks", "csv,jsonl", *common, "--train-size", 40, "--train-sizes", "jsonl=24", "--report-split", "test",
+       "--out", tmp_path / "m")
+    settings = json.loads((tmp_path / "m" / "run.json").read_text())["tasks"]
+    assert (settings["csv"]["train_size"], settings["jsonl"]["train_size"]) == (40, 24)
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    for task in ("csv", "jsonl"):
+        assert 0 <= metrics["extra_dev"][task]["test"]["accuracy"] <= 1
+    assert "--train-sizes names task mnli" in st("share", "--tasks", "csv,jsonl", *common, "--train-sizes", "mnli=3",
+                                                "--out", tmp_path / "x", ok=False)
+    assert "positive whole number" in st("share", "--tasks", "csv,jsonl", *common, "--train-sizes", "csv=0",
+                                         "--out", tmp_path / "x", ok=False)
+    assert "no split 'exam'" in st("share", "--tasks", "csv,jsonl", *common, "--report-split", "exam", "--out", tmp_path / "x", ok=False)
+    assert not (tmp_path / "x" / "run.json").exists()  # so the corrected command may use the same --out
+
+
 # ---- all nine GLUE tasks, in their official layouts ---------------------------------------------
 
 
