@@ -352,9 +352,9 @@ def multitask_markdown(result: dict) -> str:
     extra = result.get("extra_dev") or {}
     if extra:
         first = result.get("dev_split") or {}
-        lines += ["Other dev sets, scored with the same weights (epochs are chosen on each task's first dev set"
+        lines += ["Other held-out splits (further dev sets, --report-split), scored with the same weights (epochs are chosen on each task's first dev set"
                   + (", " + ", ".join(f"{n}: {first[n]}" for n in extra if n in first) if first else "") + "):", "",
-                  "| task | dev set | main metric | dev | all dev metrics |", "|---|---|---|---|---|"]
+                  "| task | split | main metric | score | all metrics |", "|---|---|---|---|---|"]
         for name, splits in extra.items():
             main = result["main_metric"][name]
             for split, metrics in splits.items():
@@ -390,4 +390,11 @@ def adapt_markdown(result: dict) -> str:
              "| start | " + " | ".join(f"{f:.1%}" for f in result["fractions"]) + " |", "|" + "---|" * (len(result["fractions"]) + 1)]
     for name, by_fraction in result["table"].items():
         lines.append(f"| {name} | " + " | ".join(fmt(s) for s in by_fraction.values()) + " |")
+    if all(r.get("report") for r in result["rows"]):  # --report-split: the same runs on that split
+        lines += ["", f"The same runs' {metric} on the --report-split split, with the weights dev chose:", "",
+                  lines[4], lines[5]]
+        for name in result["table"]:
+            lines.append(f"| {name} | " + " | ".join(
+                fmt(stats([r["report"][metric] for r in result["rows"] if (r["source"], r["fraction"]) == (name, f)]))
+                for f in result["fractions"]) + " |")
     return "\n".join(lines) + "\n"

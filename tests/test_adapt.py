@@ -36,6 +36,19 @@ def test_adapt_from_pretrained_and_from_a_checkpoint(tiny_bert_dir, sentiment_di
     assert again["table"] == result["table"]  # finished runs are reused, not retrained
 
 
+def test_adapt_reports_the_test_split_beside_dev(tiny_bert_dir, sentiment_dir, tmp_path):
+    out = tmp_path / "adapt"
+    result = CliRunner().invoke(cli, ["adapt", "--task", "csv", "--data-dir", str(sentiment_dir), "--model", str(tiny_bert_dir),
+                                      "--from", f"pretrained={tiny_bert_dir}", "--fractions", "0.5,1", "--epochs", "1",
+                                      "--batch-size", "8", "--report-split", "test", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["fraction"] for r in rows] == [0.5, 1.0] and all(0 <= r["report"]["accuracy"] <= 1 for r in rows)
+    assert json.loads((out / "pretrained" / "fraction1-seed0" / "metrics.json").read_text())["report_examples"] == 48
+    report = (out / "report.md").read_text()
+    assert "on the --report-split split" in report and report.count("| pretrained |") == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--fractions", "0,1"], "(0, 1]"),
     (["--fractions", "a"], "comma-separated"),
