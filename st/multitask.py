@@ -210,6 +210,17 @@ def is_multitask_dir(folder: str | Path) -> bool:
         return False
 
 
+def task_names(mtl_dir: str | Path) -> list[str]:
+    return [entry["name"] for entry in read_mtl_config(mtl_dir)["tasks"]]
+
+
+def load_shared_encoder(mtl_dir: str | Path) -> tuple[Bert, dict]:
+    """The shared encoder and pooler state of a multi-task folder, to start a task it was not trained on
+    (domain adaptation): with ticket sharing, the union of the tickets, the weights the folder holds."""
+    model = MultiTask.load(mtl_dir).model
+    return model.encoder, model.pooler.state_dict()
+
+
 def load_task_model(mtl_dir: str | Path, task_name: str) -> BertClassifier:
     """Task `task_name` of a multi-task model folder as a single-task BertClassifier: the shared
     encoder pruned further to the task's ticket (the ticket stays kept), the pooler and its head."""

@@ -20,7 +20,7 @@ from st.importance import Scores, compute_importance
 from st.io import file_digest
 from st.models import Bert, BertClassifier, BertConfig, load_checkpoint, load_pretrained_parts, resolve_model_dir
 from st.models.weights import config_from_hf, read_config
-from st.multitask import is_multitask_dir, load_task_model
+from st.multitask import is_multitask_dir, load_shared_encoder, load_task_model, task_names
 from st.prune import prune_classifier
 from st.runs import RunFolder
 from st.specs import DEFAULT_MAX_LENGTH, DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig
@@ -106,7 +106,7 @@ def head_dropout(model: ModelSpec, task: Task) -> float:
 def build_model(spec: RunSpec, task: Task) -> BertClassifier:
     """Pre-trained encoder + a task head initialised from the seed, pruned to the ticket if given."""
     m = spec.model
-    if m.init:
+    if m.init and not (is_multitask_dir(m.init) and task.name not in task_names(m.init)):
         # A multi-task folder gives the task's own head and its ticket's subnetwork ("+ ST fine-tuning").
         model = load_task_model(m.init, task.name) if is_multitask_dir(m.init) else load_checkpoint(m.init)[0]
         if model.num_labels != task.num_labels:  # a new task (domain adaptation): a fresh head
@@ -115,7 +115,8 @@ def build_model(spec: RunSpec, task: Task) -> BertClassifier:
             head.pooler.load_state_dict(model.pooler.state_dict())
             model = head
     else:
-        encoder, pooler_state = pretrained_encoder(m)
+        # The pre-trained encoder, or for a task the multi-task model never saw (domain adaptation) its shared encoder.
+        encoder, pooler_state = load_shared_encoder(m.init) if m.init else pretrained_encoder(m)
         torch.manual_seed(spec.seed)  # the same seed gives the same head, with or without a ticket
         model = BertClassifier(encoder, task.num_labels, head_dropout(m, task))
         if pooler_state is not None:  # BERT's pre-trained pooler, where the checkpoint has one

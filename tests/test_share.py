@@ -349,6 +349,27 @@ def test_cli_per_task_train_sizes_and_test_report(tiny_bert_dir, sentiment_dir, 
     assert not (tmp_path / "x" / "run.json").exists()  # so the corrected command may use the same --out
 
 
+
+def test_a_task_the_multitask_model_never_saw_starts_from_its_shared_encoder(tiny_bert_dir, sentiment_dir, tmp_path):
+    """Domain adaptation (`st adapt --from NAME=MTL_DIR`): the union of the tickets and a fresh head."""
+    topic_dir = write_topic_jsonl(tmp_path / "topic", n_train=48, n_dev=16)
+    TA.save(tmp_path / "a.json")
+    st("share", "--tasks", "csv", "--tickets", tmp_path / "a.json", "--model", tiny_bert_dir, "--data-dir", f"csv={sentiment_dir}",
+       "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--out", tmp_path / "m")
+    st("finetune", "--task", "jsonl", "--data-dir", topic_dir, "--init", tmp_path / "m", "--epochs", 1, "--batch-size", 16,
+       "--device", "cpu", "--out", tmp_path / "adapted")
+    from st.models import load_checkpoint
+    model, _ = load_checkpoint(tmp_path / "adapted")
+    assert model.encoder.config.kept_heads == ((0, 1), (0, 2)) and model.encoder.config.ffn_sizes == (32, 0)
+    # before training: the shared encoder's weights are carried over, the csv head is not
+    from st.pipeline import build_model, build_task
+    from st.specs import run_spec
+    spec = run_spec("jsonl", data_dir=str(topic_dir), init=str(tmp_path / "m"), seed=0)
+    start, csv_model = build_model(spec, build_task(spec.data)), load_task_model(tmp_path / "m", "csv")
+    assert torch.equal(start.encoder.layers[0].attention.qkv.weight, csv_model.encoder.layers[0].attention.qkv.weight)
+    assert not torch.equal(start.classifier.out.weight, csv_model.classifier.out.weight)
+
+
 # ---- all nine GLUE tasks, in their official layouts ---------------------------------------------
 
 

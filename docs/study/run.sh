@@ -8,10 +8,40 @@ OUT=${OUT:-runs/study}
 PARTS=${*:-rt bbc mtl adapt}
 export OMP_NUM_THREADS=1  # two one-thread processes beat one two-thread process on 2 cores
 SEEDS=5
+mkdir -p $OUT/mtl
+# Two one-thread runs side by side; a failed run fails the script (`wait PID` returns its status).
+waitall() { for pid in $(jobs -p); do wait $pid; done; }
 
 for part in $PARTS; do case $part in
 rt)
   st sweep --task rotten_tomatoes --model minilm-l6 --train-size 1024 --epochs 2 --batch-size 32 --lr 2e-4 --max-length 64 \
     --seeds $SEEDS --control-ratios 0.3,0.6 --report-split test --jobs 2 --device cpu --out $OUT/rt ;;
+bbc)
+  st sweep --task bbc_news --model minilm-l6 --train-size 128 --epochs $BBC_EPOCHS --batch-size 16 --lr 2e-4 --max-length 128 \
+    --seeds $SEEDS --control-ratios 0.3,0.6 --report-split test --jobs 2 --device cpu --out $OUT/bbc ;;
+mtl)  # each task's super ticket from its sweep; MT-DNN and ticket sharing in parallel, then fine-tuning after each
+  MT="--tasks rotten_tomatoes,bbc_news --train-size 1024 --train-sizes bbc_news=128 --epochs 2 --batch-size 16 --lr 2e-4
+      --max-length 128 --report-split test --device cpu"
+  for seed in $(seq 0 $((SEEDS - 1))); do
+    st share $MT --no-tickets --seed $seed --out $OUT/mtl/mtdnn-seed$seed > $OUT/mtl-mtdnn-$seed.log 2>&1 &
+    st share $MT --tickets rotten_tomatoes=$OUT/rt/super_ticket.json,bbc_news=$OUT/bbc/super_ticket.json --seed $seed \
+      --out $OUT/mtl/shared-seed$seed > $OUT/mtl-shared-$seed.log 2>&1 &
+    waitall
+    for method in mtdnn shared; do
+      st finetune --task rotten_tomatoes --train-size 1024 --init $OUT/mtl/$method-seed$seed --epochs 1 --batch-size 16 --lr 2e-4 \
+        --max-length 128 --report-split test --seed $seed --device cpu --out $OUT/mtl/$method-seed$seed-ft-rotten_tomatoes &
+      st finetune --task bbc_news --train-size 128 --init $OUT/mtl/$method-seed$seed --epochs 1 --batch-size 16 --lr 2e-4 \
+        --max-length 128 --report-split test --seed $seed --device cpu --out $OUT/mtl/$method-seed$seed-ft-bbc_news &
+      waitall
+    done
+  done ;;
+adapt)  # from seed s's two multi-task models, at 1%, 3%, 10% and 100% of presidential_debates' training data
+  for seed in $(seq 0 $((SEEDS - 1))); do
+    st adapt --task presidential_debates --from mtdnn=$OUT/mtl/mtdnn-seed$seed --from shared=$OUT/mtl/shared-seed$seed \
+      --fractions 0.01,0.03,0.1,1 --seed $seed --seeds 1 --epochs 3 --batch-size 16 --max-length 128 --report-split test \
+      --device cpu --out $OUT/adapt/seed$seed > $OUT/adapt-$seed.log 2>&1 &
+    if (( seed % 2 == 1 )); then waitall; fi
+  done
+  waitall ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac; done
