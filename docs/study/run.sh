@@ -17,7 +17,7 @@ rt)
   st sweep --task rotten_tomatoes --model minilm-l6 --train-size 1024 --epochs 2 --batch-size 32 --lr 2e-4 --max-length 64 \
     --seeds $SEEDS --control-ratios 0.3,0.6 --report-split test --jobs 2 --device cpu --out $OUT/rt ;;
 bbc)
-  st sweep --task bbc_news --model minilm-l6 --train-size 128 --epochs $BBC_EPOCHS --batch-size 16 --lr 2e-4 --max-length 128 \
+  st sweep --task bbc_news --model minilm-l6 --train-size 128 --epochs 3 --batch-size 16 --lr 2e-4 --max-length 128 \
     --seeds $SEEDS --control-ratios 0.3,0.6 --report-split test --jobs 2 --device cpu --out $OUT/bbc ;;
 mtl)  # each task's super ticket from its sweep; MT-DNN and ticket sharing in parallel, then fine-tuning after each
   MT="--tasks rotten_tomatoes,bbc_news --train-size 1024 --train-sizes bbc_news=128 --epochs 2 --batch-size 16 --lr 2e-4
