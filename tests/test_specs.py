@@ -54,6 +54,12 @@ def test_sweep_presets_merge_in_the_library(tiny_bert_dir):
     assert (cfg.spec.train.epochs, cfg.seeds, cfg.ratios, cfg.spec.model.name) == (1, 2, (0.5,), str(tiny_bert_dir))
     cfg, jobs = plan(task="csv", model=str(tiny_bert_dir))  # a task of one's own: no preset
     assert (cfg.spec.data.train_size, cfg.seeds, cfg.held_out, jobs, cfg.spec.train.lr) == (None, 3, HeldOut(), 1, 2e-4)
+    assert cfg.control_ratios == cfg.ratios and cfg.total_runs == 3 * (1 + 3 * 8)
+    cfg, _ = plan(quick=True)
+    assert cfg.control_ratios == cfg.ratios == (0.3, 0.6) and cfg.total_runs == 7
+    cfg, _ = plan()  # the main job: controls at three ratios
+    assert (cfg.spec.data.train_size, cfg.control_ratios, cfg.total_runs) == (512, (0.2, 0.4, 0.6), 3 * (1 + 8 + 2 * 3))
+    assert cfg.settings()["control_ratios"] == [0.2, 0.4, 0.6]
 
 
 def test_a_run_is_its_ticket_not_the_ticket_file(tiny_bert_dir, sentiment_dir, tmp_path):
