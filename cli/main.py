@@ -307,7 +307,8 @@ def sweep_command(ctx, out, device, ray, keep_weights, **options):
     """
     from st import dist
     from st.pipeline import build_task
-    from st.report import RunPrinter, phase_table, render, summary_lines
+    from st.progress import RunPrinter
+    from st.report import phase_table, render, summary_lines
     from cli.progress import log_level
     from st.sweep import plan, run_sweep
 
@@ -316,7 +317,7 @@ def sweep_command(ctx, out, device, ray, keep_weights, **options):
         cfg, jobs = plan(ray=ray, **options)
         starting = lambda n: console.print(f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name}: {cfg.seeds} seed(s) x (full model + "  # noqa: E731
                                            f"{len(cfg.grid)} tickets), {n} run(s) at a time -> {out}")
-        printer = RunPrinter(console, build_task(cfg.spec.data).main_metric, cfg.total_runs)
+        printer = RunPrinter(console, build_task(cfg.spec.data).main_metric, cfg.run_ratios)
         doc = run_sweep(cfg, out, jobs=jobs, device=device, ray=ray, keep_weights=keep_weights, on_start=starting, on_result=printer)
         if dist.is_main():
             selection = render(out)

@@ -9,10 +9,8 @@ as paired differences with a 95% bootstrap CI and a paired t-test's p-value (`st
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from rich.markup import escape
 from rich.table import Table
 
 from st.errors import UserError
@@ -125,44 +123,6 @@ def summary_lines(selection: Selection) -> list[str]:
 
 def run_label(record: dict) -> str:
     return FULL if record["kind"] == FULL else f"{record['kind']} r={record['ratio']:g}"
-
-
-class RunPrinter:
-    """Prints one row per finished run, as runs finish: a table that grows down the terminal, in
-    fixed-width columns so that rows printed minutes apart line up."""
-
-    COLUMNS = (("seed", 4), ("kind", 7), ("r", 4), ("% weights", 9), ("selection", 9), ("report", 7), ("epoch", 5), ("seconds", 7))
-
-    def __init__(self, console, metric: str, total: int | None = None, clock=time.monotonic):
-        self.console, self.metric, self.total, self.clock = console, metric, total, clock
-        self.started, self.begin, self.done, self.trained = False, clock(), 0, 0
-
-    def _line(self, cells: list[str]) -> str:
-        return " ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, self.COLUMNS))
-
-    def __call__(self, record: dict) -> None:
-        if not self.started:
-            self.console.print(f"[bold]{self._line([name for name, _ in self.COLUMNS])}  ({self.metric} ×100)[/]")
-            self.started = True
-        metric = lambda part: "—" if record[part] is None else fmt_value(record[part][self.metric])  # noqa: E731
-        percent = record["percent_remaining"]["model"] if record["percent_remaining"] else None
-        note = f"  [red]{escape(record['error'])}[/]" if record["error"] else ("  [dim]finished earlier[/]" if record.get("reused") else "")
-        self.done += 1
-        self.trained += not record.get("reused")
-        self.console.print(self._line([str(record["seed"]), record["kind"], f"{record['ratio']:g}", "—" if percent is None else f"{percent:.1f}",
-                                       metric("selection"), metric("report"), str(record["best_epoch"] or "—"),
-                                       "—" if record["seconds"] is None else f"{record['seconds']:.0f}"])
-                           + f"  [dim]{progress_note(self.done, self.total, self.clock() - self.begin, self.trained)}[/]" + note)
-
-
-def progress_note(done: int, total: int | None, elapsed: float, trained: int) -> str:
-    """"3/7 runs, 1:02 elapsed, ~1:30 left": the time left from the runs trained in this call (runs
-    finished earlier come back at once and say nothing about speed)."""
-    clock = lambda s: f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}" if s >= 3600 else f"{int(s) // 60}:{int(s) % 60:02d}"  # noqa: E731
-    text = f"{done}/{total} runs, {clock(elapsed)} elapsed" if total else f"{done} runs, {clock(elapsed)} elapsed"
-    if total and trained and done < total:
-        text += f", ~{clock(elapsed / trained * (total - done))} left"
-    return text
 
 
 # ---- markdown --------------------------------------------------------------------------------------

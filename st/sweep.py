@@ -95,6 +95,11 @@ class SweepConfig:
         return self.seeds * (1 + len(self.grid))
 
     @property
+    def run_ratios(self) -> list[float]:
+        """The ratio of every run of the sweep (0 for each seed's full model)."""
+        return self.seeds * [0.0, *(ratio for _, ratio in self.grid)]
+
+    @property
     def seed_list(self) -> list[int]:
         return [self.spec.seed + i for i in range(self.seeds)]
 
@@ -136,14 +141,11 @@ class Preset:
     """Defaults of `st sweep` without --task (the main job) and of `st sweep --quick`. Every field is
     also an option, and an option given on the command line wins.
 
-    The main job learns the task at every ratio it shows: in the study's pilot (docs/study/PLAN.md)
-    256 examples x 2 epochs stayed near the majority class (61% of dev), 512 x 2 reached 70%. Budget,
-    in CPU seconds measured on a 2-core machine (1 seed: full model + winning tickets at r = 0.1,
-    0.5, 0.8): a full run ~55 (2 epochs x 512 examples at ~22/CPU-s, 2 x 200 + 200 dev examples),
-    scoring ~12, a ticket run ~(1 - r) of it plus ~5. Random and losing tickets run at three ratios,
-    not eight: 3 seeds x (1 full + 8 winning + 6 controls) = 45 runs, ~1,600 CPU-s, about 13
-    minutes for two one-thread processes on 2 cores.
-    """
+    The main job must learn the task: in the study's pilot (docs/study/PLAN.md) 256 examples x 2
+    epochs stayed near the majority class (61% of dev), 512 x 2 reached 70%. Budget in CPU seconds,
+    measured on a 2-core machine: a full run ~55, scoring ~12, a ticket run ~(1 - 0.85 r) of the full
+    one. Random and losing tickets run at three ratios, not eight: 3 seeds x (1 full + 8 winning + 6
+    controls) = 45 runs, ~1,600 CPU-s, about 13 minutes for two one-thread processes on 2 cores."""
 
     task: str = "rotten_tomatoes"
     model: str = "minilm-l6"

@@ -284,16 +284,19 @@ def test_progress_line_and_one_seed_claims_nothing(swept):
 
     from rich.console import Console
 
-    from st.report import RunPrinter, progress_note, summary_lines
+    from st.progress import RunPrinter, progress_note
+    from st.report import summary_lines
 
-    assert progress_note(3, 7, 62, 3) == "3/7 runs, 1:02 elapsed, ~1:22 left"
-    assert progress_note(7, 7, 3725, 2) == "7/7 runs, 1:02:05 elapsed"
+    assert progress_note(3, 7, 62, 3, 4) == "3/7 runs, 1:02 elapsed, ~1:22 left"
+    assert progress_note(7, 7, 3725, 2, 0) == "7/7 runs, 1:02:05 elapsed"
     ticks = iter([0.0, 10.0, 20.0])
     text = io.StringIO()
-    printer = RunPrinter(Console(file=text, width=200), "accuracy", total=4, clock=lambda: next(ticks))
+    # the full model (reused: it says nothing about speed), then a ticket at r = 0.2, then two at 0.5:
+    # a pruned run costs less, 1 - 0.85 r of the full one, so the two left take 2 x 0.575 / 0.83 of 20 s
+    printer = RunPrinter(Console(file=text, width=200), "accuracy", [0.0, 0.2, 0.5, 0.5], clock=lambda: next(ticks))
     printer({**swept.doc["runs"][0], "reused": True})
-    printer(swept.doc["runs"][1])
-    assert "1/4 runs, 0:10 elapsed" in text.getvalue() and "2/4 runs, 0:20 elapsed, ~0:40 left" in text.getvalue()
+    printer({**swept.doc["runs"][1], "ratio": 0.2})
+    assert "1/4 runs, 0:10 elapsed" in text.getvalue() and "2/4 runs, 0:20 elapsed, ~0:27 left" in text.getvalue()
 
     one_seed = {**swept.doc, "runs": [r for r in swept.doc["runs"] if r["seed"] == 0]}
     lines = summary_lines(select_super_ticket(one_seed))
