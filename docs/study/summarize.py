@@ -59,6 +59,11 @@ def collect(runs: Path) -> None:
         write(RESULTS / "adapt.json", {"task": "presidential_debates", "rows": adapt})
 
 
+def compare(a: dict[int, float], b: dict[int, float]) -> str:
+    d = paired(a, b)
+    return fmt_paired(d["mean"], d["ci"], d["n"], d["p_value"]) if d["n"] else "no seed has both"
+
+
 def write(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
@@ -80,15 +85,17 @@ def sweep_section(part: str, doc: dict) -> list[str]:
              f"lr {job['train']['lr']:g}, max length {job['max_length']}; seeds {', '.join(map(str, seeds))} "
              f"({len(seeds)} of {s['seeds']} finished). Test {metric} ×100, mean ± std over seeds; "
              "epochs and the super ticket chosen on all of dev.", "",
-             "| r | % weights | winning | random | losing | winning − full (paired) |", "|---|---|---|---|---|---|"]
+             "| r | % encoder weights | winning | random | losing | winning − full (paired) |", "|---|---|---|---|---|---|"]
     full = test(FULL, 0.0)
-    lines.append(f"| 0 (full) | 100.0 | {fmt(stats(list(full.values())))} | | | |")
+    lines.append(f"| 0 (full) | 100.0 | {fmt(stats(list(full.values())), s['seeds'])} | | | |")
     for ratio in s["ratios"]:
-        kept = next(r["percent_remaining"]["encoder"] for r in runs if (r["kind"], r["ratio"]) == ("winning", ratio))
-        cells = [fmt(stats(list(test(kind, ratio).values()))) if test(kind, ratio) else "" for kind in ("winning", "random", "losing")]
-        d = paired(test("winning", ratio), full)
+        kept = next((r["percent_remaining"]["encoder"] for r in runs
+                     if (r["kind"], r["ratio"]) == ("winning", ratio) and r["percent_remaining"]), None)
+        if kept is None:  # not run yet
+            continue
+        cells = [fmt(stats(list(test(kind, ratio).values())), s["seeds"]) if test(kind, ratio) else "" for kind in ("winning", "random", "losing")]
         bold = "**" if (sel.kind, sel.ratio) == ("winning", ratio) else ""
-        lines.append(f"| {bold}{ratio:g}{bold} | {kept:.1f} | " + " | ".join(cells) + f" | {fmt_paired(d['mean'], d['ci'], d['n'], d['p_value'])} |")
+        lines.append(f"| {bold}{ratio:g}{bold} | {kept:.1f} | " + " | ".join(cells) + f" | {compare(test('winning', ratio), full)} |")
     chosen = "the full model" if sel.kind == FULL else f"the winning ticket at r = {sel.ratio:g}"
     lines += ["", f"![phase transition]({part}_phase.png)", "",
               f"**H1, super ticket.** Chosen on dev: {chosen} (dev {fmt(stats(list(sel.selection.values())))} vs the full "
@@ -99,8 +106,7 @@ def sweep_section(part: str, doc: dict) -> list[str]:
     lines += ["", "**H3, importance matters** (test, paired over seeds):", ""]
     for ratio in s.get("control_ratios", s["ratios"]):
         for control in ("random", "losing"):
-            d = paired(test("winning", ratio), test(control, ratio))
-            lines.append(f"- r = {ratio:g}, winning − {control}: {fmt_paired(d['mean'], d['ci'], d['n'], d['p_value'])}")
+            lines.append(f"- r = {ratio:g}, winning − {control}: {compare(test('winning', ratio), test(control, ratio))}")
     return lines + [""]
 
 
@@ -123,8 +129,7 @@ def mtl_section(doc: dict) -> list[str]:
         for task in (*MTL_TASKS, "average"):
             a, b = ((average("shared", tuned), average("mtdnn", tuned)) if task == "average"
                     else (score("shared", tuned, task), score("mtdnn", tuned, task)))
-            d = paired(a, b)
-            lines.append(f"- {task}{' after fine-tuning' if tuned else ''}: {fmt_paired(d['mean'], d['ci'], d['n'], d['p_value'])}")
+            lines.append(f"- {task}{' after fine-tuning' if tuned else ''}: {compare(a, b)}")
     return lines + [""]
 
 
@@ -139,8 +144,7 @@ def adapt_section(doc: dict) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(fmt(stats(list(score(source, f).values()))) for f in fractions) + " |")
     lines += ["", "**H5** (ticket sharing − MT-DNN, test, paired over seeds):", ""]
     for f in fractions:
-        d = paired(score("shared", f), score("mtdnn", f))
-        lines.append(f"- {f:.0%} of the training data: {fmt_paired(d['mean'], d['ci'], d['n'], d['p_value'])}")
+        lines.append(f"- {f:.0%} of the training data: {compare(score('shared', f), score('mtdnn', f))}")
     return lines + [""]
 
 
