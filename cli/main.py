@@ -301,8 +301,8 @@ def sweep_command(ctx, out, device, ray, keep_weights, **options):
     """Phase transition: the full model and winning/random/losing tickets at every ratio and seed; the super ticket.
 
     Without --task: the main job, rotten_tomatoes on minilm-l6 with 512 training examples, 2 epochs,
-    batch 16, lr 2e-4, max length 64, 400 dev examples, random and losing tickets at 0.2,0.4,0.6 and 2
-    processes (about 13 minutes on 2 CPU cores); --quick: a one-minute smoke test. Defaults shown below are for a --task of your own; an
+    batch 16, lr 2e-4, max length 64, 400 dev examples, winning tickets at 0.1 ... 0.5, random and losing
+    at 0.1,0.3,0.5, 2 processes (about 13 minutes on 2 CPU cores); --quick: a one-minute smoke test. Defaults shown below are for a --task of your own; an
     option you give always wins.
     """
     from st import dist

@@ -58,8 +58,8 @@ def test_sweep_presets_merge_in_the_library(tiny_bert_dir):
     cfg, _ = plan(quick=True)
     assert cfg.control_ratios == cfg.ratios == (0.3, 0.6) and cfg.total_runs == 7
     cfg, _ = plan()  # the main job: controls at three ratios
-    assert (cfg.spec.data.train_size, cfg.control_ratios, cfg.total_runs) == (512, (0.2, 0.4, 0.6), 3 * (1 + 8 + 2 * 3))
-    assert cfg.settings()["control_ratios"] == [0.2, 0.4, 0.6]
+    assert (cfg.spec.data.train_size, cfg.control_ratios, cfg.total_runs) == (512, (0.1, 0.3, 0.5), 3 * (1 + 5 + 2 * 3))
+    assert cfg.settings()["control_ratios"] == [0.1, 0.3, 0.5]
 
 
 def test_a_run_is_its_ticket_not_the_ticket_file(tiny_bert_dir, sentiment_dir, tmp_path):
