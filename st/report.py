@@ -216,7 +216,9 @@ def plot_phase(doc: dict, selection: Selection, path: str | Path) -> None:
         if chosen["mean"] is not None and where.get(selection.ratio) is not None:
             ax.plot([where[selection.ratio]], [100 * chosen["mean"]], marker="*", markersize=16, color="gold",
                     markeredgecolor="black", linestyle="none", label="super ticket", zorder=5)
-        ax.set(title=f"{part} part" + (" (chooses the ticket)" if part == "selection" else " (held out)"),
+        split = doc["settings"].get("report_split")  # --report-split: all of dev chooses, that split reports
+        names = {"selection": "dev" if split else "selection part", "report": f"{split} split" if split else "report part"}
+        ax.set(title=names[part] + (" (chooses the ticket)" if part == "selection" else " (held out)"),
                xlabel="% of weights remaining")
         ax.invert_xaxis()  # left to right: more and more pruned
         ax.grid(alpha=0.3)
