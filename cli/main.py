@@ -138,8 +138,9 @@ def finetune_command(out, device, **options):
         with training_progress(enabled=dist.is_main()) as (on_step, on_epoch):
             result = run_finetune(spec, out, device=device, on_step=on_step, on_epoch=on_epoch)
         if dist.is_main():
-            dev = ", ".join(f"{k} {v:.4f}" for k, v in result["dev"].items())
-            console.print(f"[bold]{result['task']}[/]: best epoch {result['best_epoch']}, dev {dev} -> {out}")
+            shown = lambda metrics: ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())  # noqa: E731
+            report = f", {spec.held_out.report_split} {shown(result['report'])}" if result.get("report") else ""
+            console.print(f"[bold]{result['task']}[/]: best epoch {result['best_epoch']}, dev {shown(result['dev'])}{report} -> {out}")
 
 
 @cli.command("eval")

@@ -247,3 +247,15 @@ def test_bad_files_and_user_code_are_one_line(finetuned, tiny_bert_dir, tmp_path
 def test_report_refuses_nan_in_results(tmp_path):
     (tmp_path / "results.json").write_text('{"runs": [], "main_metric": "accuracy", "settings": {}, "x": NaN}')
     assert "NaN is not valid JSON" in st("report", tmp_path, ok=False)
+
+
+def test_report_split_is_the_saved_weights_score_on_test(tiny_bert_dir, sentiment_dir, tmp_path):
+    """--report-split test: evaluated once on the weights dev chose, the ones saved (st eval agrees)."""
+    out = st("finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--epochs", 2,
+             "--batch-size", 8, "--lr", 5e-3, "--report-split", "test", "--out", tmp_path / "run", "--device", "cpu")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert f"test accuracy {metrics['report']['accuracy']:.4f}" in out
+    evaluated = st("eval", "--checkpoint", tmp_path / "run", "--split", "test", "--device", "cpu")
+    assert f"accuracy {metrics['report']['accuracy']:.4f}" in evaluated
+    assert "no split 'exam'" in st("finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir,
+                                   "--report-split", "exam", "--out", tmp_path / "other", "--device", "cpu", ok=False)
