@@ -96,10 +96,14 @@ def sweep_section(part: str, doc: dict) -> list[str]:
         cells = [fmt(stats(list(test(kind, ratio).values())), s["seeds"]) if test(kind, ratio) else "" for kind in ("winning", "random", "losing")]
         bold = "**" if (sel.kind, sel.ratio) == ("winning", ratio) else ""
         lines.append(f"| {bold}{ratio:g}{bold} | {kept:.1f} | " + " | ".join(cells) + f" | {compare(test('winning', ratio), full)} |")
-    chosen = "the full model" if sel.kind == FULL else f"the winning ticket at r = {sel.ratio:g}"
-    lines += ["", f"![phase transition]({part}_phase.png)", "",
-              f"**H1, super ticket.** Chosen on dev: {chosen} (dev {fmt(stats(list(sel.selection.values())))} vs the full "
-              f"model's {fmt(stats(list(sel.full_selection.values())))})."]
+    lines += ["", f"![phase transition]({part}_phase.png)", ""]
+    if sel.kind == FULL:
+        best = next(c for c in sel.candidates if c["kind"] != FULL)
+        lines.append(f"**H1, super ticket.** No winning ticket beat the full model on dev ({fmt(stats(list(sel.selection.values())))}; "
+                     f"the best, r = {best['ratio']:g}, scored {fmt(best)}): the super ticket is the full model itself.")
+    else:
+        lines.append(f"**H1, super ticket.** Chosen on dev: the winning ticket at r = {sel.ratio:g} (dev "
+                     f"{fmt(stats(list(sel.selection.values())))} vs the full model's {fmt(stats(list(sel.full_selection.values())))}).")
     if sel.kind != FULL:
         lines.append(f"On test it scores {fmt(stats(list(sel.report.values())))} vs {fmt(stats(list(sel.full_report.values())))}: "
                      f"{fmt_paired(sel.gain, sel.ci, sel.n_paired, sel.p_value)}.")
