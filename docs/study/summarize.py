@@ -121,7 +121,10 @@ def mtl_section(doc: dict) -> list[str]:
     average = lambda method, tuned: {s: sum(score(method, tuned, t)[s] for t in MTL_TASKS) / len(MTL_TASKS)  # noqa: E731
                                      for s in set.intersection(*(set(score(method, tuned, t)) for t in MTL_TASKS))}
     lines = ["## Multi-task learning: MT-DNN vs ticket sharing", "",
-             "Test accuracy ×100, mean ± std over seeds; each task's ticket is its sweep's super ticket.", "",
+             "Test accuracy ×100, mean ± std over seeds; each task's ticket is its sweep's super ticket (the full "
+             "model's all-ones ticket where no pruned ticket won). Ticket sharing keeps "
+             + ", ".join(sorted({f"{r['percent_remaining']['encoder']:.1f}%" for r in rows if r["method"] == "shared" and not r["fine_tuned"]}))
+             + " of the encoder's weights (the union of the tickets).", "",
              "| method | " + " | ".join(MTL_TASKS) + " | average |", "|---|---|---|---|"]
     for method, label in (("mtdnn", "MT-DNN"), ("shared", "Ticket sharing")):
         for tuned in (False, True):
