@@ -101,7 +101,10 @@ def wait_for(condition, timeout: float, what: str):
 def start_cli(*args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "cli.main", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)  # its own process group: a signal to it spares pytest
+                            text=True, env=env, start_new_session=True,  # its own process group: a signal to it spares pytest
+                            # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it:
+                            # without this, Ctrl-C would not reach the command when the tests run in the background.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finished_runs(out: Path) -> int:
@@ -130,7 +133,7 @@ def test_pool_workers_never_outlive_the_sweep(how, tiny_bert_dir, sentiment_dir,
             parent.send_signal(signal.SIGTERM)
         else:
             os.killpg(parent.pid, signal.SIGINT)
-        _, stderr = parent.communicate(timeout=120)  # a busy machine (CI beside other jobs) stops slowly
+        _, stderr = parent.communicate(timeout=60)
         wait_for(lambda: not any(alive(p) for p in workers), 15, f"workers {sorted(workers)} to stop")
         if how.startswith("kill"):
             assert parent.returncode == -signal.SIGKILL
