@@ -106,9 +106,10 @@ def head_dropout(model: ModelSpec, task: Task) -> float:
 def build_model(spec: RunSpec, task: Task) -> BertClassifier:
     """Pre-trained encoder + a task head initialised from the seed, pruned to the ticket if given."""
     m = spec.model
-    if m.init and not (is_multitask_dir(m.init) and task.name not in task_names(m.init)):
+    multitask = bool(m.init) and is_multitask_dir(m.init)
+    if m.init and not (multitask and task.name not in task_names(m.init)):
         # A multi-task folder gives the task's own head and its ticket's subnetwork ("+ ST fine-tuning").
-        model = load_task_model(m.init, task.name) if is_multitask_dir(m.init) else load_checkpoint(m.init)[0]
+        model = load_task_model(m.init, task.name) if multitask else load_checkpoint(m.init)[0]
         if model.num_labels != task.num_labels:  # a new task (domain adaptation): a fresh head
             torch.manual_seed(spec.seed)
             head = BertClassifier(model.encoder, task.num_labels, head_dropout(m, task))

@@ -347,14 +347,13 @@ def multitask_table(result: dict) -> Table:
 def adapt_markdown(result: dict) -> str:
     """report.md of `st adapt`: the main dev metric per starting model and training fraction."""
     metric = result["rows"][0]["main_metric"]
+    header = ["| start | " + " | ".join(f"{f:.1%}" for f in result["fractions"]) + " |", "|" + "---|" * (len(result["fractions"]) + 1)]
     lines = [f"# Domain adaptation on {result['task']}", "",
-             f"Dev {metric} ×100 (mean ± std over seeds {result['seeds']}) with a fraction of the training data.", "",
-             "| start | " + " | ".join(f"{f:.1%}" for f in result["fractions"]) + " |", "|" + "---|" * (len(result["fractions"]) + 1)]
+             f"Dev {metric} ×100 (mean ± std over seeds {result['seeds']}) with a fraction of the training data.", "", *header]
     for name, by_fraction in result["table"].items():
         lines.append(f"| {name} | " + " | ".join(fmt(s) for s in by_fraction.values()) + " |")
     if all(r.get("report") for r in result["rows"]):  # --report-split: the same runs on that split
-        lines += ["", f"The same runs' {metric} on the --report-split split, with the weights dev chose:", "",
-                  lines[4], lines[5]]
+        lines += ["", f"The same runs' {metric} on the --report-split split, with the weights dev chose:", "", *header]
         for name in result["table"]:
             lines.append(f"| {name} | " + " | ".join(
                 fmt(stats([r["report"][metric] for r in result["rows"] if (r["source"], r["fraction"]) == (name, f)]))
