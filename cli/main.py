@@ -96,6 +96,9 @@ train_options = _options(
     click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast on CUDA. Default: fp32."),
     click.option("--report-split", help="Also evaluate this labelled split (e.g. test) once, on the weights dev chose; "
                                         "a sweep then chooses on all of its dev sample."),
+    click.option("--select-fraction", type=float, help="Part of the dev sample that chooses the epoch (and a sweep's ticket); "
+                                                       "the rest is evaluated once on the chosen weights. Default: all of it (a sweep: 0.5)."),
+    click.option("--dev-size", type=click.IntRange(1), help="A seeded sample of N dev examples (default: all; the main job: 400)."),
 )
 device_option = click.option("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun, this rank's GPU).")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
@@ -139,7 +142,7 @@ def finetune_command(out, device, **options):
             result = run_finetune(spec, out, device=device, on_step=on_step, on_epoch=on_epoch)
         if dist.is_main():
             shown = lambda metrics: ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())  # noqa: E731
-            report = f", {spec.held_out.report_split} {shown(result['report'])}" if result.get("report") else ""
+            report = f", {spec.held_out.report_split or 'report part'} {shown(result['report'])}" if result.get("report") else ""
             console.print(f"[bold]{result['task']}[/]: best epoch {result['best_epoch']}, dev {shown(result['dev'])}{report} -> {out}")
 
 
@@ -287,8 +290,6 @@ def share_command(names, data_dirs, tickets, ratios, no_tickets, train_sizes, ou
 @click.option("--kinds", type=NAMES, help="Comma-separated ticket kinds. Default: winning,random,losing.")
 @click.option("--control-ratios", type=NUMBERS, help="Ratios of the random and losing tickets, the controls (a few save time). Default: --ratios.")
 @click.option("--seeds", type=int, help="How many seeds: --seed, --seed+1, ...  [default: 3]")
-@click.option("--select-fraction", type=float, help="Part of the dev sample that chooses epochs and the ticket; the rest only reports. Default: 0.5.")
-@click.option("--dev-size", type=click.IntRange(1), help="A seeded sample of N dev examples (default: all; the main job: 400).")
 @click.option("--score-examples", type=click.IntRange(1), help="Importance over a seeded sample of N training examples (default: all).")
 @click.option("--jobs", type=int, help="Runs at once: processes on CPU, at most one per GPU (default 1; the main job: 2).")
 @click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -319,6 +320,7 @@ def sweep_command(ctx, out, device, ray, keep_weights, **options):
         starting = lambda n: console.print(f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name}: {cfg.seeds} seed(s) x (full model + "  # noqa: E731
                                            f"{len(cfg.grid)} tickets), {n} run(s) at a time -> {out}")
         printer = RunPrinter(console, build_task(cfg.spec.data).main_metric, cfg.run_ratios)
+        device = device if ray else dist.pick_device(device)  # a Ray cluster's GPUs are on its nodes, not necessarily here
         doc = run_sweep(cfg, out, jobs=jobs, device=device, ray=ray, keep_weights=keep_weights, on_start=starting, on_result=printer)
         if dist.is_main():
             selection = render(out)

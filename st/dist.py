@@ -78,12 +78,13 @@ def pick_device(requested: str | None) -> str:
     return requested
 
 
-def wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """DistributedDataParallel under torchrun; the model itself on one process."""
+def wrap(model: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun; the model itself on one process. `find_unused`: a
+    forward pass may leave some parameters out (a multi-task step uses one task's head)."""
     if not is_distributed():
         return model
     device_ids = [next(model.parameters()).device.index] if next(model.parameters()).is_cuda else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
 def gather_dicts(mine: dict) -> dict:

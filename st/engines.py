@@ -35,7 +35,7 @@ Outcome = tuple[Hashable, Any, "BaseException | None"]  # (key, the call's value
 class Engine(Protocol):
     slots: int  # calls that run at once
 
-    def submit(self, key: Hashable, fn: Callable, *args) -> None: ...
+    def submit(self, key: Hashable, fn: Callable, *args) -> None: ...  # runs fn(*args, device=its slot's device)
 
     def next(self) -> Outcome: ...  # blocks until a submitted call ends
 
@@ -81,24 +81,17 @@ class WorkerSetup:
             import_user_dir(path)  # a no-op when imported already (Ray reuses a worker for many calls)
 
 
-_GPU: int | None = None  # the GPU a pool worker owns
-
-
-def device_here(device: str) -> str:
-    """A pool worker's own GPU for "cuda" (a Ray worker sees only its own GPU as cuda:0); else `device`."""
-    return f"cuda:{_GPU}" if _GPU is not None and device == "cuda" else device
-
-
 _READY: WorkerSetup | None = None  # what this Ray worker process was set up with
 
 
-def _call(setup: WorkerSetup, fn: Callable, *args):
-    """A Ray task: set the worker up (once per process), then run the call."""
+def _call(setup: WorkerSetup, device: str, fn: Callable, *args):
+    """A Ray task: set the worker up (once per process), then run the call (Ray shows a task only its
+    own GPU, as cuda)."""
     global _READY
     if _READY != setup:
         setup.apply()
         _READY = setup
-    return fn(*args)
+    return fn(*args, device=device)
 
 
 # ---- one call at a time, here --------------------------------------------------------------------
@@ -110,8 +103,8 @@ class InProcess:
 
     slots = 1
 
-    def __init__(self):
-        self.queue: list = []
+    def __init__(self, device: str):
+        self.device, self.queue = device, []
 
     def submit(self, key, fn, *args):
         heapq.heappush(self.queue, (key, fn, args))
@@ -119,7 +112,7 @@ class InProcess:
     def next(self) -> Outcome:
         key, fn, args = heapq.heappop(self.queue)
         try:
-            return key, fn(*args), None
+            return key, fn(*args, device=self.device), None
         except Exception as e:
             return key, None, e
 
@@ -150,18 +143,17 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _serve(conn, parent: int, setup: WorkerSetup, gpu: int | None) -> None:
-    """A pool worker: run the calls the parent sends, one at a time, until it sends None or dies."""
-    global _GPU
+def _serve(conn, parent: int, setup: WorkerSetup, device: str) -> None:
+    """A pool worker on `device` (cpu, or the GPU it owns): run the calls the parent sends, one at a
+    time, until it sends None or dies."""
     _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     try:
         setup.apply()
-        if gpu is not None:
+        if device.startswith("cuda"):
             import torch
 
-            _GPU = gpu
-            torch.cuda.set_device(gpu)
+            torch.cuda.set_device(device)
         broken = None
     except Exception as e:  # e.g. a user's task module that fails here: every call says why, in one line
         broken = e
@@ -176,7 +168,7 @@ def _serve(conn, parent: int, setup: WorkerSetup, gpu: int | None) -> None:
         try:
             if broken is not None:
                 raise broken
-            outcome = fn(*args), None
+            outcome = fn(*args, device=device), None
         except Exception as e:
             outcome = None, e
         try:
@@ -187,23 +179,23 @@ def _serve(conn, parent: int, setup: WorkerSetup, gpu: int | None) -> None:
 
 class LocalPool:
     """`jobs` spawned processes on this machine, each running one call at a time; on CUDA each owns
-    one GPU. A worker that dies fails its call (a rerun resumes it) and is replaced."""
+    one GPU (cuda:0, cuda:1, ...). A worker that dies fails its call (a rerun resumes it) and is replaced."""
 
-    def __init__(self, jobs: int, setup: WorkerSetup, gpus: bool = False):
+    def __init__(self, jobs: int, setup: WorkerSetup, device: str = "cpu"):
         import multiprocessing
 
         self.ctx = multiprocessing.get_context("spawn")  # a fork would copy this process's torch threads and CUDA state
         self.setup, self.slots = setup, jobs
         self.queue: deque = deque()
         self.busy: dict = {}  # worker -> key of its call
-        self.idle = [self._start(i if gpus else None) for i in range(jobs)]
+        self.idle = [self._start(f"cuda:{i}" if device == "cuda" else device) for i in range(jobs)]
 
-    def _start(self, gpu: int | None):
+    def _start(self, device: str):
         conn, child = self.ctx.Pipe()
-        process = self.ctx.Process(target=_serve, args=(child, os.getpid(), self.setup, gpu), daemon=True)
+        process = self.ctx.Process(target=_serve, args=(child, os.getpid(), self.setup, device), daemon=True)
         process.start()
         child.close()
-        process.conn, process.gpu = conn, gpu
+        process.conn, process.device = conn, device
         return process
 
     def submit(self, key, fn, *args):
@@ -228,7 +220,7 @@ class LocalPool:
                 pass
         worker.join()
         worker.conn.close()
-        self.idle.append(self._start(worker.gpu))
+        self.idle.append(self._start(worker.device))
         how = f"killed by signal {-worker.exitcode}" if worker.exitcode < 0 else f"exit code {worker.exitcode}"
         return key, None, WorkerDied(f"its worker process died ({how}); rerun the same command to resume it")
 
@@ -311,7 +303,7 @@ class RayEngine:
                 signal.signal(signal.SIGTERM, sigterm)  # ray.init swaps in sys.exit; the caller's handler stops cleanly
 
     def submit(self, key, fn, *args):
-        self.pending[self.task.remote(self.setup, fn, *args)] = key
+        self.pending[self.task.remote(self.setup, self.device, fn, *args)] = key
 
     def next(self) -> Outcome:
         done = []
@@ -353,24 +345,22 @@ def check_engine(jobs: int, ray: str | None) -> None:
         _reachable(ray)
 
 
-def open_engine(jobs: int, device: str | None, ray: str | None) -> tuple[Engine, str]:
-    """The engine for `jobs` runs at once on `device` (None: cuda when there is one), or on the Ray
-    cluster at `ray`; and the device every run is given."""
+def open_engine(jobs: int, device: str | None, ray: str | None) -> Engine:
+    """The engine for `jobs` runs at once on `device` (resolved by the caller: `st.dist.pick_device`), or
+    on the Ray cluster at `ray` (device None: a GPU per run when the cluster has GPUs)."""
     check_engine(jobs, ray)
     if ray is not None:
-        engine = RayEngine(ray, WorkerSetup.here(1), device)  # one thread per CPU run: many small runs fill the CPUs best
-        return engine, engine.device
-    device = dist.pick_device(device)
+        return RayEngine(ray, WorkerSetup.here(1), device)  # one thread per CPU run: many small runs fill the CPUs best
     if dist.is_distributed():
         if jobs > 1:
             log.info("under torchrun every run uses all ranks; --jobs %d is ignored", jobs)
-        return InProcess(), device
+        return InProcess(device)
     if device.startswith("cuda"):
         import torch
 
         # one process per visible GPU at most; a named GPU (cuda:1) is the user's choice: that one only
         jobs = 1 if device != "cuda" else max(1, min(jobs, torch.cuda.device_count()))
     if jobs == 1:
-        return InProcess(), device
+        return InProcess(device)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return LocalPool(jobs, WorkerSetup.here(max(1, cpus // jobs)), gpus=device.startswith("cuda")), device
+    return LocalPool(jobs, WorkerSetup.here(max(1, cpus // jobs)), device)

@@ -7,6 +7,7 @@ from pathlib import Path
 from st import dist
 from st.errors import UserError
 from st.io import atomic_path, check_output, read_json, starts_with
+from st.layout import CONFIG
 from st.pipeline import checkpoint_spec, load_split
 from st.train import predict_set
 
@@ -19,7 +20,7 @@ def evaluate_checkpoint(checkpoint, task_name, data_dir, split, predictions, bat
     model, _, task, tokenizer = checkpoint_spec(checkpoint, task_name, data_dir)
     if model.num_labels != task.num_labels:
         raise UserError(f"{checkpoint} has {model.num_labels} outputs but task {task.name} needs {task.num_labels}; pass the task it was fine-tuned on")
-    trained = read_json(Path(checkpoint) / "config.json").get("labels") or []
+    trained = read_json(Path(checkpoint) / CONFIG).get("labels") or []
     if trained and list(task.labels) and list(trained) != list(task.labels):  # output i must mean the same label
         raise UserError(f"{checkpoint} was trained with labels {trained} but task {task.name} has {list(task.labels)}; "
                         "pass --labels in the checkpoint's order, or evaluate on the task it was fine-tuned on")

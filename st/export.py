@@ -26,6 +26,7 @@ from torch import Tensor
 
 from st.errors import UserError
 from st.io import write_json, write_safetensors
+from st.layout import CONFIG, WEIGHTS
 from st.models.bert import Bert, BertConfig
 from st.models.checkpoint import load_checkpoint, save_checkpoint
 from st.models.families import Family, family_of
@@ -148,10 +149,10 @@ def export_hf(model: BertClassifier, folder: str | Path, id2label=None, *, layou
     model = apply_masks(model, head_mask, ffn_mask)
     folder = Path(folder)
     config = hf_config(model, id2label, layout)  # validates id2label before anything is written
-    write_safetensors(folder / "model.safetensors", hf_state(model, layout), metadata={"format": "pt"})
+    write_safetensors(folder / WEIGHTS, hf_state(model, layout), metadata={"format": "pt"})
     if tokenizer_from is not None:
         copy_tokenizer(tokenizer_from, folder)
-    write_json(folder / "config.json", config)  # last: a folder with config.json is complete
+    write_json(folder / CONFIG, config)  # last: a folder with config.json is complete
     return model
 
 

@@ -26,10 +26,10 @@ from torch import Tensor
 from st import dist
 from st.errors import UserError
 from st.io import atomic_path, read_json, write_json
+from st.layout import FINGERPRINT_KEYS
 from st.models.bert import BertConfig
 from st.models.heads import BertClassifier, per_example_loss  # noqa: F401  (re-exported: the default loss)
 
-FINGERPRINT_KEYS = ("num_layers", "num_heads", "hidden_size", "intermediate_size", "vocab_size")
 
 
 def fingerprint(config: BertConfig) -> dict:

@@ -84,8 +84,11 @@ def write_torch(path: str | Path, obj) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _digest(path: Path, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # in 1 MiB pieces: hashlib.file_digest would need Python 3.11
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def file_digest(path: str | Path) -> str:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from st.errors import UserError
 from st.io import read_json, write_json, write_safetensors
+from st.layout import CONFIG, WEIGHTS
 from st.models.bert import Bert, BertConfig, init_weights
 from st.models.heads import BertClassifier, Pooler, TaskHead
 from st.models.weights import read_tensors
@@ -31,7 +32,6 @@ from st.prune import prune_encoder
 from st.tickets import Ticket, percent_remaining
 
 FORMAT = "st-multitask"
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 
@@ -68,12 +68,14 @@ class TaskView(nn.Module):
     def training(self, value: bool) -> None:
         pass
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> Tensor:
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, *, through: nn.Module | None = None) -> Tensor:
+        """`through`: the module to call instead of the shared model, its DDP wrapper in training."""
         if self.head_mask is not None and self.head_mask.device != input_ids.device:
             self.head_mask = self.head_mask.to(input_ids.device)
         if self.ffn_mask is not None and self.ffn_mask.device != input_ids.device:
             self.ffn_mask = self.ffn_mask.to(input_ids.device)
-        return self.model(self.index, input_ids, token_type_ids, attention_mask, self.head_mask, self.ffn_mask)
+        model = self.model if through is None else through
+        return model(self.index, input_ids, token_type_ids, attention_mask, self.head_mask, self.ffn_mask)
 
 
 def union_masks(tickets: Sequence[Ticket]) -> tuple[Tensor, Tensor]:
@@ -176,9 +178,10 @@ class MultiTask:
         write_json(folder / CONFIG, {"format": FORMAT, "encoder": self.model.encoder.config.to_dict(), "tasks": tasks, **meta})
 
     @classmethod
-    def load(cls, folder: str | Path, tasks: Mapping[str, object] | None = None) -> "MultiTask":
+    def load(cls, folder: str | Path, tasks: Mapping[str, object] | None = None, config: dict | None = None) -> "MultiTask":
+        """`config`: the folder's config.json, when the caller has read it already."""
         folder = Path(folder)
-        cfg = read_mtl_config(folder)
+        cfg = read_mtl_config(folder) if config is None else config
         entries = cfg["tasks"]
         model = MultiTaskModel(Bert(BertConfig.from_dict(cfg["encoder"])), [(e["num_labels"], e["dropout"]) for e in entries])
         tensors, source = read_tensors(folder)
@@ -208,17 +211,6 @@ def is_multitask_dir(folder: str | Path) -> bool:
         return path.is_file() and read_json(path).get("format") == FORMAT
     except ValueError:
         return False
-
-
-def task_names(mtl_dir: str | Path) -> list[str]:
-    return [entry["name"] for entry in read_mtl_config(mtl_dir)["tasks"]]
-
-
-def load_shared_encoder(mtl_dir: str | Path) -> tuple[Bert, dict]:
-    """The shared encoder and pooler state of a multi-task folder, to start a task it was not trained on
-    (domain adaptation): with ticket sharing, the union of the tickets, the weights the folder holds."""
-    model = MultiTask.load(mtl_dir).model
-    return model.encoder, model.pooler.state_dict()
 
 
 def load_task_model(mtl_dir: str | Path, task_name: str) -> BertClassifier:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,12 +18,14 @@ from st.data import EncodedSet, encode_examples, make_batch
 from st.errors import UserError
 from st.importance import Scores, compute_importance
 from st.io import file_digest
+from st.layout import TORCH_WEIGHTS, WEIGHTS
 from st.models import Bert, BertClassifier, BertConfig, load_checkpoint, load_pretrained_parts, resolve_model_dir
 from st.models.weights import config_from_hf, read_config
-from st.multitask import is_multitask_dir, load_shared_encoder, load_task_model, task_names
+from st.multitask import FORMAT as MULTITASK_FORMAT
+from st.multitask import MultiTask
 from st.prune import prune_classifier
 from st.runs import RunFolder
-from st.specs import DEFAULT_MAX_LENGTH, DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig
+from st.specs import DEFAULT_MAX_LENGTH, ModelSpec, RunSpec
 from st.tasks import Example, Task, get_task
 from st.tasks.sampling import check_nonempty, subsample
 from st.tickets import Ticket, make_ticket, tickets_for_tasks
@@ -61,9 +63,9 @@ def pretrained_config(folder: Path) -> BertConfig:
 
 def weights_digest(folder: Path) -> str:
     """A run's model by content: the sha256 of its weights file (swapped weights are another run)."""
-    path = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    path = next((folder / n for n in (WEIGHTS, TORCH_WEIGHTS) if (folder / n).is_file()), None)
     if path is None:
-        raise UserError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+        raise UserError(f"{folder} has neither {WEIGHTS} nor {TORCH_WEIGHTS}")
     return file_digest(path)
 
 
@@ -106,26 +108,31 @@ def head_dropout(model: ModelSpec, task: Task) -> float:
 def build_model(spec: RunSpec, task: Task) -> BertClassifier:
     """Pre-trained encoder + a task head initialised from the seed, pruned to the ticket if given."""
     m = spec.model
-    multitask = bool(m.init) and is_multitask_dir(m.init)
-    if m.init and not (multitask and task.name not in task_names(m.init)):
-        # A multi-task folder gives the task's own head and its ticket's subnetwork ("+ ST fine-tuning").
-        model = load_task_model(m.init, task.name) if multitask else load_checkpoint(m.init)[0]
-        if model.num_labels != task.num_labels:  # a new task (domain adaptation): a fresh head
-            torch.manual_seed(spec.seed)
-            head = BertClassifier(model.encoder, task.num_labels, head_dropout(m, task))
-            head.pooler.load_state_dict(model.pooler.state_dict())
-            model = head
+    init = read_config(Path(m.init)) if m.init else None  # read once: which kind of folder, and its model
+    shared = MultiTask.load(m.init, config=init) if init and init.get("format") == MULTITASK_FORMAT else None
+    if shared is None and init is None:
+        encoder, pooler_state = pretrained_encoder(m)
+    elif shared is not None and task.name not in shared.names:
+        # a task the multi-task model never saw (domain adaptation): its shared encoder
+        encoder, pooler_state = shared.model.encoder, shared.model.pooler.state_dict()
     else:
-        # The pre-trained encoder, or for a task the multi-task model never saw (domain adaptation) its shared encoder.
-        encoder, pooler_state = load_shared_encoder(m.init) if m.init else pretrained_encoder(m)
-        torch.manual_seed(spec.seed)  # the same seed gives the same head, with or without a ticket
-        model = BertClassifier(encoder, task.num_labels, head_dropout(m, task))
-        if pooler_state is not None:  # BERT's pre-trained pooler, where the checkpoint has one
-            model.pooler.load_state_dict(pooler_state)
-    if m.ticket is not None:
-        m.ticket.check_matches(model.encoder.config)
-        model = prune_classifier(model, m.ticket.head_mask_tensor(), m.ticket.ffn_mask_tensor())
-    return model
+        # A multi-task folder gives the task's own head and its ticket's subnetwork ("+ ST fine-tuning").
+        model = shared.task_model(task.name) if shared is not None else load_checkpoint(m.init, config=init)[0]
+        if model.num_labels == task.num_labels:
+            return prune_to_ticket(model, m.ticket)
+        encoder, pooler_state = model.encoder, model.pooler.state_dict()  # a new task (domain adaptation): a fresh head
+    torch.manual_seed(spec.seed)  # the same seed gives the same head, with or without a ticket
+    model = BertClassifier(encoder, task.num_labels, head_dropout(m, task))
+    if pooler_state is not None:  # BERT's pre-trained pooler, where the checkpoint has one
+        model.pooler.load_state_dict(pooler_state)
+    return prune_to_ticket(model, m.ticket)
+
+
+def prune_to_ticket(model: BertClassifier, ticket: Ticket | None) -> BertClassifier:
+    if ticket is None:
+        return model
+    ticket.check_matches(model.encoder.config)
+    return prune_classifier(model, ticket.head_mask_tensor(), ticket.ffn_mask_tensor())
 
 
 def load_split(task: Task, tokenizer: Tokenizer, split: str) -> tuple[list[Example], EncodedSet]:
@@ -148,15 +155,31 @@ def load_train(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> EncodedSet:
     return encode_examples(tokenizer, examples, regression=task.num_labels == 1)
 
 
-def prepare_run(spec: RunSpec) -> tuple[Task, Tokenizer, BertClassifier, EncodedSet, EncodedSet, EncodedSet | None]:
-    """Everything a run of (resolved) `spec` needs, built and checked before anything is written: the
-    task, tokenizer, model, training sample, and the held-out sets that choose the epoch and report
-    (`held_out_sets`; a sweep calls it to check its input)."""
+@dataclass(frozen=True)
+class RunInputs:
+    """A run's task and data: the training sample, the held-out set that chooses the epoch and the
+    one evaluated once on the chosen weights (None: no report)."""
+
+    task: Task
+    train: EncodedSet
+    select: EncodedSet
+    report: EncodedSet | None
+
+
+def prepare_inputs(spec: RunSpec, tokenizer: Tokenizer, config: BertConfig, task: Task | None = None) -> RunInputs:
+    """The task and data of (resolved) `spec` for a model of `config` read by `tokenizer`, checked
+    before anything is written. Every run builds its data here: finetune, sweep, share and adapt."""
+    task = task or build_task(spec.data)
+    check_fits(spec, tokenizer, config)
+    return RunInputs(task, load_train(spec, task, tokenizer), *held_out_sets(spec, task, tokenizer))
+
+
+def prepare_run(spec: RunSpec) -> tuple[Tokenizer, BertClassifier, RunInputs]:
+    """Everything a single-task run of (resolved) `spec` needs: its tokenizer, its model (`build_model`)
+    and its inputs (`prepare_inputs`); a sweep calls it to check its input."""
     task, tokenizer = build_task(spec.data), build_tokenizer(spec)
     model = build_model(spec, task)
-    check_fits(spec, tokenizer, model.encoder.config)
-    train = load_train(spec, task, tokenizer)
-    return task, tokenizer, model, train, *held_out_sets(spec, task, tokenizer)
+    return tokenizer, model, prepare_inputs(spec, tokenizer, model.encoder.config, task)
 
 
 def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step: OnStep | None = None,
@@ -167,13 +190,14 @@ def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step
     finished = run.check(spec.settings())
     if finished is not None:
         return finished
-    task, tokenizer, model, train, select, report = prepare_run(spec)
+    tokenizer, model, inputs = prepare_run(spec)
     run.claim(spec.settings())  # every input checked: only now does the folder become this run's
     if dist.is_main():
         copy_tokenizer(model_dir(spec), out)
+    task = inputs.task
     meta = {"task": task.name, "labels": list(task.labels), "job": spec.settings()}
-    return finetune(model, train, select, task, spec.train, run, tokenizer.pad_id, seed=spec.seed, device=device,
-                    on_step=on_step, on_epoch=on_epoch, meta=meta, report=report)
+    return finetune(model, inputs.train, inputs.select, task, spec.train, run, tokenizer.pad_id, seed=spec.seed,
+                    device=device, on_step=on_step, on_epoch=on_epoch, meta=meta, report=inputs.report)
 
 
 def dev_parts(n: int, seed: int, dev_size: int | None = None, select_fraction: float | None = None) -> tuple[list[int], list[int]]:
@@ -218,25 +242,13 @@ def subset(data: EncodedSet, indices: list[int]) -> EncodedSet:
     return EncodedSet([data.rows[i] for i in indices], labels, data.regression)
 
 
-def spec_from_settings(s: dict) -> RunSpec:
-    """The spec whose `settings()` a checkpoint's config.json recorded as "job". Its ticket is left
-    out: the checkpoint's weights are already the ticket's subnetwork."""
-    train = {k: v for k, v in s["train"].items() if k in TrainConfig.__dataclass_fields__}
-    held = (HeldOut(s["select_fraction"], s.get("dev_size"), s.get("report_split"))
-            if s.get("select_fraction") is not None or s.get("report_split") else None)
-    data = DataSpec(s["task"], s.get("data_dir"), tuple((s.get("task_options") or {}).items()), s.get("train_size"),
-                    s.get("train_fraction"), s.get("max_length", DEFAULT_MAX_LENGTH))
-    model = ModelSpec(s["model"], s.get("dropout", 0.1), s.get("head_dropout"), None, s.get("init"), s.get("model_weights"))
-    return RunSpec(data, model, TrainConfig(**train), s["train"].get("seed", 0), held)
-
-
 def checkpoint_spec(checkpoint: str | Path, task: str | None = None, data_dir: str | None = None
                     ) -> tuple[BertClassifier, RunSpec, Task, Tokenizer]:
     """A fine-tuned checkpoint with the spec that made it (another `task` or `data_dir` if given),
     its task and its tokenizer."""
     model, cfg = load_checkpoint(checkpoint)
     try:
-        spec = spec_from_settings(cfg["job"])
+        spec = RunSpec.from_settings(cfg["job"])
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # a hand-edited config.json
         raise UserError(f"{checkpoint}/config.json has a broken \"job\" entry ({type(e).__name__}: {e}); "
                         "restore it from the run's run.json") from None

@@ -15,9 +15,9 @@ from rich.table import Table
 
 from st.errors import UserError
 from st.io import atomic_path, read_json, strict_json, write_json, write_text
-from st.select import FULL, RESULTS, Selection, fmt, fmt_paired, fmt_value, per_seed, select_super_ticket, stats
+from st.layout import CONFIG, FULL, PLOT, REPORT, RESULTS, SUPER_TICKET, full_ticket_json, run_dir, ticket_path
+from st.select import Selection, fmt, fmt_paired, fmt_value, per_seed, select_super_ticket, stats
 
-REPORT, PLOT, SUPER_TICKET = "report.md", "phase.png", "super_ticket.json"
 COLOURS = {"winning": "tab:green", "random": "tab:blue", "losing": "tab:red"}
 
 
@@ -239,14 +239,14 @@ def super_ticket(out: Path, doc: dict, selection: Selection) -> dict:
     sel = selection
     seed = min(sel.selection)
     if sel.kind == FULL:
-        config = _read(out / _run(doc, seed, FULL, 0.0) / "config.json", "run config")["encoder"]
+        config = _read(run_dir(out, seed, FULL, 0.0) / CONFIG, "run config")["encoder"]
         ticket = full_ticket_json(config, seed)
         note = "the full model: no pruned ticket beat it on the selection part"
         files = {}
     else:
-        ticket = _read(out / _ticket_file(doc, seed, sel.kind, sel.ratio), "ticket")
+        ticket = _read(ticket_path(out, seed, sel.kind, sel.ratio), "ticket")
         note = f"the winning ticket at r = {sel.ratio:g}; ticket of seed {seed} (each seed's scores give its own ticket)"
-        files = {str(s): str(_ticket_file(doc, s, sel.kind, sel.ratio)) for s in sorted(sel.selection)}
+        files = {str(s): str(ticket_path(".", s, sel.kind, sel.ratio)) for s in sorted(sel.selection)}
     part = lambda d: {"per_seed": {str(k): v for k, v in sorted(d.items())}, **stats(list(d.values()))}  # noqa: E731
     return {**ticket, "task": doc["task"], "note": note, "metric": sel.metric,
             "chosen_on": "the selection part of dev; numbers under report are from the held-out "
@@ -255,31 +255,6 @@ def super_ticket(out: Path, doc: dict, selection: Selection) -> dict:
             "full_model": {"selection": part(sel.full_selection), "report": part(sel.full_report)},
             "gain": sel.gain, "ci": sel.ci, "p_value": sel.p_value, "test": sel.test_note,
             "candidates": sel.candidates}
-
-
-# What a ticket file remembers of its model: st.importance.FINGERPRINT_KEYS, repeated here because
-# importing st.importance would load torch.
-FINGERPRINT_KEYS = ("num_layers", "num_heads", "hidden_size", "intermediate_size", "vocab_size")
-
-
-def full_ticket_json(encoder: dict, seed: int) -> dict:
-    """The all-ones ticket of the model whose BertConfig dict is `encoder`: the file
-    `replace(Ticket.full(BertConfig.from_dict(encoder)), seed=seed).save()` writes."""
-    L, H0 = encoder["num_layers"], encoder["num_heads"]
-    return {"kind": FULL, "ratio": 0.0, "seed": seed, "heads_pruned": 0, "ffn_pruned": 0,
-            "percent_remaining": {"model": 100.0, "encoder": 100.0},
-            "model_fingerprint": {k: encoder[k] for k in FINGERPRINT_KEYS},
-            "head_mask": [[1] * H0 for _ in range(L)], "ffn_mask": [1] * L}
-
-
-def _run(doc: dict, seed: int, kind: str, ratio: float) -> Path:
-    """A finished run's folder, relative to the sweep folder, as results.json records it."""
-    return Path(next(r["run"] for r in doc["runs"]
-                     if (r["seed"], r["kind"], r["ratio"]) == (seed, kind, ratio) and r["error"] is None))
-
-
-def _ticket_file(doc: dict, seed: int, kind: str, ratio: float) -> Path:
-    return _run(doc, seed, kind, ratio).parent / "ticket.json"  # a ticket's run is {kind}-r{ratio}/run, beside it
 
 
 def _read(path: Path, what: str) -> dict:

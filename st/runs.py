@@ -23,10 +23,10 @@ from pathlib import Path
 from st import dist
 from st.errors import UserError
 from st.io import check_writable, copy_file, read_json, write_json, write_text, write_torch
+from st.layout import BEST, CONFIG, LOCK, METRICS, PROGRESS, RUN_SETTINGS, STATE
 
 log = logging.getLogger("st")
 
-PROGRESS, STATE, BEST, METRICS, LOCK = ".progress", "state.pt", "best", "metrics.json", ".lock"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -47,7 +47,7 @@ def read_settings(folder: Path, file: str) -> dict:
         raise UserError(f"{folder / file} is corrupt ({e}); delete {folder} to start that run over") from None
 
 
-def check_settings(folder: Path, settings: dict, file: str = "run.json", what: str = "run") -> bool:
+def check_settings(folder: Path, settings: dict, file: str = RUN_SETTINGS, what: str = "run") -> bool:
     """Read-only: True when `folder` holds a `what` made with `settings` (to resume or finished), False
     when it is new or empty. Refuses other settings, naming the first that differs, a non-empty folder
     that holds no `what`, and a folder that cannot be written to."""
@@ -67,7 +67,7 @@ def check_settings(folder: Path, settings: dict, file: str = "run.json", what: s
     return found
 
 
-def guard_settings(folder: Path, settings: dict, file: str = "run.json", what: str = "run") -> bool:
+def guard_settings(folder: Path, settings: dict, file: str = RUN_SETTINGS, what: str = "run") -> bool:
     """`check_settings`, then record the settings in a new folder (rank 0). Call it once every input
     is checked, so that a failed check leaves no folder behind that refuses the corrected rerun."""
     found = check_settings(folder, settings, file, what)
@@ -161,7 +161,7 @@ class RunFolder:
         """Rank 0 only: move the best epoch's files into the folder (config.json last: its presence means
         the weights beside it are complete), write `texts` (e.g. report.md), then metrics.json, the mark
         of a finished run, and drop the progress."""
-        files = sorted((p for p in self.best_dir.rglob("*") if p.is_file()), key=lambda p: (p.name == "config.json", str(p)))
+        files = sorted((p for p in self.best_dir.rglob("*") if p.is_file()), key=lambda p: (p.name == CONFIG, str(p)))
         for source in files:
             copy_file(source, self.path / source.relative_to(self.best_dir))
         for name, text in (texts or {}).items():

@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from st.errors import UserError
-
-FULL = "full"  # the kind of the unpruned model's runs: r = 0 of every sweep
-RESULTS = "results.json"  # a sweep's runs, the input of everything here
+from st.layout import FULL
 
 
 def stats(values: list[float]) -> dict:

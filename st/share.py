@@ -39,7 +39,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,16 +48,15 @@ from st import dist
 from st.data import EncodedSet, steps_per_epoch, train_batches
 from st.errors import UserError
 from st.models.bert import Bert
-from st.models.heads import per_example_loss
 from st.multitask import MultiTask, MultiTaskModel, union_masks
-from st.pipeline import build_task, build_tokenizer, check_fits, head_dropout, load_labelled, load_split, load_train, model_dir, pretrained_encoder, resolve_defaults
+from st.pipeline import RunInputs, build_tokenizer, head_dropout, load_labelled, model_dir, prepare_inputs, pretrained_encoder, resolve_defaults
 from st.prune import prune_encoder
 from st.report import multitask_markdown
 from st.runs import RunFolder
 from st.specs import RunSpec, TrainConfig
 from st.tickets import Ticket
 from st.tokenize import copy_tokenizer
-from st.train import OnEpoch, OnStep, autocast, check_finite, fit, load_best, make_optimizer, make_schedule, predict_set
+from st.train import Group, OnEpoch, OnStep, TrainingStep, groups, predict_set, train
 
 # An update mask per parameter: True = wholly the task's, False = not at all, or a bool tensor
 # that broadcasts to the parameter's shape (element-wise).
@@ -119,6 +118,30 @@ def masked_step(optimizer: torch.optim.Optimizer, params: Sequence[tuple[nn.Para
                     v.copy_(torch.where(mask, v, old_state[k] if k in old_state else torch.zeros_like(v)))
 
 
+
+class MaskedUpdate:
+    """What a step of one task may change (`st.train.Update`): the elements inside each parameter's
+    update mask. Its gradient is dropped (wholly outside) or zeroed (partly) before clipping, so the
+    clip norm is task t's own; the optimizer step itself is `masked_step`."""
+
+    def __init__(self, params: Sequence[tuple[nn.Parameter, UpdateMask]]):
+        self.params = list(params)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> list[nn.Parameter]:
+        for p, mask in self.params:
+            if p.grad is None:
+                continue
+            if mask is False:
+                p.grad = None
+            elif mask is not True:
+                p.grad.masked_fill_(~mask, 0)  # zero already in exact arithmetic; keeps the clip norm task t's own
+        return [p for p, _ in self.params if p.grad is not None]
+
+    def apply(self, optimizer: torch.optim.Optimizer, optimizer_step: Callable[[], object]) -> None:
+        masked_step(optimizer, self.params, optimizer_step)
+
+
 def epoch_plan(num_batches: Sequence[int], seed: int, epoch: int) -> list[int]:
     """The task of each step of one epoch: task t appears num_batches[t] times, in a seeded shuffle.
 
@@ -139,7 +162,7 @@ class TicketSharer(MultiTask):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._update_masks: dict[tuple[int, str], list[tuple[nn.Parameter, UpdateMask]]] = {}
+        self._updates: dict[tuple[int, str], MaskedUpdate] = {}
 
     @classmethod
     def create(cls, encoder: Bert, tasks: Sequence, tickets: Sequence[Ticket] | None = None, *,
@@ -167,46 +190,26 @@ class TicketSharer(MultiTask):
             model.pooler.load_state_dict(pooler)
         return cls(model, names, tickets, dict(zip(names, tasks)))
 
-    def _params(self, index: int) -> list[tuple[nn.Parameter, UpdateMask]]:
-        """Task `index`'s (parameter, update mask) pairs, made once per task and device."""
-        key = (index, str(next(self.model.parameters()).device))
-        if key not in self._update_masks:
-            params = dict(self.model.named_parameters())
-            self._update_masks[key] = [(params[n], m) for n, m in update_masks(self.model, index, self.tickets[index])]
-        return self._update_masks[key]
-
-    def step(self, name: str, batch: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-             scaler: torch.amp.GradScaler | None = None) -> float:
-        """One step of Algorithm 1 on a batch of task `name`: forward through its ticket, backward,
-        clip its gradient, update only θ ⊙ M_t (and its head). Returns the loss."""
+    def update(self, name: str) -> "MaskedUpdate":
+        """Algorithm 1's update for a step of task `name`, made once per task and device."""
         index = self.index(name)
+        key = (index, str(next(self.model.parameters()).device))
+        if key not in self._updates:
+            params = dict(self.model.named_parameters())
+            self._updates[key] = MaskedUpdate([(params[n], m) for n, m in update_masks(self.model, index, self.tickets[index])])
+        return self._updates[key]
+
+    def group(self, name: str, batches: Sequence[Mapping[str, Tensor]]) -> Group:
+        """One optimizer step of task `name` for `st.train.TrainingStep`: its batches go forward through
+        its ticket and head, and the update changes only θ ⊙ M_t (and its head)."""
+        view = self.view(name)
+        return Group(list(batches), f"a step of task {name}", lambda module, batch: view(**batch, through=module), self.update(name))
+
+    def step(self, name: str, batch: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> float:
+        """One step of Algorithm 1 on a batch of task `name`, outside the epoch loop: the same
+        `TrainingStep` that `train` takes. Returns the loss."""
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(cfg.precision, device):
-            loss = per_example_loss(self.view(name)(**batch).float(), labels).mean()
-        (scaler.scale(loss) if scaler else loss).backward()
-        params = self._params(index)
-        if scaler:
-            scaler.unscale_(optimizer)
-        with torch.no_grad():
-            for p, mask in params:
-                if p.grad is None:
-                    continue
-                if mask is False:
-                    p.grad = None
-                elif mask is not True:
-                    p.grad.masked_fill_(~mask, 0)  # zero already in exact arithmetic; keeps the clip norm task t's own
-        _average_gradients([p for p, _ in params if p.grad is not None])
-        norm = nn.utils.clip_grad_norm_([p for p, _ in params if p.grad is not None], cfg.clip)
-        if scaler is None:  # fp16's scaler skips non-finite steps itself
-            check_finite(loss, norm, f"a step of task {name}", cfg.lr)
-        masked_step(optimizer, params, (lambda: scaler.step(optimizer)) if scaler else None)
-        if scaler:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return TrainingStep(self.model, optimizer, cfg, device, find_unused=True)(self.group(name, [batch]))
 
     def evaluate(self, dev: Mapping[str, EncodedSet], pad_id: int, precision: str = "fp32") -> dict[str, dict[str, float]]:
         """{task: dev metrics}, each task through its own ticket and head."""
@@ -226,56 +229,13 @@ class TicketSharer(MultiTask):
         return sum(_or_zero(metrics[n][self.tasks[n].main_metric]) for n in metrics) / len(metrics)
 
 
-    def train(self, train: Mapping[str, EncodedSet], dev: Mapping[str, EncodedSet], cfg: TrainConfig, pad_id: int,
-              run: RunFolder, *, seed: int = 0, device: str = "cpu", on_step: OnStep | None = None,
-              on_epoch: OnEpoch | None = None, meta: dict | None = None,
-              extra_dev: Mapping[str, Mapping[str, EncodedSet]] | None = None,
-              dev_split: Mapping[str, str] | None = None) -> dict:
-        """Multi-task training (Algorithm 1) for cfg.epochs epochs into `run`; the epoch with the best
-        average main dev metric is kept (its weights are loaded into the model at the end).
-
-        `extra_dev` ({task: {split: data}}): further dev sets (MNLI's dev_mismatched), evaluated once
-        with the chosen epoch's weights and reported as result["extra_dev"][task][split]; epochs are
-        chosen on `dev` only. `dev_split` ({task: split name of `dev`}) is recorded for the report.
-        """
-        missing = [n for n in self.names if n not in train or n not in dev]
-        if missing:
-            raise UserError(f"no training or dev data for task {missing[0]}")
-        if cfg.grad_accum != 1:
-            raise UserError("gradient accumulation is not supported with ticket sharing (every step is one task's batch); use --grad-accum 1")
-        device = torch.device(device)
-        self.model.to(device)
-        self._update_masks.clear()
-        optimizer = make_optimizer(self.model, cfg)
-        learner = SharedTraining(self, train, dev, cfg, optimizer, seed, pad_id, device, meta or {})
-        schedule = make_schedule(optimizer, sum(learner.sizes) * cfg.epochs, cfg.warmup)
-        shown = lambda r: {**{f"{n}.{self.tasks[n].main_metric}": m[self.tasks[n].main_metric] for n, m in r["dev"].items()},  # noqa: E731
-                           "average": r["average"]}
-        fitted = fit(learner, run, optimizer, schedule, epochs=cfg.epochs, seed=seed, steps=sum(learner.sizes),
-                     device=device, on_step=on_step, on_epoch=on_epoch, shown=shown)
-        best = fitted["best"]
-        load_best(self.model, run, device)
-        extra = {name: {split: self.evaluate({name: data}, pad_id, cfg.precision)[name] for split, data in splits.items()}
-                 for name, splits in (extra_dev or {}).items() if splits}
-        all_ones = all(t.heads_pruned == 0 and t.ffn_pruned == 0 for t in self.tickets)  # = MT-DNN
-        result = {"tasks": self.names, "tickets": "none" if all_ones else "shared",
-                  "main_metric": {n: self.tasks[n].main_metric for n in self.names},
-                  "best_epoch": best["epoch"], "dev": best["dev"], "average": best["average"],
-                  "dev_split": dict(dev_split or {}), "extra_dev": extra,
-                  "percent_remaining": self.percent_remaining(), "parameters": self.parameter_counts(),
-                  "task_tickets": self.ticket_stats(), "epochs": fitted["history"]}
-        result = _json_safe(result)  # NaN metrics -> null: metrics.json stays strict JSON, equal to the result
-        if dist.is_main():
-            run.commit(result, {"report.md": multitask_markdown(result)})
-        dist.barrier()
-        return result
-
-
 def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, out: str | Path, *, device: str = "cpu",
               on_step: OnStep | None = None, on_epoch: OnEpoch | None = None) -> dict:
     """Multi-task training of one run spec per task (model, max length, dropout, training settings and
     seed must agree) with ticket sharing, or plain MT-DNN when `tickets` is None. A finished run is
-    returned as it is, an interrupted one resumed."""
+    returned as it is, an interrupted one resumed. Each task's data and held-out sets are built as for
+    `st finetune` (`st.pipeline.prepare_inputs`): --dev-size, --select-fraction and --report-split
+    mean the same."""
     specs = [resolve_defaults(s) for s in specs]
     if not specs:
         raise UserError("no tasks given; pass --tasks")
@@ -285,7 +245,7 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
         raise UserError(f"task {twice} is listed twice in --tasks; list each task once")
     base = specs[0]
     shared = lambda s: {"model": s.model.name, "max_length": s.data.max_length, "dropout": s.model.dropout,  # noqa: E731
-                        "train": s.train, "seed": s.seed}
+                        "train": s.train, "seed": s.seed, "held_out": s.held_out}
     expected = shared(base)
     for spec in specs:
         for key, value in shared(spec).items():
@@ -305,59 +265,82 @@ def run_share(specs: Sequence[RunSpec], tickets: Mapping[str, Ticket] | None, ou
     if finished is not None:
         return finished
 
-    tasks = [build_task(s.data) for s in specs]
     tokenizer = build_tokenizer(base)
     encoder, pooler = pretrained_encoder(base.model)
-    check_fits(base, tokenizer, encoder.config)
+    inputs = [prepare_inputs(s, tokenizer, encoder.config) for s in specs]
+    tasks = [i.task for i in inputs]
+    # Epochs are chosen on each task's first dev set (or its selection part); the others (MNLI's
+    # dev_mismatched) are evaluated with the chosen weights and reported beside it.
+    extra_dev = {t.name: {s: load_labelled(t, tokenizer, s) for s in t.dev_splits[1:]} for t in tasks}
     ticket_list = None if tickets is None else [tickets[n] for n in names]
     dropouts = [head_dropout(s.model, t) for s, t in zip(specs, tasks)]
     sharer = TicketSharer.create(encoder, tasks, ticket_list, head_dropouts=dropouts, pooler=pooler, seed=base.seed)
-    train = {t.name: load_train(s, t, tokenizer) for s, t in zip(specs, tasks)}
-    # Epochs are chosen on each task's first dev set; the others (MNLI's dev_mismatched) and a
-    # --report-split are evaluated with the chosen weights and reported beside it.
-    dev = {t.name: load_split(t, tokenizer, t.dev_splits[0])[1] for t in tasks}
-    extra_dev = {t.name: {s: load_labelled(t, tokenizer, s) for s in (*t.dev_splits[1:], *report_split(spec))}
-                 for spec, t in zip(specs, tasks)}
     run.claim(settings)  # every input checked: only now does the folder become this run's
     if dist.is_main():
         copy_tokenizer(model_dir(base), out)
-    meta = {"model": base.model.name, "jobs": {s.data.task: s.settings() for s in specs}}
-    return sharer.train(train, dev, base.train, tokenizer.pad_id, run, seed=base.seed, device=device, on_step=on_step,
-                        on_epoch=on_epoch, meta=meta, extra_dev=extra_dev, dev_split={t.name: t.dev_splits[0] for t in tasks})
+    learner = SharedTraining(sharer, {i.task.name: i for i in inputs}, base.train, base.seed, tokenizer.pad_id,
+                             torch.device(device), {"model": base.model.name, "jobs": settings["tasks"]})
+
+    def finish(fitted: dict) -> tuple[dict, dict]:
+        best, precision = fitted["best"], base.train.precision
+        score = lambda name, data: sharer.evaluate({name: data}, tokenizer.pad_id, precision)[name]  # noqa: E731
+        report = {i.task.name: score(i.task.name, i.report) for i in inputs if i.report is not None}
+        extra = {name: {split: score(name, data) for split, data in splits.items()} for name, splits in extra_dev.items() if splits}
+        all_ones = all(t.heads_pruned == 0 and t.ffn_pruned == 0 for t in sharer.tickets)  # = MT-DNN
+        result = {"tasks": names, "tickets": "none" if all_ones else "shared",
+                  "main_metric": {n: sharer.tasks[n].main_metric for n in names},
+                  "best_epoch": best["epoch"], "dev": best["dev"], "average": best["average"],
+                  "dev_split": {t.name: t.dev_splits[0] for t in tasks}, "extra_dev": extra,
+                  **({"report": report, "report_split": report_name(base)} if report else {}),
+                  "percent_remaining": sharer.percent_remaining(), "parameters": sharer.parameter_counts(),
+                  "task_tickets": sharer.ticket_stats(), "epochs": fitted["history"]}
+        result = _json_safe(result)  # NaN metrics -> null: metrics.json stays strict JSON, equal to the result
+        return result, {"report.md": multitask_markdown(result)}
+
+    shown = lambda r: {**{f"{n}.{sharer.tasks[n].main_metric}": m[sharer.tasks[n].main_metric] for n, m in r["dev"].items()},  # noqa: E731
+                       "average": r["average"]}
+    return train(learner, run, base.train, seed=base.seed, device=torch.device(device), finish=finish,
+                 on_step=on_step, on_epoch=on_epoch, shown=shown)
 
 
-def report_split(spec: RunSpec) -> tuple[str, ...]:  # the split --report-split names, if any
-    return (spec.held_out.report_split,) if spec.held_out is not None and spec.held_out.report_split else ()
+def report_name(spec: RunSpec) -> str:
+    """What the report part is called in a multi-task report: the --report-split, or dev's held-out part."""
+    return spec.held_out.report_split or "dev (report part)"
 
 
 class SharedTraining:
-    """Algorithm 1's epochs for `st.train.fit`: every batch of every task once, in a seeded order."""
+    """Algorithm 1's epochs for `st.train.train`: every batch of every task once, each optimizer step
+    one task's group of --grad-accum batches, the groups in a seeded order (`epoch_plan`)."""
 
-    def __init__(self, sharer: TicketSharer, train: Mapping[str, EncodedSet], dev: Mapping[str, EncodedSet],
-                 cfg: TrainConfig, optimizer, seed: int, pad_id: int, device: torch.device, meta: dict):
-        self.sharer, self.model, self.train, self.dev, self.cfg = sharer, sharer.model, train, dev, cfg
-        self.optimizer, self.seed, self.pad_id, self.device, self.meta = optimizer, seed, pad_id, device, meta
-        self.sizes = [steps_per_epoch(train[n], cfg.batch_size) for n in sharer.names]
-        empty = [n for n, s in zip(sharer.names, self.sizes) if s == 0]
+    find_unused = True  # a step uses one task's head only
+
+    def __init__(self, sharer: TicketSharer, inputs: Mapping[str, RunInputs], cfg: TrainConfig, seed: int, pad_id: int,
+                 device: torch.device, meta: dict):
+        self.sharer, self.model, self.inputs, self.cfg = sharer, sharer.model, inputs, cfg
+        self.seed, self.pad_id, self.device, self.meta = seed, pad_id, device, meta
+        batches = [steps_per_epoch(inputs[n].train, cfg.batch_size) for n in sharer.names]
+        empty = [n for n, b in zip(sharer.names, batches) if b == 0]
         if empty:
             raise UserError(f"task {empty[0]} has too few training examples for one batch")
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" and device.type == "cuda" else None
+        self.sizes = [math.ceil(b / cfg.grad_accum) for b in batches]  # optimizer steps per epoch, per task
+        self.steps = sum(self.sizes)
+        self.sharer._updates.clear()
         self.seen: dict[str, int] = {}
         self.started = 0.0
 
-    def batches(self, epoch: int):
-        names = self.sharer.names
+    def groups(self, epoch: int) -> Iterator[Group]:
+        names, cfg = self.sharer.names, self.cfg
         self.seen, self.started = {n: 0 for n in names}, time.perf_counter()
-        batches = [iter(train_batches(self.train[n], self.cfg.batch_size, self.seed, epoch, self.pad_id)) for n in names]
-        return ((names[t], next(batches[t])) for t in epoch_plan(self.sizes, self.seed, epoch))
-
-    def step(self, batch) -> float:
-        name, data = batch
-        self.seen[name] += 1
-        return self.sharer.step(name, data, self.optimizer, self.cfg, self.scaler)
+        per_task = [groups(train_batches(self.inputs[n].train, cfg.batch_size, self.seed, epoch, self.pad_id), cfg.grad_accum)
+                    for n in names]
+        for t in epoch_plan(self.sizes, self.seed, epoch):
+            micro = next(per_task[t])
+            self.seen[names[t]] += len(micro)
+            yield self.sharer.group(names[t], micro)
 
     def evaluate(self) -> dict:
-        metrics = self.sharer.evaluate(self.dev, self.pad_id, self.cfg.precision)
+        dev = {n: i.select for n, i in self.inputs.items()}
+        metrics = self.sharer.evaluate(dev, self.pad_id, self.cfg.precision)
         return {"dev": metrics, "average": self.sharer.average(metrics), "batches": self.seen,
                 "seconds": round(time.perf_counter() - self.started, 2)}
 
@@ -366,16 +349,6 @@ class SharedTraining:
 
     def save(self, folder: Path) -> None:
         self.sharer.save(folder, **self.meta)
-
-
-def _average_gradients(params: Sequence[nn.Parameter]) -> None:
-    """Under torchrun, average the gradients over processes (every rank runs the same task's step,
-    so all hold the same set of gradients); a no-op on one process."""
-    if dist.world_size() == 1:
-        return
-    for p in params:
-        dist.all_reduce_sum(p.grad).div_(dist.world_size())
-
 
 def _or_zero(x) -> float:
     return 0.0 if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -6,14 +6,15 @@ is an argument of the functions that run it, so a run may resume on another mach
 part of the run by its content (its masks), not by the path it was read from: a moved folder still
 resumes, and an edited ticket file is a different run.
 
-`RunSpec.settings()` is what run.json and a checkpoint's config.json record; it keeps the flat layout
-those files have always had, so earlier run folders still resume and earlier checkpoints still load.
+`RunSpec.settings()` is what run.json and a checkpoint's config.json record, and `RunSpec.from_settings`
+reads it back; both follow one table (`SETTINGS`) and keep the flat layout those files have always had,
+so earlier run folders still resume and earlier checkpoints still load.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,27 +92,52 @@ class RunSpec:
     held_out: HeldOut | None = None  # None: the epoch is chosen on all of dev
 
     def settings(self) -> dict:
-        """What identifies the run's result, in run.json's layout."""
-        d, m, t, h = self.data, self.model, self.train, self.held_out
-        return {
-            "task": d.task, "model": m.name, "data_dir": d.data_dir, "task_options": dict(d.task_options),
-            "train_size": d.train_size, "train_fraction": d.train_fraction, "max_length": d.max_length,
-            "dropout": m.dropout, "head_dropout": m.head_dropout,
-            "ticket": None if m.ticket is None else m.ticket.to_json(), "init": m.init, "model_weights": m.weights,
-            "train": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "warmup": t.warmup,
-                      "weight_decay": t.weight_decay, "clip": t.clip, "grad_accum": t.grad_accum, "seed": self.seed,
-                      "precision": t.precision},
-            "dev_size": None if h is None else h.dev_size, "select_fraction": None if h is None else h.select_fraction,
-            # only when set: run.json of runs that report on a part of dev keeps the layout it always had
-            **({"report_split": h.report_split} if h is not None and h.report_split else {}),
-        }
+        """What identifies the run's result, in run.json's layout (`SETTINGS`)."""
+        parts = {"data": self.data, "model": self.model}
+        s = {key: getattr(parts[part], name) for key, part, name in SETTINGS}
+        s["task_options"] = dict(self.data.task_options)
+        s["ticket"] = None if self.model.ticket is None else self.model.ticket.to_json()
+        s["train"] = {f.name: getattr(self.train, f.name) for f in fields(TrainConfig)} | {"seed": self.seed}
+        held = self.held_out or HeldOut(None, None, None)
+        s.update(dev_size=held.dev_size, select_fraction=held.select_fraction)
+        if held.report_split:  # only when set: run.json of runs that report on a part of dev keeps its layout
+            s["report_split"] = held.report_split
+        return s
+
+    @classmethod
+    def from_settings(cls, s: dict) -> RunSpec:
+        """The spec whose `settings()` are `s` (run.json, or a checkpoint's "job"); a key that a release
+        did not write takes the field's default. The ticket is left out: a checkpoint's weights are its
+        ticket's subnetwork already."""
+        parts: dict[str, dict] = {"data": {}, "model": {}}
+        for key, part, name in SETTINGS:
+            if key in s and name != "ticket":
+                parts[part][name] = s[key]
+        parts["data"]["task_options"] = tuple((s.get("task_options") or {}).items())
+        train = {f.name: s["train"][f.name] for f in fields(TrainConfig) if f.name in s["train"]}
+        held = HeldOut(**{f.name: s.get(f.name) for f in fields(HeldOut)})
+        held = None if held == HeldOut(None, None, None) else held
+        seed = s["train"].get("seed", cls.seed)
+        return cls(DataSpec(**parts["data"]), ModelSpec(**parts["model"]), TrainConfig(**train), seed, held)
+
+
+# run.json's flat layout, as it has always been: (key, part of the spec, field); `train` nests
+# TrainConfig's fields and the seed, and the held-out split's fields follow at the top level.
+SETTINGS = (
+    ("task", "data", "task"), ("model", "model", "name"), ("data_dir", "data", "data_dir"),
+    ("task_options", "data", "task_options"), ("train_size", "data", "train_size"),
+    ("train_fraction", "data", "train_fraction"), ("max_length", "data", "max_length"),
+    ("dropout", "model", "dropout"), ("head_dropout", "model", "head_dropout"), ("ticket", "model", "ticket"),
+    ("init", "model", "init"), ("model_weights", "model", "weights"),
+)
 
 
 def run_spec(task: str, *, model: str | None = None, data_dir: str | None = None, text_columns: str | None = None,
              label_column: str | None = None, labels: str | None = None, regression: bool | None = None,
              train_size: int | None = None, train_fraction: float | None = None, max_length: int | None = None,
              dropout: float | None = None, head_dropout: float | None = None, ticket: Ticket | None = None,
-             init: str | None = None, seed: int | None = None, report_split: str | None = None, **train) -> RunSpec:
+             init: str | None = None, seed: int | None = None, report_split: str | None = None,
+             select_fraction: float | None = None, dev_size: int | None = None, **train) -> RunSpec:
     """A run from option values (`st finetune`'s options); None, an option not given, takes the default.
     `train`: TrainConfig's fields. text_columns ... regression are the csv/jsonl tasks' options."""
     numbers = {"train_fraction": train_fraction, "dropout": dropout, "head_dropout": head_dropout, **train}
@@ -126,5 +152,11 @@ def run_spec(task: str, *, model: str | None = None, data_dir: str | None = None
     absolute = lambda path: None if path is None else str(Path(path).expanduser().resolve())  # noqa: E731
     data = DataSpec(task, absolute(data_dir), options, train_size, train_fraction, max_length)
     model_spec = ModelSpec(**given(name=model, dropout=dropout), head_dropout=head_dropout, ticket=ticket, init=absolute(init))
-    held_out = HeldOut(None, None, report_split) if report_split else None
+    if select_fraction is not None and not 0 < select_fraction < 1:
+        raise UserError(f"--select-fraction must be in (0, 1), got {select_fraction}")
+    if select_fraction is not None and report_split:
+        raise UserError("--select-fraction splits dev into a choosing and a reporting part, --report-split reports "
+                        "on another split: give one of them, not both")
+    held_out = HeldOut(select_fraction, dev_size, report_split)
+    held_out = None if held_out == HeldOut(None, None, None) else held_out  # all of dev chooses the epoch
     return RunSpec(data, model_spec, TrainConfig(**given(**train)), **given(seed=seed), held_out=held_out)

@@ -31,26 +31,27 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from st import dist
-from st.engines import Engine, check_engine, device_here, open_engine
+from st.engines import Engine, check_engine, open_engine
 from st.errors import UserError
 from st.importance import Scores, plot_heatmap
-from st.io import read_json, write_json
-from st.models.bert import BertConfig
+from st.io import write_json
+from st.layout import FULL, RESULTS, SWEEP_SETTINGS, WEIGHTS, run_dir, scores_path, ticket_path
+from st.models.checkpoint import read_checkpoint_config
 from st.pipeline import prepare_run, resolve_defaults, run_finetune, score_checkpoint
 from st.runs import check_settings, guard_settings, lock_folder
-from st.select import FULL, RESULTS, select_super_ticket
+from st.select import select_super_ticket
 from st.specs import HeldOut, RunSpec, run_spec
 from st.tickets import KINDS, Ticket, make_ticket
 
 log = logging.getLogger("st")
 
 RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 9))  # 0.1 ... 0.8, the paper's grid
-SETTINGS = "sweep.json"
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """One sweep: the full model's run (`spec`; its seed is the first seed) and the grid around it."""
+    """One sweep: the full model's run (`spec`; its seed is the first seed) and the grid around it.
+    A plain value: `SweepConfig.create` checks, normalises and resolves one (`plan` builds `st sweep`'s)."""
 
     spec: RunSpec
     ratios: tuple[float, ...] = RATIOS  # of the winning tickets
@@ -60,7 +61,12 @@ class SweepConfig:
     held_out: HeldOut = HeldOut()  # each seed's dev sample: a part chooses epochs and the ticket, the rest reports
     score_examples: int | None = None  # importance over a seeded sample of the training set (None: all)
 
-    def __post_init__(self):
+    @classmethod
+    def create(cls, spec: RunSpec, **options) -> SweepConfig:
+        """A checked sweep (`options`: the other fields; left out, the defaults above): sorted ratios,
+        kinds in the canonical order, and the spec resolved once (`resolve_defaults` reads the model's
+        config and hashes its weights)."""
+        self = cls(spec, **options)
         kinds = tuple(self.kinds)
         ratios = check_ratios(self.ratios, "--ratios")
         controls = ratios if self.control_ratios is None else check_ratios(self.control_ratios, "--control-ratios")
@@ -79,11 +85,8 @@ class SweepConfig:
             raise UserError(f"--select-fraction must be in (0, 1), got {fraction}")
         if self.spec.model.ticket is not None or self.spec.model.init:
             raise UserError("a sweep starts from the pre-trained model: drop --ticket / --init")
-        # r = 0 is the full model, which every seed trains anyway: it is not a ticket run.
-        object.__setattr__(self, "ratios", ratios)
-        object.__setattr__(self, "control_ratios", controls)
-        object.__setattr__(self, "kinds", tuple(k for k in KINDS if k in kinds))
-        object.__setattr__(self, "spec", resolve_defaults(self.spec))
+        kinds = tuple(k for k in KINDS if k in kinds)
+        return replace(self, spec=resolve_defaults(spec), ratios=ratios, control_ratios=controls, kinds=kinds)
 
     @property
     def grid(self) -> list[tuple[str, float]]:
@@ -190,30 +193,14 @@ def plan(*, quick: bool = False, ratios: list[float] | None = None, kinds: list[
         if control_ratios is None and preset.control_ratios is not None:
             control_ratios = list(preset.control_ratios)
         jobs = min(preset.jobs, os.cpu_count() or 1) if jobs is None else jobs
-    if select_fraction is None and report_split is None:
-        select_fraction = HeldOut.select_fraction
-    cfg = SweepConfig(run_spec(**options), ratios=tuple(RATIOS if ratios is None else ratios),
-                      kinds=tuple(KINDS if kinds is None else kinds), control_ratios=control_ratios,
-                      seeds=3 if seeds is None else seeds, held_out=HeldOut(select_fraction, dev_size, report_split),
-                      score_examples=score_examples)
+    given = lambda **values: {k: v for k, v in values.items() if v is not None}  # noqa: E731
+    held_out = HeldOut(**given(select_fraction=select_fraction, dev_size=dev_size, report_split=report_split))
+    if report_split and select_fraction is None:  # the report split replaces dev's report part
+        held_out = replace(held_out, select_fraction=None)
+    sweep = given(ratios=ratios and tuple(ratios), kinds=kinds and tuple(kinds), control_ratios=control_ratios,
+                  seeds=seeds, score_examples=score_examples)
+    cfg = SweepConfig.create(run_spec(**options), held_out=held_out, **sweep)
     return cfg, 1 if jobs is None else jobs
-
-
-# ---- folders -------------------------------------------------------------------------------------
-
-
-def run_name(kind: str, ratio: float) -> str:
-    return FULL if kind == FULL else f"{kind}-r{ratio:.2f}"
-
-
-def run_dir(out: Path, seed: int, kind: str, ratio: float) -> Path:
-    """The `st finetune` folder of one run."""
-    folder = Path(out) / f"seed{seed}" / run_name(kind, ratio)
-    return folder if kind == FULL else folder / "run"
-
-
-def ticket_path(out: Path, seed: int, kind: str, ratio: float) -> Path:
-    return Path(out) / f"seed{seed}" / run_name(kind, ratio) / "ticket.json"
 
 
 # ---- the runs ------------------------------------------------------------------------------------
@@ -239,10 +226,10 @@ def _failed(record: dict, error: BaseException) -> dict:
     return record
 
 
-def full_stage(cfg: SweepConfig, out: Path, seed: int, device: str = "cpu") -> tuple[dict, str | None]:
+def full_stage(cfg: SweepConfig, out: Path, seed: int, *, device: str = "cpu") -> tuple[dict, str | None]:
     """Fine-tune the full model of `seed`, score it and write every ticket of the grid. Returns the
     full model's record, and why the tickets could not be made (None when they were)."""
-    device, out = device_here(device), Path(out)
+    out = Path(out)
     record = _record(seed, FULL, 0.0, out)
     record["percent_remaining"] = {"model": 100.0, "encoder": 100.0}
     folder = run_dir(out, seed, FULL, 0.0)
@@ -253,7 +240,7 @@ def full_stage(cfg: SweepConfig, out: Path, seed: int, device: str = "cpu") -> t
     except Exception as e:
         return _failed(record, e), f"the full model of seed {seed} failed"
     try:
-        scores_file = out / f"seed{seed}" / "scores.json"
+        scores_file = scores_path(out, seed)
         if scores_file.exists():
             scores = Scores.load(scores_file)
         else:
@@ -261,8 +248,7 @@ def full_stage(cfg: SweepConfig, out: Path, seed: int, device: str = "cpu") -> t
             if dist.is_main():
                 plot_heatmap(scores, scores_file.with_suffix(".png"))
                 scores.save(scores_file)  # last: its presence means the scores are complete
-        checkpoint = read_json(folder / "config.json")
-        config, num_labels = BertConfig.from_dict(checkpoint["encoder"]), checkpoint["head"]["num_labels"]
+        config, num_labels = read_checkpoint_config(folder)
         for kind, ratio in cfg.grid:
             path = ticket_path(out, seed, kind, ratio)
             if not path.exists() and dist.is_main():
@@ -276,9 +262,9 @@ def full_stage(cfg: SweepConfig, out: Path, seed: int, device: str = "cpu") -> t
     return record, None
 
 
-def ticket_run(cfg: SweepConfig, out: Path, seed: int, kind: str, ratio: float, device: str = "cpu") -> dict:
+def ticket_run(cfg: SweepConfig, out: Path, seed: int, kind: str, ratio: float, *, device: str = "cpu") -> dict:
     """Rewind to the pre-trained weights and fine-tune the pruned subnetwork of one ticket."""
-    device, out = device_here(device), Path(out)
+    out = Path(out)
     record = _record(seed, kind, ratio, out)
     try:
         ticket = Ticket.load(ticket_path(out, seed, kind, ratio))
@@ -295,13 +281,13 @@ def _ticket_specs(cfg: SweepConfig, seed: int) -> list[tuple[int, str, float]]:
     return [(seed, kind, ratio) for kind, ratio in cfg.grid]
 
 
-def _runs(cfg: SweepConfig, out: Path, engine: Engine, device: str) -> Iterator[dict]:
+def _runs(cfg: SweepConfig, out: Path, engine: Engine) -> Iterator[dict]:
     """Every seed's full model first, then its ticket runs as soon as its tickets exist; each record as
     its run finishes. Keys are (seed, position): the in-process engine runs them seed by seed."""
     runs = {}
     for seed in cfg.seed_list:
         runs[seed, 0] = (seed, FULL, 0.0)
-        engine.submit((seed, 0), full_stage, cfg, out, seed, device)
+        engine.submit((seed, 0), full_stage, cfg, out, seed)
     while runs:
         key, result, error = engine.next()
         seed, kind, ratio = runs.pop(key)
@@ -318,7 +304,7 @@ def _runs(cfg: SweepConfig, out: Path, engine: Engine, device: str) -> Iterator[
         for i, spec in enumerate(_ticket_specs(cfg, seed), 1):
             if why_not is None:
                 runs[seed, i] = spec
-                engine.submit((seed, i), ticket_run, cfg, out, *spec, device)
+                engine.submit((seed, i), ticket_run, cfg, out, *spec)
             else:
                 yield _failed(_record(*spec, out), RuntimeError(why_not))
 
@@ -346,25 +332,24 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, jobs: int = 1, device: str |
               on_result: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) the sweep into `out`; returns results.json's contents. `jobs` runs at once in
     local processes, or on the Ray cluster at `ray` ("local", "auto", host:port; see `st.engines`);
-    `device` None: cuda when there is one. On rank 0, `on_start(runs at once)` is called once the
+    `device`: resolved once by the caller (`st.dist.pick_device`); with Ray, None lets the cluster's
+    GPUs decide. Each run gets the device of the engine slot it runs in. On rank 0, `on_start(runs at once)` is called once the
     input is checked, and `on_result(record)` as each run finishes (records of runs finished before
     this call carry reused=True)."""
     out = Path(out).resolve()  # absolute: a Ray worker on another node has another working directory
     check_engine(jobs, ray)  # everything is checked before anything starts or is written
     if keep_weights not in KEEP_WEIGHTS:
         raise UserError(f"--keep-weights must be one of {', '.join(KEEP_WEIGHTS)}, got {keep_weights!r}")
-    if ray is None:  # (a Ray cluster's GPUs are on its nodes, not necessarily here)
-        device = dist.pick_device(device)
-    check_settings(out, cfg.settings(), SETTINGS, "sweep")
-    task = prepare_run(cfg.seed_spec(cfg.spec.seed))[0]  # task, model, lengths, data, held-out sets: a bad one writes nothing
+    check_settings(out, cfg.settings(), SWEEP_SETTINGS, "sweep")
+    task = prepare_run(cfg.seed_spec(cfg.spec.seed))[2].task  # task, model, lengths, data, held-out sets: a bad one writes nothing
     lock = lock_folder(out) if dist.is_main() else None  # one sweep at a time in a folder
-    guard_settings(out, cfg.settings(), SETTINGS, "sweep")  # how many processes or which engine is no setting: any may resume
-    engine, device = open_engine(jobs, device, ray)
+    guard_settings(out, cfg.settings(), SWEEP_SETTINGS, "sweep")  # how many processes or which engine is no setting: any may resume
+    engine = open_engine(jobs, device, ray)
     records = []
     try:
         if on_start and dist.is_main():
             on_start(engine.slots)
-        for record in _runs(cfg, out, engine, device):
+        for record in _runs(cfg, out, engine):
             records.append(record)
             if dist.is_main():
                 write_results(out, results_doc(cfg, records, task))
@@ -394,7 +379,7 @@ def drop_weights(out: Path, doc: dict, keep: str) -> list[Path]:
     if keep == "best":
         chosen = select_super_ticket(doc)
         kept = {(FULL, 0.0), (chosen.kind, chosen.ratio)}
-    dropped = [out / r["run"] / "model.safetensors" for r in doc["runs"] if (r["kind"], r["ratio"]) not in kept]
+    dropped = [out / r["run"] / WEIGHTS for r in doc["runs"] if (r["kind"], r["ratio"]) not in kept]
     for path in dropped:
         path.unlink(missing_ok=True)
     return dropped

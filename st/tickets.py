@@ -24,6 +24,7 @@ import torch
 from st.errors import UserError
 from st.importance import Scores, check_fingerprint, fingerprint
 from st.io import read_json, write_json
+from st.layout import SCORES, first_seed_scores, full_ticket_json, ticket_json
 from st.models.bert import Bert, BertConfig
 from st.models.heads import BertClassifier
 from st.prune import config_for_masks
@@ -103,11 +104,8 @@ class Ticket:
         check_fingerprint(name, self.model_fingerprint, config)
 
     def to_json(self) -> dict:
-        # heads_pruned / ffn_pruned are written for readers; loading derives them from the masks.
-        return {"kind": self.kind, "ratio": self.ratio, "seed": self.seed,
-                "heads_pruned": self.heads_pruned, "ffn_pruned": self.ffn_pruned,
-                "percent_remaining": self.percent_remaining, "model_fingerprint": self.model_fingerprint,
-                "head_mask": [list(r) for r in self.head_mask], "ffn_mask": list(self.ffn_mask)}
+        return ticket_json(self.head_mask, self.ffn_mask, self.ratio, self.kind, self.seed, self.percent_remaining,
+                           self.model_fingerprint)
 
     @classmethod
     def from_json(cls, d: dict, source: str | None = None) -> "Ticket":
@@ -134,9 +132,7 @@ class Ticket:
     @classmethod
     def full(cls, config: BertConfig) -> "Ticket":
         """The unpruned network (ratio 0): the r = 0 point of a sweep."""
-        L, H0 = config.num_layers, config.num_heads
-        return cls(tuple((1,) * H0 for _ in range(L)), (1,) * L, 0.0, "full", 0,
-                   {"model": 100.0, "encoder": 100.0}, fingerprint(config))
+        return cls.from_json(full_ticket_json(config.to_dict(), seed=0))
 
 
 def round_half_up(x: float) -> int:
@@ -290,8 +286,8 @@ def _load_ticket(path: Path, task: str) -> Ticket:
 
 def _load_scores(path: Path, task: str) -> Scores:
     if path.is_dir():  # a folder holding scores.json, or an `st sweep` folder: its first seed's seed<s>/scores.json
-        seeds = sorted(path.glob("seed*/scores.json"), key=lambda p: (len(p.parent.name), p.parent.name))
-        path = path / "scores.json" if (path / "scores.json").is_file() or not seeds else seeds[0]
+        first = first_seed_scores(path)
+        path = path / SCORES if (path / SCORES).is_file() or first is None else first
     if not path.is_file():
         raise UserError(f"--ratios makes tickets from importance scores: {path} does not exist (task {task}); "
                         "pass scores.json from `st score` or a folder holding it")

@@ -1,5 +1,6 @@
-"""The training loop: Adamax, linear warm-up/decay, clipping, and one resumable epoch loop (`fit`)
-that single-task fine-tuning and multi-task training (`st.share`) both run, each with its own step.
+"""Training: Adamax, linear warm-up/decay, the one training step (`TrainingStep`) and the one
+resumable epoch loop (`train`) that every run uses: single-task fine-tuning (`finetune`, here) and
+multi-task training with ticket sharing (`st.share`), which adds only its masked update to the step.
 
 The output folder is an `st.runs.RunFolder`: settings, progress after every epoch, the best epoch's
 weights, metrics.json last.
@@ -7,12 +8,14 @@ weights, metrics.json last.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +34,7 @@ log = logging.getLogger("st")
 
 OnStep = Callable[[int, int, float], None]  # (step in this epoch, steps per epoch, loss)
 OnEpoch = Callable[[int, dict], None]  # (epoch, the metrics to show)
+Forward = Callable[[nn.Module, dict], torch.Tensor]  # (the module to call: the model or its DDP wrapper, batch) -> logits
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -55,8 +59,9 @@ def autocast(precision: str, device: str | torch.device):
 
 
 @torch.no_grad()
-def predict_set(model: nn.Module, data: EncodedSet, pad_id: int, *, device: str = "cpu", precision: str = "fp32",
-                batch_size: int = 128) -> list:
+def predict_set(
+    model: nn.Module, data: EncodedSet, pad_id: int, *, device: str = "cpu", precision: str = "fp32", batch_size: int = 128
+) -> list:
     """Predictions for every row of `data`, in order; under DDP each rank does a share, then all gather."""
     was_training = model.training
     model.eval()
@@ -71,7 +76,9 @@ def predict_set(model: nn.Module, data: EncodedSet, pad_id: int, *, device: str 
     return [merged[i] for i in range(len(data))]
 
 
-def evaluate(model: nn.Module, data: EncodedSet, task: Task, pad_id: int, *, device: str = "cpu", precision: str = "fp32") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: EncodedSet, task: Task, pad_id: int, *, device: str = "cpu", precision: str = "fp32"
+) -> dict[str, float]:
     return task.compute_metrics(predict_set(model, data, pad_id, device=device, precision=precision), data.labels)
 
 
@@ -79,31 +86,110 @@ def check_finite(loss: torch.Tensor, grad_norm: torch.Tensor, where: str, lr: fl
     """Stop a diverged run with one line instead of training on to NaN weights and reporting success."""
     for what, value in (("loss", loss), ("gradient norm", grad_norm)):
         if not torch.isfinite(value).all():
-            raise UserError(f"{where}: the {what} is {value.item()}, so training diverged; rerun into a new --out with a "
-                            f"lower --lr (now {lr})")
+            raise UserError(
+                f"{where}: the {what} is {value.item()}, so training diverged; rerun into a new --out with a "
+                f"lower --lr (now {lr})"
+            )
 
 
 def check_finite_weights(model: nn.Module, epoch: int) -> None:
     bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:
-        raise UserError(f"epoch {epoch}: weight {bad} is no longer finite, so training diverged; the epochs before are kept, "
-                        "but rerun into a new --out with a lower --lr")
+        raise UserError(
+            f"epoch {epoch}: weight {bad} is no longer finite, so training diverged; the epochs before are kept, "
+            "but rerun into a new --out with a lower --lr"
+        )
 
 
-# ---- the epoch loop -------------------------------------------------------------------------------
+# ---- the one training step ------------------------------------------------------------------------
+
+
+class Update(Protocol):
+    """What an optimizer step may change. None in `Group`: every weight; multi-task training
+    restricts a task's step to its ticket (`st.share.MaskedUpdate`)."""
+
+    def mask_gradients(self) -> list[nn.Parameter]:
+        """Drop the gradient outside what the step may change; returns the parameters it may change."""
+
+    def apply(self, optimizer: torch.optim.Optimizer, optimizer_step: Callable[[], object]) -> None:
+        """Run `optimizer_step` so that it changes only those elements."""
+
+
+def call(module: nn.Module, batch: dict) -> torch.Tensor:
+    return module(**batch)
+
+
+@dataclass
+class Group:
+    """The micro-batches of one optimizer step (more than one with --grad-accum), how a batch goes
+    forward, what the step may change, and where it is (for the one-line error of a diverged run)."""
+
+    batches: list[dict]
+    where: str
+    forward: Forward = call
+    update: Update | None = None
+
+
+def groups(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive groups of `size` micro-batches; the last may be short (it still makes a step, of its own mean)."""
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, size)):
+        yield group
+
+
+class TrainingStep:
+    """The training step of every run: forward and backward of a group's micro-batches (DDP averages
+    gradients on the last one only), the fp16 gradient scaler, clipping, the finiteness check, the
+    optimizer step (through the group's update) and zero_grad."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
+        *, find_unused: bool = False,
+    ):
+        self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, torch.device(device)
+        # find_unused: a multi-task step leaves the other tasks' heads out of its graph
+        self.ddp = dist.wrap(model, find_unused=find_unused)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+
+    def __call__(self, group: Group) -> float:
+        """One optimizer step; returns the loss of its last micro-batch."""
+        size = len(group.batches)
+        for i, batch in enumerate(group.batches):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            sync = i == size - 1 or self.ddp is self.model
+            with nullcontext() if sync else self.ddp.no_sync(), autocast(self.cfg.precision, self.device):
+                loss = per_example_loss(group.forward(self.ddp, batch).float(), labels).mean() / size
+                self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if group.update is None:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+        else:
+            params = group.update.mask_gradients()  # the clip norm is that of what the step may change
+        norm = nn.utils.clip_grad_norm_(params, self.cfg.clip)
+        if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps itself
+            check_finite(loss, norm, group.where, self.cfg.lr)
+        if group.update is None:
+            self.scaler.step(self.optimizer)
+        else:
+            group.update.apply(self.optimizer, lambda: self.scaler.step(self.optimizer))
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item() * size
+
+
+# ---- the one epoch loop ---------------------------------------------------------------------------
 
 
 class Learner(Protocol):
-    """What `fit` trains: single-task fine-tuning (`FineTuning`) or ticket sharing (`st.share`)."""
+    """What `train` trains: single-task fine-tuning (`FineTuning`) or ticket sharing (`st.share`)."""
 
     model: nn.Module
+    steps: int  # optimizer steps per epoch
+    find_unused: bool  # whether a step may leave parameters out of the graph (DDP must know)
 
-    def batches(self, epoch: int) -> Iterable:
-        """The epoch's batches, in order (called as the epoch starts)."""
-
-    def step(self, batch) -> float | None:
-        """Forward, backward and, when due, an optimizer step: its loss, or None for a micro-batch
-        that only accumulated gradients."""
+    def groups(self, epoch: int) -> Iterable[Group]:
+        """The epoch's optimizer steps, in order (called as the epoch starts)."""
 
     def evaluate(self) -> dict:
         """The epoch's record after "epoch": its dev metrics and counters."""
@@ -115,28 +201,30 @@ class Learner(Protocol):
         """The model as a loadable folder (the best epoch's, into the run folder's progress)."""
 
 
-def fit(learner: Learner, run: RunFolder, optimizer, schedule, *, epochs: int, seed: int, steps: int,
-        device: str | torch.device = "cpu", on_step: OnStep | None = None, on_epoch: OnEpoch | None = None,
-        shown: Callable[[dict], dict] = lambda record: record["dev"]) -> dict:
-    """Train `learner` for `epochs` epochs, resuming from `run`'s progress; after every epoch evaluate,
-    keep the best epoch's folder and save the progress. Returns the best record; `run.best_dir` then
-    holds that epoch's model. `steps`: optimizer steps per epoch (for `on_step`); `shown(record)`:
-    the metrics `on_epoch` gets."""
-    history = run.load_progress(learner.model, optimizer, schedule, device)
+def train(
+    learner: Learner, run: RunFolder, cfg: TrainConfig, *, seed: int, device: torch.device,
+    finish: Callable[[dict], tuple[dict, dict[str, str]]], on_step: OnStep | None = None,
+    on_epoch: OnEpoch | None = None, shown: Callable[[dict], dict] = lambda record: record["dev"],
+) -> dict:
+    """Train `learner` for cfg.epochs epochs into `run`, resuming from its progress: after every epoch
+    evaluate, keep the best epoch's folder and save the progress. Then load the best epoch's weights,
+    and commit `finish({"best", "history"})` = (metrics.json's contents, further text files). Returns
+    the metrics. `shown(record)`: the metrics `on_epoch` gets."""
+    model = learner.model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    step = TrainingStep(model, optimizer, cfg, device, find_unused=learner.find_unused)
+    schedule = make_schedule(optimizer, learner.steps * cfg.epochs, cfg.warmup)
+    history = run.load_progress(model, optimizer, schedule, device)
     if not history:
         torch.manual_seed(seed)  # dropout masks depend on the seed only
-    for epoch in range(len(history), epochs):
-        learner.model.train()
-        done = 0
-        for batch in learner.batches(epoch):
-            loss = learner.step(batch)
-            if loss is None:
-                continue
+    for epoch in range(len(history), cfg.epochs):
+        model.train()
+        for done, group in enumerate(learner.groups(epoch), 1):
+            loss = step(group)
             schedule.step()
-            done += 1
             if on_step:
-                on_step(done, steps, loss)
-        check_finite_weights(learner.model, epoch + 1)  # never evaluate, let alone keep, diverged weights
+                on_step(done, learner.steps, loss)
+        check_finite_weights(model, epoch + 1)  # never evaluate, let alone keep, diverged weights
         record = {"epoch": epoch + 1, **learner.evaluate()}
         history.append(record)
         if on_epoch:
@@ -144,9 +232,14 @@ def fit(learner: Learner, run: RunFolder, optimizer, schedule, *, epochs: int, s
         if dist.is_main():
             if max(history, key=learner.score) is record:
                 learner.save(run.best_dir)
-            run.save_progress(learner.model, optimizer, schedule, history)
+            run.save_progress(model, optimizer, schedule, history)
         dist.barrier()
-    return {"best": max(history, key=learner.score), "history": history}
+    load_best(model, run, device)
+    result, texts = finish({"best": max(history, key=learner.score), "history": history})
+    if dist.is_main():
+        run.commit(result, texts)
+    dist.barrier()
+    return result
 
 
 def load_best(model: nn.Module, run: RunFolder, device: str | torch.device = "cpu") -> None:
@@ -159,45 +252,23 @@ def load_best(model: nn.Module, run: RunFolder, device: str | torch.device = "cp
 
 
 class FineTuning:
-    """One task's step (with gradient accumulation, DDP and a grad scaler) and evaluation, for `fit`."""
+    """One task's epochs for `train`: every training batch once, in a seeded order, grad_accum to a step."""
 
-    def __init__(self, model: BertClassifier, train: EncodedSet, dev: EncodedSet, task: Task, cfg: TrainConfig,
-                 optimizer, seed: int, pad_id: int, device: torch.device, meta: dict):
-        self.model, self.train, self.dev, self.task, self.cfg = model, train, dev, task, cfg
-        self.optimizer, self.seed, self.pad_id, self.device, self.meta = optimizer, seed, pad_id, device, meta
-        self.ddp = dist.wrap(model)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16" and device.type == "cuda")
-        # The last accumulation group of an epoch may be short: it still makes a step (of its own mean).
-        self.batches_per_epoch = steps_per_epoch(train, cfg.batch_size)
-        self.steps = math.ceil(self.batches_per_epoch / cfg.grad_accum)
-        self.epoch, self.micro, self.seen, self.started = 0, 0, 0, 0.0
+    find_unused = False
 
-    def batches(self, epoch: int):
-        self.epoch, self.micro, self.seen, self.started = epoch, 0, 0, time.perf_counter()
-        return train_batches(self.train, self.cfg.batch_size, self.seed, epoch, self.pad_id)
+    def __init__(self, model: BertClassifier, data: EncodedSet, dev: EncodedSet, task: Task, cfg: TrainConfig,
+                 seed: int, pad_id: int, device: torch.device, meta: dict):
+        self.model, self.data, self.dev, self.task, self.cfg = model, data, dev, task, cfg
+        self.seed, self.pad_id, self.device, self.meta = seed, pad_id, device, meta
+        self.steps = math.ceil(steps_per_epoch(data, cfg.batch_size) / cfg.grad_accum)
+        self.seen, self.started = 0, 0.0
 
-    def step(self, batch) -> float | None:
-        cfg = self.cfg
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        group = self.micro // cfg.grad_accum
-        size = min(cfg.grad_accum, self.batches_per_epoch - group * cfg.grad_accum)  # micro-batches in this group
-        self.micro += 1
-        last_micro = self.micro == group * cfg.grad_accum + size
-        with (nullcontext() if last_micro or self.ddp is self.model else self.ddp.no_sync()), autocast(cfg.precision, self.device):
-            loss = per_example_loss(self.ddp(**batch).float(), labels).mean() / size
-            self.scaler.scale(loss).backward()
-        self.seen += len(labels)
-        if not last_micro:
-            return None
-        self.scaler.unscale_(self.optimizer)
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
-        if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps itself
-            check_finite(loss, norm, f"epoch {self.epoch + 1}, step {group + 1}", cfg.lr)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item() * size
+    def groups(self, epoch: int) -> Iterator[Group]:
+        self.seen, self.started = 0, time.perf_counter()
+        batches = train_batches(self.data, self.cfg.batch_size, self.seed, epoch, self.pad_id)
+        for i, micro in enumerate(groups(batches, self.cfg.grad_accum), 1):
+            self.seen += sum(len(b["labels"]) for b in micro)
+            yield Group(micro, f"epoch {epoch + 1}, step {i}")
 
     def evaluate(self) -> dict:
         metrics = evaluate(self.model, self.dev, self.task, self.pad_id, device=self.device, precision=self.cfg.precision)
@@ -212,30 +283,27 @@ class FineTuning:
         save_checkpoint(folder, self.model, **self.meta)
 
 
-def finetune(model: BertClassifier, train: EncodedSet, dev: EncodedSet, task: Task, cfg: TrainConfig, run: RunFolder,
-             pad_id: int, *, seed: int = 0, device: str = "cpu", on_step: OnStep | None = None,
-             on_epoch: OnEpoch | None = None, meta: dict | None = None, report: EncodedSet | None = None) -> dict:
-    """Fine-tune `model` on `train`, choosing the epoch by `task.main_metric` on `dev`, into `run`.
+def finetune(
+    model: BertClassifier, data: EncodedSet, dev: EncodedSet, task: Task, cfg: TrainConfig, run: RunFolder,
+    pad_id: int, *, seed: int = 0, device: str = "cpu", on_step: OnStep | None = None,
+    on_epoch: OnEpoch | None = None, meta: dict | None = None, report: EncodedSet | None = None,
+) -> dict:
+    """Fine-tune `model` on `data`, choosing the epoch by `task.main_metric` on `dev`, into `run`.
 
     Resumes from the run's progress. Returns the metrics written to metrics.json; `meta` goes into
     config.json beside the weights. A `report` set plays no part in the choice: it is evaluated once,
     on the chosen epoch's weights, into "report".
     """
     device = torch.device(device)
-    model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    learner = FineTuning(model, train, dev, task, cfg, optimizer, seed, pad_id, device, meta or {})
-    schedule = make_schedule(optimizer, learner.steps * cfg.epochs, cfg.warmup)
-    fitted = fit(learner, run, optimizer, schedule, epochs=cfg.epochs, seed=seed, steps=learner.steps, device=device,
-                 on_step=on_step, on_epoch=on_epoch)
-    best = fitted["best"]
-    result = {"task": task.name, "main_metric": task.main_metric, "best_epoch": best["epoch"], "dev": best["dev"],
-              "epochs": fitted["history"]}
-    if report is not None:
-        load_best(model, run, device)
-        result.update(report=evaluate(model, report, task, pad_id, device=device, precision=cfg.precision),
-                      dev_examples=len(dev), report_examples=len(report))
-    if dist.is_main():
-        run.commit(result)
-    dist.barrier()
-    return result
+    learner = FineTuning(model, data, dev, task, cfg, seed, pad_id, device, meta or {})
+
+    def finish(fitted: dict) -> tuple[dict, dict]:
+        best = fitted["best"]
+        result = {"task": task.name, "main_metric": task.main_metric, "best_epoch": best["epoch"], "dev": best["dev"],
+                  "epochs": fitted["history"]}
+        if report is not None:
+            metrics = evaluate(model, report, task, pad_id, device=device, precision=cfg.precision)
+            result.update(report=metrics, dev_examples=len(dev), report_examples=len(report))
+        return result, {}
+
+    return train(learner, run, cfg, seed=seed, device=device, finish=finish, on_step=on_step, on_epoch=on_epoch)

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 def config(model, data, epochs: int = 2) -> SweepConfig:
     spec = RunSpec(DataSpec("csv", str(data)), ModelSpec(str(model), dropout=0.0, head_dropout=0.0),
                    TrainConfig(epochs=epochs, batch_size=8, lr=5e-3))
-    return SweepConfig(spec, ratios=(0.3, 0.5), kinds=("winning", "random"), seeds=1)
+    return SweepConfig.create(spec, ratios=(0.3, 0.5), kinds=("winning", "random"), seeds=1)
 
 
 def metrics(doc: dict) -> dict:

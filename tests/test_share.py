@@ -339,8 +339,9 @@ def test_cli_per_task_train_sizes_and_test_report(tiny_bert_dir, sentiment_dir, 
     settings = json.loads((tmp_path / "m" / "run.json").read_text())["tasks"]
     assert (settings["csv"]["train_size"], settings["jsonl"]["train_size"]) == (40, 24)
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["report_split"] == "test" and metrics["extra_dev"] == {}
     for task in ("csv", "jsonl"):
-        assert 0 <= metrics["extra_dev"][task]["test"]["accuracy"] <= 1
+        assert 0 <= metrics["report"][task]["accuracy"] <= 1
     assert "--train-sizes names task mnli" in st("share", "--tasks", "csv,jsonl", *common, "--train-sizes", "mnli=3",
                                                 "--out", tmp_path / "x", ok=False)
     assert "positive whole number" in st("share", "--tasks", "csv,jsonl", *common, "--train-sizes", "csv=0",

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
 
 from st.errors import UserError
-from st.pipeline import resolve_defaults, run_finetune, spec_from_settings
+from st.pipeline import resolve_defaults, run_finetune
 from st.specs import DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig, run_spec
 from st.sweep import QUICK, plan
 from st.tickets import Ticket
@@ -33,10 +34,10 @@ def test_settings_keep_run_json_layout_and_read_back():
                               "dropout", "head_dropout", "ticket", "init", "model_weights", "train", "dev_size", "select_fraction"]
     assert settings["train"] == {"epochs": 1, "batch_size": 32, "lr": 1e-3, "warmup": 0.1, "weight_decay": 0.0, "clip": 1.0,
                                  "grad_accum": 1, "seed": 4, "precision": "bf16"}
-    assert spec_from_settings(json.loads(json.dumps(settings))) == spec
+    assert RunSpec.from_settings(json.loads(json.dumps(settings))) == spec
     # a run.json written before specs (it also held the device) still reads back
     old = {**settings, "train": {**settings["train"], "device": "cuda:1", "eval_batch_size": 128}, "ticket": "/old/ticket.json"}
-    assert spec_from_settings(old) == spec
+    assert RunSpec.from_settings(old) == spec
 
 
 def test_model_dependent_defaults_follow_the_model(tiny_bert_dir):
@@ -90,3 +91,33 @@ def test_a_run_is_its_model_weights_and_absolute_data(sentiment_dir, tmp_path, m
     write_tiny_bert(model, seed=1)  # the same shapes, other weights: another run
     with pytest.raises(UserError, match=r"holds a run made with model_weights='[0-9a-f]{64}', not '[0-9a-f]{64}'"):
         run_finetune(spec, tmp_path / "run")
+
+
+def test_folders_written_by_release_0_1_0_still_resume(tiny_bert_dir, sentiment_dir, tmp_path):
+    """tests/data/settings_0.1.0.json holds what the 0.1.0 code wrote to run.json (single-task runs, a
+    sweep's ticket run, a multi-task run) and sweep.json for the same tiny model and data: today's specs
+    write exactly that, so those folders resume, and each reads back into the spec that wrote it."""
+    from st.pipeline import weights_digest
+    from st.sweep import SweepConfig
+
+    text = (Path(__file__).parent / "data" / "settings_0.1.0.json").read_text()
+    for name, value in (("{MODEL}", tiny_bert_dir), ("{DATA}", sentiment_dir), ("{WEIGHTS}", weights_digest(tiny_bert_dir))):
+        text = text.replace(name, str(value))
+    old = json.loads(text)
+    ticket = Ticket(((0, 1, 1, 1), (1, 1, 1, 1)), (1, 0), 0.3, "winning", seed=2)
+    common = dict(model=str(tiny_bert_dir), data_dir=str(sentiment_dir))
+    plain = resolve_defaults(run_spec("csv", **common, epochs=1, batch_size=16))
+    options = resolve_defaults(run_spec("csv", **common, text_columns="sentence", label_column="label", epochs=2, grad_accum=2,
+                                        train_size=64, report_split="test", seed=3, precision="bf16", head_dropout=0.05))
+    sweep = SweepConfig.create(plain, ratios=(0.3, 0.5), kinds=("winning", "random"), control_ratios=(0.5,), seeds=2,
+                        held_out=HeldOut(0.5, 40))
+    shared = resolve_defaults(run_spec("csv", **common, epochs=1))
+    assert plain.settings() == old["finetune"] and options.settings() == old["finetune_options"]
+    assert sweep.settings() == old["sweep"] and sweep.seed_spec(1, ticket).settings() == old["sweep_ticket_run"]
+    assert {"tasks": {"csv": shared.settings()}, "tickets": {"csv": ticket.to_json()}} == old["share"]
+    for spec, key in ((plain, "finetune"), (options, "finetune_options"), (sweep.seed_spec(1, ticket), "sweep_ticket_run")):
+        assert RunSpec.from_settings(old[key]) == replace(spec, model=replace(spec.model, ticket=None))
+    # the folder itself: a run.json of 0.1.0 is this run's, so the same command resumes (here: starts) it
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps(old["finetune"]))
+    assert run_finetune(plain, tmp_path / "run")["best_epoch"] == 1

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 def config(model, data, *, seeds=2, ratios=(0.2, 0.5), kinds=("winning", "random", "losing"), epochs=2) -> SweepConfig:
     spec = RunSpec(DataSpec("csv", str(data)), ModelSpec(str(model), dropout=0.0, head_dropout=0.0),
                    TrainConfig(epochs=epochs, batch_size=8, lr=5e-3))
-    return SweepConfig(spec, ratios=ratios, kinds=kinds, seeds=seeds)
+    return SweepConfig.create(spec, ratios=ratios, kinds=kinds, seeds=seeds)
 
 
 def st(*args, ok: bool = True) -> str:

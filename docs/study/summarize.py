@@ -47,7 +47,8 @@ def collect(runs: Path) -> None:
         m = json.loads((folder / "metrics.json").read_text())
         for task in ([tuned] if tuned else MTL_TASKS):
             dev = m["dev"] if tuned else m["dev"][task]
-            test = m["report"] if tuned else m["extra_dev"][task]["test"]
+            # st share writes the report split under "report" (runs before that, under "extra_dev")
+            test = m["report"] if tuned else m.get("report", {}).get(task) or m["extra_dev"][task]["test"]
             rows.append({"method": method, "fine_tuned": bool(tuned), "seed": int(seed), "task": task,
                          "dev": dev, "test": test, **({} if tuned else {"percent_remaining": m["percent_remaining"]})})
     if rows:

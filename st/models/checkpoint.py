@@ -11,11 +11,10 @@ from pathlib import Path
 
 from st.errors import UserError
 from st.io import write_json, write_safetensors
+from st.layout import CONFIG, WEIGHTS
 from st.models.bert import Bert, BertConfig
 from st.models.heads import BertClassifier
 from st.models.weights import ST_FORMAT, read_config, read_tensors
-
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def save_checkpoint(folder: str | Path, model: BertClassifier, **meta) -> None:
@@ -26,20 +25,14 @@ def save_checkpoint(folder: str | Path, model: BertClassifier, **meta) -> None:
     write_json(folder / CONFIG, {"format": ST_FORMAT, "encoder": model.encoder.config.to_dict(), "head": head, **meta})
 
 
-def load_checkpoint(folder: str | Path) -> tuple[BertClassifier, dict]:
-    """(model, config.json contents) of a checkpoint written by `save_checkpoint`."""
+def load_checkpoint(folder: str | Path, config: dict | None = None) -> tuple[BertClassifier, dict]:
+    """(model, config.json contents) of a checkpoint written by `save_checkpoint`; `config`: its
+    config.json, when the caller has read it already."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"checkpoint folder {folder} does not exist; pass the --out folder of `st finetune`")
-    cfg = read_config(folder)
-    if cfg.get("format") != ST_FORMAT or "head" not in cfg:
-        raise UserError(f"{folder} is not an st fine-tuned checkpoint (its config.json lacks \"format\": \"st\"); run `st finetune` first")
-    try:
-        encoder = Bert(BertConfig.from_dict(cfg["encoder"]))
-        model = BertClassifier(encoder, cfg["head"]["num_labels"], cfg["head"]["dropout"])
-    except (KeyError, TypeError) as e:  # a hand-edited config.json
-        raise UserError(f"{folder}/config.json has a broken encoder or head entry ({type(e).__name__}: {e}); "
-                        "restore it from the run that made it") from None
+    encoder, num_labels, cfg = _read_checked(folder, config)
+    model = BertClassifier(Bert(encoder), num_labels, cfg["head"]["dropout"])
     tensors, source = read_tensors(folder)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -50,3 +43,21 @@ def load_checkpoint(folder: str | Path) -> tuple[BertClassifier, dict]:
         key = (missing or unexpected)[0]
         raise UserError(f"{source}: {'missing' if missing else 'unknown'} key {key!r}; the checkpoint does not match its config.json")
     return model, cfg
+
+
+def read_checkpoint_config(folder: str | Path) -> tuple[BertConfig, int]:
+    """(encoder config, number of labels) of a checkpoint, from its config.json alone."""
+    config, num_labels, _ = _read_checked(Path(folder))
+    return config, num_labels
+
+
+def _read_checked(folder: Path, cfg: dict | None = None) -> tuple[BertConfig, int, dict]:
+    cfg = read_config(folder) if cfg is None else cfg
+    if cfg.get("format") != ST_FORMAT or "head" not in cfg:
+        raise UserError(f"{folder} is not an st fine-tuned checkpoint (its config.json lacks \"format\": \"st\"); run `st finetune` first")
+    try:
+        cfg["head"]["dropout"]
+        return BertConfig.from_dict(cfg["encoder"]), cfg["head"]["num_labels"], cfg
+    except (KeyError, TypeError) as e:  # a hand-edited config.json
+        raise UserError(f"{folder}/config.json has a broken encoder or head entry ({type(e).__name__}: {e}); "
+                        "restore it from the run that made it") from None

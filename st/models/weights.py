@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from st.errors import UserError
+from st.layout import CONFIG, TORCH_WEIGHTS, WEIGHTS
 from st.models.bert import Bert, BertConfig
 from st.models.families import BERT, Family, family_of
 
@@ -39,7 +40,7 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A folder path, an alias such as `minilm-l6`, or a hub id found in the local HF cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
+        if not (path / CONFIG).exists():
             raise UserError(f"{path} has no config.json: point --model at a model folder (config.json + weights)")
         return path
     name = str(name_or_path)
@@ -69,7 +70,7 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
     ref = repo / "refs" / "main"
     if ref.exists():
         snapshot = repo / "snapshots" / ref.read_text().strip()
-        if (snapshot / "config.json").exists():
+        if (snapshot / CONFIG).exists():
             return snapshot
     snapshots = sorted((repo / "snapshots").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
     return snapshots[-1].parent if snapshots else None
@@ -79,7 +80,7 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
+    path = folder / CONFIG
     if not path.exists():
         raise UserError(f"{folder} has no config.json: point --model at a model folder (config.json + weights)")
     try:
@@ -122,7 +123,7 @@ def _apply_pruned_heads(config: BertConfig, pruned, where: Path) -> BertConfig:
 
 def read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """All tensors of model.safetensors (preferred) or pytorch_model.bin, and the file they came from."""
-    st_file, bin_file = folder / "model.safetensors", folder / "pytorch_model.bin"
+    st_file, bin_file = folder / WEIGHTS, folder / TORCH_WEIGHTS
     if st_file.exists():
         try:
             with safe_open(str(st_file), framework="pt") as f:

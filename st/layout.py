@@ -1,0 +1,77 @@
+"""Folder names and file formats: the one place that knows them. Torch-free, so that `st report`
+renders without loading torch; every module that reads or writes these files imports them from here.
+
+A model folder (ours or Hugging Face's):  config.json, model.safetensors (or pytorch_model.bin)
+A run folder (`st.runs`):                run.json, metrics.json (written last), .progress/, .lock
+A sweep folder (`st.sweep`):
+  sweep.json                          the settings that made it: a rerun with others is refused
+  seed{s}/full/                       the full model's run (r = 0), an `st finetune` folder
+  seed{s}/scores.json, scores.png     its importance scores
+  seed{s}/{kind}-r{ratio:.2f}/        ticket.json and run/, the rewound subnetwork's run
+  results.json                        every run, rewritten as each one finishes
+  report.md, phase.png, super_ticket.json   rendered from results.json by `st.report`
+A ticket file: `ticket_json` below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# ---- model and run folders ----
+WEIGHTS, TORCH_WEIGHTS, CONFIG = "model.safetensors", "pytorch_model.bin", "config.json"
+RUN_SETTINGS, METRICS, PROGRESS, STATE, BEST, LOCK = "run.json", "metrics.json", ".progress", "state.pt", "best", ".lock"
+
+# ---- sweep folders ----
+SWEEP_SETTINGS, RESULTS = "sweep.json", "results.json"
+REPORT, PLOT, SUPER_TICKET = "report.md", "phase.png", "super_ticket.json"
+SCORES, TICKET = "scores.json", "ticket.json"
+FULL = "full"  # the kind of the unpruned model's runs: r = 0 of every sweep
+
+
+def seed_dir(out: str | Path, seed: int) -> Path:
+    return Path(out) / f"seed{seed}"
+
+
+def run_name(kind: str, ratio: float) -> str:
+    return FULL if kind == FULL else f"{kind}-r{ratio:.2f}"
+
+
+def run_dir(out: str | Path, seed: int, kind: str, ratio: float) -> Path:
+    """The `st finetune` folder of one run of a sweep."""
+    folder = seed_dir(out, seed) / run_name(kind, ratio)
+    return folder if kind == FULL else folder / "run"
+
+
+def ticket_path(out: str | Path, seed: int, kind: str, ratio: float) -> Path:
+    return seed_dir(out, seed) / run_name(kind, ratio) / TICKET
+
+
+def scores_path(out: str | Path, seed: int) -> Path:
+    return seed_dir(out, seed) / SCORES
+
+
+def first_seed_scores(out: str | Path) -> Path | None:
+    """The scores of a sweep folder's first seed (seed2 before seed10), or None when it has none."""
+    found = sorted(Path(out).glob(f"seed*/{SCORES}"), key=lambda p: (len(p.parent.name), p.parent.name))
+    return found[0] if found else None
+
+
+# ---- ticket files ----
+# What a ticket file remembers of its model, to refuse it on another one.
+FINGERPRINT_KEYS = ("num_layers", "num_heads", "hidden_size", "intermediate_size", "vocab_size")
+
+
+def ticket_json(head_mask, ffn_mask, ratio: float, kind: str, seed: int, percent_remaining: dict | None,
+                model_fingerprint: dict | None) -> dict:
+    """A ticket file's contents; heads_pruned / ffn_pruned are written for readers (loading derives them)."""
+    return {"kind": kind, "ratio": ratio, "seed": seed,
+            "heads_pruned": sum(list(r).count(0) for r in head_mask), "ffn_pruned": list(ffn_mask).count(0),
+            "percent_remaining": percent_remaining, "model_fingerprint": model_fingerprint,
+            "head_mask": [list(r) for r in head_mask], "ffn_mask": list(ffn_mask)}
+
+
+def full_ticket_json(encoder: dict, seed: int) -> dict:
+    """The all-ones ticket of the model whose encoder config (a checkpoint's "encoder") is `encoder`."""
+    L, H0 = encoder["num_layers"], encoder["num_heads"]
+    return ticket_json([[1] * H0 for _ in range(L)], [1] * L, 0.0, FULL, seed, {"model": 100.0, "encoder": 100.0},
+                       {k: encoder[k] for k in FINGERPRINT_KEYS})
