@@ -32,7 +32,10 @@ $(TF5)/transformers-$(TF5_VERSION): | $(BIN)/st
 	$(BIN)/pip install -q --no-warn-conflicts --target $(TF5) transformers==$(TF5_VERSION)
 	touch $@
 
+# Formatting and lint first (pyproject.toml's [tool.ruff]): a quick failure before the long suite.
 test: $(BIN)/st $(TF5)/transformers-$(TF5_VERSION)
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
 	ST_TRANSFORMERS5=$(TF5) $(BIN)/python -m pytest
 
 bench: $(BIN)/st

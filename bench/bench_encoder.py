@@ -60,9 +60,16 @@ def roberta_like(folder: Path, out: Path) -> Path:
     import transformers
 
     bert = transformers.BertConfig.from_pretrained(str(folder))
-    config = transformers.RobertaConfig(vocab_size=bert.vocab_size, hidden_size=bert.hidden_size, num_hidden_layers=bert.num_hidden_layers,
-                                        num_attention_heads=bert.num_attention_heads, intermediate_size=bert.intermediate_size,
-                                        max_position_embeddings=bert.max_position_embeddings + 2, type_vocab_size=1, layer_norm_eps=1e-5)
+    config = transformers.RobertaConfig(
+        vocab_size=bert.vocab_size,
+        hidden_size=bert.hidden_size,
+        num_hidden_layers=bert.num_hidden_layers,
+        num_attention_heads=bert.num_attention_heads,
+        intermediate_size=bert.intermediate_size,
+        max_position_embeddings=bert.max_position_embeddings + 2,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+    )
     model = transformers.RobertaModel(config, add_pooling_layer=False)
     with torch.no_grad():  # fresh LayerNorms (γ = 1, β = 0) make the benchmark's loss, a sum over D, constant:
         for p in model.parameters():  # its head-mask gradients would be rounding noise
@@ -96,7 +103,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default="minilm-l6", help="folder, alias or cached hub id of a BERT checkpoint")
     p.add_argument("--only", choices=["forward", "train", "masked"], action="append", help="run only these workloads")
-    p.add_argument("--family", choices=["bert", "roberta"], default="bert", help="roberta: a random RoBERTa of the model's shape")
+    p.add_argument(
+        "--family", choices=["bert", "roberta"], default="bert", help="roberta: a random RoBERTa of the model's shape"
+    )
     args = p.parse_args(argv)
 
     import transformers
@@ -125,14 +134,21 @@ def main(argv=None) -> None:
 
     def loss(out):  # B,T,D -> scalar
         return (out * weight).sum()
-    print(f"{args.model} ({c.model_type}): L={L} D={c.hidden_size} H={H} | batch {B} x seq {args.seq}, {real.float().mean():.0%} real tokens "
-          f"| threads {torch.get_num_threads()} | torch {torch.__version__}, transformers {transformers.__version__}")
+
+    print(
+        f"{args.model} ({c.model_type}): L={L} D={c.hidden_size} H={H} | batch {B} x seq {args.seq}, "
+        f"{real.float().mean():.0%} real tokens "
+        f"| threads {torch.get_num_threads()} | torch {torch.__version__}, transformers {transformers.__version__}"
+    )
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
     # Same weights, same numbers: a benchmark of different computations would mean nothing.
     ours.eval(), hf["sdpa"].eval()
     with torch.no_grad():
-        diff = (ours(ids, types, mask) - hf["sdpa"](input_ids=ids, token_type_ids=hf_types, attention_mask=mask).last_hidden_state)[real]
+        diff = (
+            ours(ids, types, mask)
+            - hf["sdpa"](input_ids=ids, token_type_ids=hf_types, attention_mask=mask).last_hidden_state
+        )[real]
     print(f"parity: max |ours - HF sdpa| on real tokens = {diff.abs().max():.1e}")
 
     rows = []  # (workload, contender, (wall, cpu), reference (wall, cpu) or None)
@@ -146,6 +162,7 @@ def main(argv=None) -> None:
             def f():
                 with torch.no_grad():
                     run()
+
             return f
 
         t = race(
@@ -157,13 +174,18 @@ def main(argv=None) -> None:
             args.warmup,
             args.repeats,
         )
-        rows += [("forward", "ours", t["ours"], t["HF sdpa"]), ("forward", "HF sdpa", t["HF sdpa"], None),
-                 ("forward", "HF eager", t["HF eager"], None)]
+        rows += [
+            ("forward", "ours", t["ours"], t["HF sdpa"]),
+            ("forward", "HF sdpa", t["HF sdpa"], None),
+            ("forward", "HF eager", t["HF eager"], None),
+        ]
 
     if "train" in workloads:
         # Each model trains its own copy of the weights (a step moves them; parity was checked above).
-        opt = {"ours": torch.optim.Adamax(ours.parameters(), lr=5e-5),
-               "HF sdpa": torch.optim.Adamax(hf["sdpa"].parameters(), lr=5e-5)}
+        opt = {
+            "ours": torch.optim.Adamax(ours.parameters(), lr=5e-5),
+            "HF sdpa": torch.optim.Adamax(hf["sdpa"].parameters(), lr=5e-5),
+        }
         ours.train(), hf["sdpa"].train()
 
         def step(name, run):
@@ -171,12 +193,16 @@ def main(argv=None) -> None:
                 opt[name].zero_grad(set_to_none=True)
                 loss(run()).backward()
                 opt[name].step()
+
             return f
 
         t = race(
             {
                 "ours": step("ours", lambda: ours(ids, types, mask)),
-                "HF sdpa": step("HF sdpa", lambda: hf["sdpa"](input_ids=ids, token_type_ids=hf_types, attention_mask=mask).last_hidden_state),
+                "HF sdpa": step(
+                    "HF sdpa",
+                    lambda: hf["sdpa"](input_ids=ids, token_type_ids=hf_types, attention_mask=mask).last_hidden_state,
+                ),
             },
             args.warmup,
             args.repeats,
@@ -203,22 +229,37 @@ def main(argv=None) -> None:
         def hf_masked():  # HF-based scoring: one L×H gradient for the batch, weights' gradients too
             head_mask = torch.ones(L, H, requires_grad=True)
             hf_eager.zero_grad(set_to_none=True)
-            loss(hf_eager(input_ids=ids, token_type_ids=hf_types, attention_mask=mask, head_mask=head_mask).last_hidden_state).backward()
+            loss(
+                hf_eager(
+                    input_ids=ids, token_type_ids=hf_types, attention_mask=mask, head_mask=head_mask
+                ).last_hidden_state
+            ).backward()
             return head_mask.grad
 
         g_hf = hf_masked()
         for name, g in (("frozen", ours_importance()), ("not frozen", ours_like_hf())):
             rel = ((g.sum(0) - g_hf).abs().max() / g_hf.abs().max()).item()
-            print(f"parity: head-mask gradient (ours {name}, summed over the batch) vs HF eager: max rel diff {rel:.1e}")
+            print(
+                f"parity: head-mask gradient (ours {name}, summed over the batch) vs HF eager: max rel diff {rel:.1e}"
+            )
         names = {"imp": "ours, as st.importance", "like": "ours, weights' grads too", "hf": "HF eager (L×H mask)"}
-        t = race({names["imp"]: ours_importance, names["like"]: ours_like_hf, names["hf"]: hf_masked}, args.warmup, args.repeats)
-        rows += [("masked f+b", names["imp"], t[names["imp"]], t[names["hf"]]),
-                 ("masked f+b", names["like"], t[names["like"]], t[names["hf"]]),
-                 ("masked f+b", names["hf"], t[names["hf"]], None)]
+        t = race(
+            {names["imp"]: ours_importance, names["like"]: ours_like_hf, names["hf"]: hf_masked},
+            args.warmup,
+            args.repeats,
+        )
+        rows += [
+            ("masked f+b", names["imp"], t[names["imp"]], t[names["hf"]]),
+            ("masked f+b", names["like"], t[names["like"]], t[names["hf"]]),
+            ("masked f+b", names["hf"], t[names["hf"]], None),
+        ]
 
     print(f"load average at end:   {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print()
-    print(f"{'workload':<11} {'model':<26} {'wall ms':>8} {'ex/s':>6} {'cpu ms':>8} {'HF/ours wall':>13} {'cpu':>6} {'target':>7}")
+    print(
+        f"{'workload':<11} {'model':<26} {'wall ms':>8} {'ex/s':>6} {'cpu ms':>8} {'HF/ours wall':>13} "
+        f"{'cpu':>6} {'target':>7}"
+    )
     missed = []
     for i, (workload, name, (wall, cpu), ref) in enumerate(rows):
         line = f"{workload:<11} {name:<26} {wall * 1e3:8.0f} {B / wall:6.1f} {cpu * 1e3:8.0f}"

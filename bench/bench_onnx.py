@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
 from bench_pruning import flops  # noqa: E402  (the same FLOP count as the PyTorch benchmark)
+
 from st.importance import Scores  # noqa: E402
 from st.models import BertClassifier, load_pretrained  # noqa: E402
 from st.onnx_export import export_onnx, inference_session, require_onnx  # noqa: E402
@@ -62,7 +62,10 @@ def race(sessions: dict, feed: dict, warmup: int, repeats: int) -> tuple[dict[st
             session.run(["logits"], feed)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
-    return ({name: statistics.median(t) for name, t in wall.items()}, {name: statistics.median(t) for name, t in cpu.items()})
+    return (
+        {name: statistics.median(t) for name, t in wall.items()},
+        {name: statistics.median(t) for name, t in cpu.items()},
+    )
 
 
 def main():
@@ -72,7 +75,9 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=30, help="Round-robin rounds at batch 1.")
     p.add_argument("--repeats-batch", type=int, default=8, help="Round-robin rounds at the large batch.")
-    p.add_argument("--fuse-skip-layer-norm", action="store_true", help="ORT's default fusion, which st's sessions turn off.")
+    p.add_argument(
+        "--fuse-skip-layer-norm", action="store_true", help="ORT's default fusion, which st's sessions turn off."
+    )
     args = p.parse_args()
     require_onnx()
     import onnxruntime as ort
@@ -81,7 +86,9 @@ def main():
     dense = BertClassifier(load_pretrained("minilm-l6"), 2).eval()
     c = dense.encoder.config
     g = torch.Generator().manual_seed(0)
-    scores = Scores(torch.rand(c.num_layers, c.num_heads, generator=g), torch.rand(c.num_layers, generator=g), num_examples=1)
+    scores = Scores(
+        torch.rand(c.num_layers, c.num_heads, generator=g), torch.rand(c.num_layers, generator=g), num_examples=1
+    )
     models = {"dense": dense}
     for r in RATIOS:
         ticket = make_ticket(scores, r, config=c)
@@ -97,14 +104,24 @@ def main():
     batch_t, batch_cpu = race(sessions, pairs(args.batch, args.seq, c.vocab_size), warmup=1, repeats=args.repeats_batch)
 
     fusion = "on (ORT default)" if args.fuse_skip_layer_norm else "off (st.onnx_export.inference_session)"
-    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}, {args.threads} threads, SkipLayerNormFusion {fusion}; "
-          f"MiniLM-L6, sequence {args.seq}")
-    print(f"dense: latency {latency['dense'] * 1e3:.1f} ms (batch 1), throughput {args.batch / batch_t['dense']:.1f} ex/s "
-          f"(batch {args.batch}); largest |logit - st| of the exports {max(errors.values()):.1e}")
-    print("speed-up = dense time / pruned time, eff = speed-up / ideal; (cpu: the same from process-CPU time, less "
-          "sensitive to other processes)")
-    print(f"{'ticket':>7} {'params':>7} {'ideal':>6} | {'latency':>9} {'speed-up':>8} {'eff':>5} {'(cpu)':>5} | "
-          f"{'ex/s':>7} {'speed-up':>8} {'eff':>5} {'(cpu)':>5}")
+    print(
+        f"onnxruntime {ort.__version__}, torch {torch.__version__}, {args.threads} threads, "
+        f"SkipLayerNormFusion {fusion}; "
+        f"MiniLM-L6, sequence {args.seq}"
+    )
+    print(
+        f"dense: latency {latency['dense'] * 1e3:.1f} ms (batch 1), throughput "
+        f"{args.batch / batch_t['dense']:.1f} ex/s "
+        f"(batch {args.batch}); largest |logit - st| of the exports {max(errors.values()):.1e}"
+    )
+    print(
+        "speed-up = dense time / pruned time, eff = speed-up / ideal; (cpu: the same from process-CPU time, less "
+        "sensitive to other processes)"
+    )
+    print(
+        f"{'ticket':>7} {'params':>7} {'ideal':>6} | {'latency':>9} {'speed-up':>8} {'eff':>5} {'(cpu)':>5} | "
+        f"{'ex/s':>7} {'speed-up':>8} {'eff':>5} {'(cpu)':>5}"
+    )
     dense_flops, worst = flops(dense, args.seq), float("inf")
     for name, m in models.items():
         if name == "dense":
@@ -114,8 +131,11 @@ def main():
         up1, upb = latency["dense"] / latency[name], batch_t["dense"] / batch_t[name]
         cpu1, cpub = latency_cpu["dense"] / latency_cpu[name] / ideal, batch_cpu["dense"] / batch_cpu[name] / ideal
         worst = min(worst, up1 / ideal, upb / ideal)
-        print(f"{name:>7} {share:7.1%} {ideal:5.2f}x | {latency[name] * 1e3:6.1f} ms {up1:7.2f}x {up1 / ideal:5.2f} {cpu1:5.2f} | "
-              f"{args.batch / batch_t[name]:7.1f} {upb:7.2f}x {upb / ideal:5.2f} {cpub:5.2f}")
+        print(
+            f"{name:>7} {share:7.1%} {ideal:5.2f}x | {latency[name] * 1e3:6.1f} ms {up1:7.2f}x "
+            f"{up1 / ideal:5.2f} {cpu1:5.2f} | "
+            f"{args.batch / batch_t[name]:7.1f} {upb:7.2f}x {upb / ideal:5.2f} {cpub:5.2f}"
+        )
     print(f"worst efficiency {worst:.2f} (target >= 0.9) {'ok' if worst >= 0.9 else 'MISSED'}")
 
 

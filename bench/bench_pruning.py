@@ -26,8 +26,8 @@ from st.importance import Scores, compute_importance  # noqa: E402
 from st.models import BertClassifier, load_pretrained  # noqa: E402
 from st.models.heads import per_example_loss  # noqa: E402
 from st.prune import prune_classifier  # noqa: E402
-from st.tickets import make_ticket  # noqa: E402
 from st.specs import TrainConfig  # noqa: E402
+from st.tickets import make_ticket  # noqa: E402
 from st.train import make_optimizer  # noqa: E402
 
 
@@ -46,8 +46,12 @@ def flops(model: BertClassifier, T: int) -> float:
 
 def batch_of(vocab: int, B: int, T: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(1000, vocab, (B, T), generator=g), "token_type_ids": torch.zeros(B, T, dtype=torch.long),
-            "attention_mask": torch.ones(B, T, dtype=torch.long), "labels": torch.randint(0, 2, (B,), generator=g)}
+    return {
+        "input_ids": torch.randint(1000, vocab, (B, T), generator=g),
+        "token_type_ids": torch.zeros(B, T, dtype=torch.long),
+        "attention_mask": torch.ones(B, T, dtype=torch.long),
+        "labels": torch.randint(0, 2, (B,), generator=g),
+    }
 
 
 def train_step(model, optimizer, batch):
@@ -57,6 +61,7 @@ def train_step(model, optimizer, batch):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return run
 
 
@@ -66,6 +71,7 @@ def forward(model, batch):
     def run():
         with torch.no_grad():
             model(**inputs)
+
     return run
 
 
@@ -97,14 +103,21 @@ def main():
     # (a) scoring pass vs training step
     dense.train()
     optimizer = make_optimizer(dense, TrainConfig(lr=5e-5))
-    t = median_times({"train": train_step(dense, optimizer, batch), "score": lambda: compute_importance(dense, [batch])}, args.repeats)
+    t = median_times(
+        {"train": train_step(dense, optimizer, batch), "score": lambda: compute_importance(dense, [batch])},
+        args.repeats,
+    )
     ratio = t["score"] / t["train"]
-    print(f"(a) scoring pass {t['score'] * 1e3:.0f} ms vs training step {t['train'] * 1e3:.0f} ms: "
-          f"{ratio:.2f}x  (target <= 1.2x) {'ok' if ratio <= 1.2 else 'MISSED'}")
+    print(
+        f"(a) scoring pass {t['score'] * 1e3:.0f} ms vs training step {t['train'] * 1e3:.0f} ms: "
+        f"{ratio:.2f}x  (target <= 1.2x) {'ok' if ratio <= 1.2 else 'MISSED'}"
+    )
 
     # (b) pruned tickets vs dense
     g = torch.Generator().manual_seed(0)
-    scores = Scores(torch.rand(c.num_layers, c.num_heads, generator=g), torch.rand(c.num_layers, generator=g), num_examples=1)
+    scores = Scores(
+        torch.rand(c.num_layers, c.num_heads, generator=g), torch.rand(c.num_layers, generator=g), num_examples=1
+    )
     models = {"dense": dense}
     for r in (0.2, 0.4, 0.6):
         ticket = make_ticket(scores, r, config=c)
@@ -117,7 +130,10 @@ def main():
         m.eval()
     infer_t = median_times({name: forward(m, batch) for name, m in models.items()}, args.repeats)
 
-    print(f"(b) batch {args.batch} x {args.seq} tokens, {args.threads} threads; speed-up over dense (efficiency = speed-up / ideal)")
+    print(
+        f"(b) batch {args.batch} x {args.seq} tokens, {args.threads} threads; speed-up over dense (efficiency "
+        "= speed-up / ideal)"
+    )
     print(f"{'ticket':>8} {'params':>7} {'ideal':>6} {'infer':>6} {'eff':>5} {'train':>6} {'eff':>5}")
     dense_flops = flops(dense, args.seq)
     worst = 1.0
@@ -128,7 +144,10 @@ def main():
         infer, train = infer_t["dense"] / infer_t[name], train_t["dense"] / train_t[name]
         worst = min(worst, infer / ideal, train / ideal)
         share = sum(p.numel() for p in m.parameters()) / sum(p.numel() for p in dense.parameters())
-        print(f"{name:>8} {share:7.1%} {ideal:5.2f}x {infer:5.2f}x {infer / ideal:5.2f} {train:5.2f}x {train / ideal:5.2f}")
+        print(
+            f"{name:>8} {share:7.1%} {ideal:5.2f}x {infer:5.2f}x {infer / ideal:5.2f} {train:5.2f}x "
+            f"{train / ideal:5.2f}"
+        )
     print(f"worst efficiency {worst:.2f} (target >= 0.9) {'ok' if worst >= 0.9 else 'MISSED'}")
 
 

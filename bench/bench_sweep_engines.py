@@ -26,8 +26,11 @@ ENGINES = {"--jobs 2": ["--jobs", "2"], "--ray": ["--ray"]}
 def sweep(out: Path, engine: list[str]) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "cli.main", "sweep", "--quick", "--device", "cpu", "--out", str(out), *engine],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "cli.main", "sweep", "--quick", "--device", "cpu", "--out", str(out), *engine],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
@@ -49,7 +52,10 @@ def main():
             times[name].append(seconds)
             print(f"repeat {i + 1}: st sweep --quick {name}: {seconds:.1f} s", flush=True)
     pool, ray = (statistics.median(times[name]) for name in ENGINES)
-    print(f"median wall time: --jobs 2 {pool:.1f} s, --ray {ray:.1f} s; --ray / --jobs 2 = {ray / pool:.3f} (target <= 1.15)")
+    print(
+        f"median wall time: --jobs 2 {pool:.1f} s, --ray {ray:.1f} s; --ray / --jobs 2 = {ray / pool:.3f} "
+        "(target <= 1.15)"
+    )
     same = all(runs(args.out / f"jobs2-{i}") == runs(args.out / f"ray-{i}") for i in range(args.repeats))
     print(f"same per-run metrics from both engines: {same}")
     sys.exit(0 if same else 1)

@@ -15,7 +15,7 @@ from st.errors import UserError
 
 
 class CommaList(click.ParamType):
-    """"0.1,0.2,0.3" -> [0.1, 0.2, 0.3]: comma-separated values, each converted by `item`."""
+    """ "0.1,0.2,0.3" -> [0.1, 0.2, 0.3]: comma-separated values, each converted by `item`."""
 
     name = "list"
 
@@ -28,7 +28,9 @@ class CommaList(click.ParamType):
         try:
             return [self.item(v.strip()) for v in value.split(",") if v.strip()]
         except ValueError:
-            raise UserError(f"{param.opts[0]} takes comma-separated numbers, e.g. {self.example}; got {value!r}") from None
+            raise UserError(
+                f"{param.opts[0]} takes comma-separated numbers, e.g. {self.example}; got {value!r}"
+            ) from None
 
 
 NUMBERS = CommaList(float, "0.1,0.2,0.3")
@@ -36,14 +38,16 @@ NAMES = CommaList(str, "winning,random")
 
 
 class TaskNames(click.ParamType):
-    """"a,b,c" -> [a, b, c]; "glue" -> the nine GLUE tasks. A task listed twice is refused."""
+    """ "a,b,c" -> [a, b, c]; "glue" -> the nine GLUE tasks. A task listed twice is refused."""
 
     name = "tasks"
 
     def convert(self, value, param, ctx) -> list[str]:
         from st.tasks.glue import GLUE_TASKS
 
-        names = list(GLUE_TASKS) if value.strip().lower() == "glue" else [n.strip() for n in value.split(",") if n.strip()]
+        names = (
+            list(GLUE_TASKS) if value.strip().lower() == "glue" else [n.strip() for n in value.split(",") if n.strip()]
+        )
         if not names:
             raise UserError("--tasks is empty; pass comma-separated task names, or glue")
         twice = next((n for n in names if names.count(n) > 1), None)
@@ -85,8 +89,10 @@ def for_tasks(names: Sequence[str], values: Sequence[str], option: str) -> dict[
             raise UserError(f"{option} names task {unknown[0]}, which is not in --tasks ({', '.join(names)})")
     else:
         if len(values) != len(names):
-            raise UserError(f"{option} has {len(values)} paths for {len(names)} tasks; give one per task, "
-                            "in the order of --tasks, or TASK=PATH pairs")
+            raise UserError(
+                f"{option} has {len(values)} paths for {len(names)} tasks; give one per task, "
+                "in the order of --tasks, or TASK=PATH pairs"
+            )
         pairs = dict(zip(names, values))
     return pairs
 
@@ -98,8 +104,17 @@ def ratios_for_tasks(names: Sequence[str], ratios: Sequence[float]) -> dict[str,
     return dict(zip(names, list(ratios) * len(names) if len(ratios) == 1 else ratios))
 
 
-def sizes_for_tasks(pairs: dict[str, str]) -> dict[str, int]:
+def only_listed(names: Sequence[str], pairs: dict[str, str], option: str) -> dict[str, str]:
+    """The {task: value} pairs of a TASK=VALUE option, refused when one names a task not in --tasks."""
+    unknown = [name for name in pairs if name not in names]
+    if unknown:
+        raise UserError(f"{option} names task {unknown[0]}, which is not in --tasks")
+    return pairs
+
+
+def sizes_for_tasks(names: Sequence[str], pairs: dict[str, str]) -> dict[str, int]:
     """--train-sizes TASK=N pairs as {task: N}."""
+    only_listed(names, pairs, "--train-sizes")
     bad = next((f"{name}={n}" for name, n in pairs.items() if not n.strip().isdigit() or int(n) < 1), None)
     if bad:
         raise UserError(f"--train-sizes {bad}: N must be a positive whole number of training examples")

@@ -19,8 +19,14 @@ def training_progress(enabled: bool = True):
     if not enabled:
         yield None, None
         return
-    columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} steps/s"), TimeRemainingColumn())
+    columns = (
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} steps/s"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task("train", total=None, epoch=1, loss=float("nan"), rate=0.0)
         clock = {"start": time.perf_counter(), "epoch": 1}

@@ -15,7 +15,7 @@ from st.io import write_json, write_text
 from st.models.weights import ST_FORMAT, read_config, resolve_model_dir
 from st.multitask import is_multitask_dir
 from st.pipeline import run_finetune
-from st.report import adapt_markdown
+from st.report_mtl import adapt_markdown
 from st.select import stats
 from st.specs import RunSpec
 
@@ -31,8 +31,15 @@ def start_spec(base: RunSpec, source: str) -> RunSpec:
     return replace(base, model=replace(base.model, name=source, init=None))
 
 
-def run_adapt(base: RunSpec, sources: dict[str, str], fractions=FRACTIONS, seeds=(0,), out: str | Path = "adapt", *,
-              device: str = "cpu") -> dict:
+def run_adapt(
+    base: RunSpec,
+    sources: dict[str, str],
+    fractions=FRACTIONS,
+    seeds=(0,),
+    out: str | Path = "adapt",
+    *,
+    device: str = "cpu",
+) -> dict:
     """Every (source, fraction, seed) run; returns {"rows": [...], "table": {source: {fraction: stats}}}."""
     if not sources:
         raise UserError("pass at least one --from NAME=MODEL_OR_CHECKPOINT")
@@ -45,13 +52,27 @@ def run_adapt(base: RunSpec, sources: dict[str, str], fractions=FRACTIONS, seeds
         for fraction in fractions:
             for seed in seeds:
                 data = replace(start.data, train_fraction=None if fraction == 1 else fraction)
-                result = run_finetune(replace(start, data=data, seed=seed), out / name / f"fraction{fraction:g}-seed{seed}",
-                                      device=device)
-                rows.append({"source": name, "fraction": fraction, "seed": seed,
-                             "main_metric": result["main_metric"], "score": result["dev"][result["main_metric"]], "dev": result["dev"],
-                             "report": result.get("report")})
-    table = {name: {fraction: stats([r["score"] for r in rows if r["source"] == name and r["fraction"] == fraction])
-                    for fraction in fractions} for name in sources}
+                result = run_finetune(
+                    replace(start, data=data, seed=seed), out / name / f"fraction{fraction:g}-seed{seed}", device=device
+                )
+                rows.append(
+                    {
+                        "source": name,
+                        "fraction": fraction,
+                        "seed": seed,
+                        "main_metric": result["main_metric"],
+                        "score": result["dev"][result["main_metric"]],
+                        "dev": result["dev"],
+                        "report": result.get("report"),
+                    }
+                )
+    table = {
+        name: {
+            fraction: stats([r["score"] for r in rows if r["source"] == name and r["fraction"] == fraction])
+            for fraction in fractions
+        }
+        for name in sources
+    }
     result = {"task": base.data.task, "fractions": list(fractions), "seeds": list(seeds), "rows": rows, "table": table}
     write_json(out / "results.json", result)
     write_text(out / "report.md", adapt_markdown(result))

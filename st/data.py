@@ -27,7 +27,9 @@ class EncodedSet:
 
 def encode_examples(tokenizer: Tokenizer, examples: Sequence[Example], regression: bool) -> EncodedSet:
     pairs = any(e.text_b is not None for e in examples)
-    rows = tokenizer.encode_unpadded([e.text_a for e in examples], [e.text_b or "" for e in examples] if pairs else None)
+    rows = tokenizer.encode_unpadded(
+        [e.text_a for e in examples], [e.text_b or "" for e in examples] if pairs else None
+    )
     labelled = all(e.label is not None for e in examples)
     return EncodedSet(rows, [e.label for e in examples] if labelled else None, regression)
 

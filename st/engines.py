@@ -133,6 +133,7 @@ def _die_with(parent: int) -> None:
         PR_SET_PDEATHSIG = 1  # the kernel sends us SIGKILL when the process that started us exits
         armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0
     if not armed:  # elsewhere, a thread watches for the parent to go
+
         def watch():
             while os.getppid() == parent:
                 time.sleep(1)
@@ -255,8 +256,10 @@ def _reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as e:
-        raise UserError(f"no Ray cluster answers at {address} ({e.strerror or e}); start its head with "
-                        "`ray start --head`, or give --ray auto on a cluster node, or --ray alone for a local instance") from None
+        raise UserError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); start its head with "
+            "`ray start --head`, or give --ray auto on a cluster node, or --ray alone for a local instance"
+        ) from None
 
 
 class RayEngine:
@@ -278,8 +281,11 @@ class RayEngine:
         self.device = device or ("cuda" if have.get("GPU") else "cpu")
         if self.device.startswith("cuda") and (self.device != "cuda" or not have.get("GPU")):
             self.close()
-            raise UserError("--device cuda, but the Ray cluster has no GPU: use --device cpu, or add nodes with GPUs"
-                            if self.device == "cuda" else f"--device {self.device}: with --ray use --device cuda (Ray picks each run's GPU)")
+            raise UserError(
+                "--device cuda, but the Ray cluster has no GPU: use --device cpu, or add nodes with GPUs"
+                if self.device == "cuda"
+                else f"--device {self.device}: with --ray use --device cuda (Ray picks each run's GPU)"
+            )
         gpus = self.device == "cuda"
         resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": setup.threads}
         self.task = ray.remote(_call).options(max_retries=self.RETRIES, **resources)
@@ -291,13 +297,19 @@ class RayEngine:
             self.ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             # Ray sends its token only to clusters it found itself ("auto"), never to an explicit address
-            fix = ("start a cluster's head with `ray start --head`, or give --ray HOST:PORT of one, or --ray alone for a local instance"
-                   if address in ("local", "auto") else "if the cluster uses Ray's token authentication (the default), set "
-                   "RAY_AUTH_MODE=token here and give this machine the head's token (~/.ray/auth_token or RAY_AUTH_TOKEN)")
+            fix = (
+                "start a cluster's head with `ray start --head`, or give --ray HOST:PORT of one, or --ray "
+                "alone for a local instance"
+                if address in ("local", "auto")
+                else "if the cluster uses Ray's token authentication (the default), set "
+                "RAY_AUTH_MODE=token here and give this machine the head's token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            )
             raise UserError(f"could not start or join Ray at {address} ({str(e).splitlines()[0]}); {fix}") from None
         except SystemExit:  # Ray exits when a reachable address never answers as a Ray head
-            raise UserError(f"{address} answers, but not as a Ray cluster's head; check the address "
-                            "(`ray status` on the head prints it)") from None
+            raise UserError(
+                f"{address} answers, but not as a Ray cluster's head; check the address "
+                "(`ray status` on the head prints it)"
+            ) from None
         finally:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, sigterm)  # ray.init swaps in sys.exit; the caller's handler stops cleanly
@@ -335,8 +347,10 @@ def check_engine(jobs: int, ray: str | None) -> None:
             raise UserError(f"--jobs must be at least 1, got {jobs}")
         return
     if dist.is_distributed():
-        raise UserError("--ray runs every run as a Ray task from one process, while torchrun starts one sweep per rank: "
-                        "run `st sweep --ray` without torchrun (torchrun suits one run on many GPUs: st finetune, share, adapt)")
+        raise UserError(
+            "--ray runs every run as a Ray task from one process, while torchrun starts one sweep per rank: "
+            "run `st sweep --ray` without torchrun (torchrun suits one run on many GPUs: st finetune, share, adapt)"
+        )
     try:
         import ray as ray_module
     except ImportError:

@@ -12,18 +12,24 @@ from st.pipeline import checkpoint_spec, load_split
 from st.train import predict_set
 
 
-def evaluate_checkpoint(checkpoint, task_name, data_dir, split, predictions, batch_size, device, precision, *,
-                        overwrite: bool = False) -> dict:
+def evaluate_checkpoint(
+    checkpoint, task_name, data_dir, split, predictions, batch_size, device, precision, *, overwrite: bool = False
+) -> dict:
     """{split: metrics} for `split` ("dev", "test" or an exact split name); metrics are empty for
     unlabelled test splits, whose predictions go to `predictions` (one file per split). Existing
     prediction files are refused before any work, unless `overwrite` (and they are predictions)."""
     model, _, task, tokenizer = checkpoint_spec(checkpoint, task_name, data_dir)
     if model.num_labels != task.num_labels:
-        raise UserError(f"{checkpoint} has {model.num_labels} outputs but task {task.name} needs {task.num_labels}; pass the task it was fine-tuned on")
+        raise UserError(
+            f"{checkpoint} has {model.num_labels} outputs but task {task.name} needs {task.num_labels}; pass "
+            "the task it was fine-tuned on"
+        )
     trained = read_json(Path(checkpoint) / CONFIG).get("labels") or []
     if trained and list(task.labels) and list(trained) != list(task.labels):  # output i must mean the same label
-        raise UserError(f"{checkpoint} was trained with labels {trained} but task {task.name} has {list(task.labels)}; "
-                        "pass --labels in the checkpoint's order, or evaluate on the task it was fine-tuned on")
+        raise UserError(
+            f"{checkpoint} was trained with labels {trained} but task {task.name} has {list(task.labels)}; "
+            "pass --labels in the checkpoint's order, or evaluate on the task it was fine-tuned on"
+        )
     splits = {"dev": task.dev_splits, "test": task.test_splits}.get(split, (split,))
     paths = {}
     if predictions:

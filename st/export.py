@@ -125,21 +125,37 @@ def hf_config(model: BertClassifier, id2label=None, layout: str = "dense") -> di
     elif not isinstance(id2label, dict):
         id2label = dict(enumerate(id2label))
     if sorted(int(k) for k in id2label) != list(range(n)):
-        raise UserError(f"id2label has {len(id2label)} labels {sorted(id2label)}; the model has {n} outputs (0..{n - 1})")
+        raise UserError(
+            f"id2label has {len(id2label)} labels {sorted(id2label)}; the model has {n} outputs (0..{n - 1})"
+        )
     id2label = {int(k): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
-    cfg = {"architectures": [family.classifier_class], **family.config_fields(c), family.head_dropout_field: model.classifier.dropout.p}
+    cfg = {
+        "architectures": [family.classifier_class],
+        **family.config_fields(c),
+        family.head_dropout_field: model.classifier.dropout.p,
+    }
     if layout == "pruned-heads":
         pruned = {str(i): sorted(set(range(c.num_heads)) - set(c.layer_heads(i))) for i in range(c.num_layers)}
         # transformers 4.x prunes these heads again when it builds the model, then loads the smaller tensors.
         cfg["pruned_heads"] = {k: v for k, v in pruned.items() if v}
-    cfg.update(num_labels=n, id2label={str(k): v for k, v in id2label.items()}, label2id={v: k for k, v in id2label.items()})
+    cfg.update(
+        num_labels=n, id2label={str(k): v for k, v in id2label.items()}, label2id={v: k for k, v in id2label.items()}
+    )
     if n == 1:
         cfg["problem_type"] = "regression"
     return cfg
 
 
-def export_hf(model: BertClassifier, folder: str | Path, id2label=None, *, layout: str = "dense",
-              head_mask=None, ffn_mask=None, tokenizer_from: str | Path | None = None) -> BertClassifier:
+def export_hf(
+    model: BertClassifier,
+    folder: str | Path,
+    id2label=None,
+    *,
+    layout: str = "dense",
+    head_mask=None,
+    ffn_mask=None,
+    tokenizer_from: str | Path | None = None,
+) -> BertClassifier:
     """Write a folder the family's HF `...ForSequenceClassification.from_pretrained` loads; returns
     the model written (pruned first when masks are given).
 
@@ -165,11 +181,15 @@ def load_hf_classifier(folder: str | Path, remove_zeros: bool = False) -> tuple[
     raw, source = read_tensors(folder)
     missing = [k for k in family.head_table.values() if k not in raw] if family else ["config.json model_type"]
     if missing:
-        raise UserError(f"{folder} is not a Hugging Face sequence-classification folder (no {missing[0]}); "
-                        f"for st checkpoints use load_checkpoint")
+        raise UserError(
+            f"{folder} is not a Hugging Face sequence-classification folder (no {missing[0]}); "
+            f"for st checkpoints use load_checkpoint"
+        )
     top = {ours: raw[hf].float() for ours, hf in family.head_table.items()}  # pooler.*, classifier.*
     dropout = cfg.get(family.head_dropout_field)
-    model = BertClassifier(Bert(config), top["classifier.out.weight"].shape[0], config.hidden_dropout if dropout is None else dropout)
+    model = BertClassifier(
+        Bert(config), top["classifier.out.weight"].shape[0], config.hidden_dropout if dropout is None else dropout
+    )
     model.encoder.load_state_dict(encoder)
     for name, module in (("pooler.", model.pooler), ("classifier.", model.classifier)):
         module.load_state_dict({k.removeprefix(name): v for k, v in top.items() if k.startswith(name)})
@@ -200,12 +220,18 @@ def _refuse_existing(outputs: dict[str, str | Path]) -> None:
         is_file = option == "--onnx"
         if is_file and path.suffix != ".onnx":
             raise UserError(f"--onnx {path}: name the file *.onnx")
-        if (path.exists() if is_file else path.is_file() or (path.is_dir() and any(path.iterdir()))):
+        if path.exists() if is_file else path.is_file() or (path.is_dir() and any(path.iterdir())):
             raise UserError(f"{path} already exists and is kept ({option}); choose a new path or delete it first")
 
 
-def export_checkpoint(checkpoint: str | Path, ticket: Ticket | None = None, out: str | Path | None = None,
-                      hf_out: str | Path | None = None, onnx_out: str | Path | None = None, hf_layout: str = "dense") -> dict:
+def export_checkpoint(
+    checkpoint: str | Path,
+    ticket: Ticket | None = None,
+    out: str | Path | None = None,
+    hf_out: str | Path | None = None,
+    onnx_out: str | Path | None = None,
+    hf_layout: str = "dense",
+) -> dict:
     """`st export`: a fine-tuned checkpoint, pruned physically to `ticket` when given, as our folder
     (`out`), a Hugging Face folder (`hf_out`, in `hf_layout`) and/or an ONNX file (`onnx_out`).
 
@@ -237,5 +263,8 @@ def export_checkpoint(checkpoint: str | Path, ticket: Ticket | None = None, out:
         export_hf(small, hf_out, labels, layout=hf_layout, tokenizer_from=checkpoint)
     if onnx_out:
         export_onnx(small, onnx_out, labels)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     return {"parameters": count(small), "percent": 100.0 * count(small) / count(model)}

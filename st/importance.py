@@ -31,7 +31,6 @@ from st.models.bert import BertConfig
 from st.models.heads import BertClassifier, per_example_loss  # noqa: F401  (re-exported: the default loss)
 
 
-
 def fingerprint(config: BertConfig) -> dict:
     """What a score file or ticket remembers about its model, to refuse being applied to another."""
     return {k: getattr(config, k) for k in FINGERPRINT_KEYS}
@@ -41,11 +40,16 @@ def check_fingerprint(what: str, recorded: dict | None, config: BertConfig) -> N
     """Raise UserError when `recorded` (from a scores/ticket file) disagrees with `config`."""
     if not recorded:
         return
-    wrong = [f"{k} {recorded[k]} vs {getattr(config, k)}"
-             for k in FINGERPRINT_KEYS if k in recorded and recorded[k] != getattr(config, k)]
+    wrong = [
+        f"{k} {recorded[k]} vs {getattr(config, k)}"
+        for k in FINGERPRINT_KEYS
+        if k in recorded and recorded[k] != getattr(config, k)
+    ]
     if wrong:
-        raise UserError(f"{what} was made for a different model ({', '.join(wrong)}: file vs this model); "
-                        "compute the scores on this model")
+        raise UserError(
+            f"{what} was made for a different model ({', '.join(wrong)}: file vs this model); "
+            "compute the scores on this model"
+        )
 
 
 def _normalise(row: tuple[float, ...]) -> tuple[float, ...]:
@@ -80,8 +84,10 @@ class Scores:
             raise UserError(f"num_examples must be a positive integer, got {self.num_examples!r}")
         fp = dict(self.model_fingerprint or {})
         if fp.get("num_layers", L) != L or fp.get("num_heads", len(head_raw[0])) != len(head_raw[0]):
-            raise UserError(f"scores are {L}×{len(head_raw[0])} but model_fingerprint says "
-                            f"{fp.get('num_layers')}×{fp.get('num_heads')}")
+            raise UserError(
+                f"scores are {L}×{len(head_raw[0])} but model_fingerprint says "
+                f"{fp.get('num_layers')}×{fp.get('num_heads')}"
+            )
         object.__setattr__(self, "head_raw", head_raw)
         object.__setattr__(self, "ffn_raw", ffn_raw)
         object.__setattr__(self, "model_fingerprint", fp)
@@ -98,15 +104,22 @@ class Scores:
 
     def check_matches(self, config: BertConfig, source: str = "scores") -> None:
         if (config.num_layers, config.num_heads) != (self.num_layers, self.num_heads):
-            raise UserError(f"{source} have shape {self.num_layers}×{self.num_heads} for a model with "
-                            f"{config.num_layers}×{config.num_heads} (layers × heads)")
+            raise UserError(
+                f"{source} have shape {self.num_layers}×{self.num_heads} for a model with "
+                f"{config.num_layers}×{config.num_heads} (layers × heads)"
+            )
         check_fingerprint(source, self.model_fingerprint, config)
 
     def to_json(self) -> dict:
         # The normalised values are written for people reading the file; loading recomputes them from raw.
-        return {"num_examples": self.num_examples, "model_fingerprint": self.model_fingerprint,
-                "head": [list(r) for r in self.head], "ffn": list(self.ffn),
-                "head_raw": [list(r) for r in self.head_raw], "ffn_raw": list(self.ffn_raw)}
+        return {
+            "num_examples": self.num_examples,
+            "model_fingerprint": self.model_fingerprint,
+            "head": [list(r) for r in self.head],
+            "ffn": list(self.ffn),
+            "head_raw": [list(r) for r in self.head_raw],
+            "ffn_raw": list(self.ffn_raw),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "Scores":
@@ -196,8 +209,13 @@ def compute_importance(
             batch = {k: v.to(device) for k, v in batch.items()}
             head_mask = torch.ones(B, L, H0, dtype=dtype, device=device, requires_grad=True)
             ffn_mask = torch.ones(B, L, dtype=dtype, device=device, requires_grad=True)
-            logits = model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"),
-                           head_mask=head_mask, ffn_mask=ffn_mask)  # B,C
+            logits = model(
+                batch["input_ids"],
+                batch.get("token_type_ids"),
+                batch.get("attention_mask"),
+                head_mask=head_mask,
+                ffn_mask=ffn_mask,
+            )  # B,C
             # A SUM of per-example losses: then ∂loss/∂mask[b] = ∂L(x_b)/∂mask exactly (a mean would scale by 1/B).
             loss = loss_fn(logits.float(), batch["labels"]).sum()
             g_head, g_ffn = torch.autograd.grad(loss, [head_mask, ffn_mask])  # B,L,H0 and B,L
@@ -260,8 +278,10 @@ def task_importance(scores_by_task: dict[str, Scores]) -> dict:
     for name in names[1:]:
         s = scores_by_task[name]
         if (s.num_layers, s.num_heads) != (first.num_layers, first.num_heads):
-            raise UserError(f"scores of {name} are {s.num_layers}×{s.num_heads} but {names[0]}'s are "
-                            f"{first.num_layers}×{first.num_heads} (layers × heads); score all tasks on one model")
+            raise UserError(
+                f"scores of {name} are {s.num_layers}×{s.num_heads} but {names[0]}'s are "
+                f"{first.num_layers}×{first.num_heads} (layers × heads); score all tasks on one model"
+            )
     head = torch.tensor([scores_by_task[n].head for n in names], dtype=torch.float64)  # T,L,H
     ffn = torch.tensor([scores_by_task[n].ffn for n in names], dtype=torch.float64)  # T,L
     ffn = ffn / ffn.amax(1, keepdim=True).clamp_min(1e-300)  # each task's FFN scores on [0, 1]
@@ -271,9 +291,14 @@ def task_importance(scores_by_task: dict[str, Scores]) -> dict:
         return torch.where(total > 0, x / total.clamp_min(1e-300), torch.zeros_like(x))
 
     layer_head = head.sum(2)  # T,L: each task's summed head importance per layer
-    return {"tasks": names, "head_mean": head.mean(0).tolist(), "ffn_mean": ffn.mean(0).tolist(),
-            "head_share": shares(head).tolist(), "ffn_share": shares(ffn).tolist(),
-            "layer_head_share": shares(layer_head).tolist()}
+    return {
+        "tasks": names,
+        "head_mean": head.mean(0).tolist(),
+        "ffn_mean": ffn.mean(0).tolist(),
+        "head_share": shares(head).tolist(),
+        "ffn_share": shares(ffn).tolist(),
+        "layer_head_share": shares(layer_head).tolist(),
+    }
 
 
 def plot_task_importance(scores_by_task: dict[str, Scores], path: str | Path) -> dict:
@@ -281,10 +306,9 @@ def plot_task_importance(scores_by_task: dict[str, Scores], path: str | Path) ->
     summed head importance and of the FFN importance; beside them a heatmap of the mean normalised
     head importance over tasks (layers × heads) with the mean FFN importance. Returns the numbers
     (`task_importance`)."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from matplotlib import colormaps
 
     data = task_importance(scores_by_task)
     names = data["tasks"]
@@ -295,7 +319,10 @@ def plot_task_importance(scores_by_task: dict[str, Scores], path: str | Path) ->
     ax_hs, ax_fs, ax_hm, ax_fm = fig.subplots(1, 4, gridspec_kw={"width_ratios": [3, 3, H0, 1]})
     layers = list(range(L))
     colours = [colormaps["tab20"](i % 20) for i in range(len(names))]
-    for ax, key, title in ((ax_hs, "layer_head_share", "share of head importance"), (ax_fs, "ffn_share", "share of FFN importance")):
+    for ax, key, title in (
+        (ax_hs, "layer_head_share", "share of head importance"),
+        (ax_fs, "ffn_share", "share of FFN importance"),
+    ):
         left = [0.0] * L
         for t, name in enumerate(names):
             width = data[key][t]

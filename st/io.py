@@ -58,13 +58,16 @@ def read_json(path: str | Path):
 def strict_json(text: str):
     """JSON as the standard has it: NaN and Infinity (which Python's json reads and writes) are refused
     with a ValueError naming them. For inputs where such a value is always a mistake."""
+
     def refuse(name: str):
         raise ValueError(f"{name} is not valid JSON")
 
     return json.loads(text, parse_constant=refuse)
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     from safetensors.torch import save_file  # imported here: readers of JSON (`st report`) never load torch
 
     # safetensors refuses shared or non-contiguous storage: store plain contiguous copies.
@@ -109,12 +112,14 @@ def copy_file(source: str | Path, target: str | Path) -> None:
 
 def is_json_with(*keys: str) -> Callable[[Path], bool]:
     """A recogniser of our JSON outputs by their keys (scores have "head_raw", tickets "head_mask")."""
+
     def recognise(path: Path) -> bool:
         try:
             data = read_json(path)
         except (OSError, ValueError):
             return False
         return isinstance(data, dict) and all(k in data for k in keys)
+
     return recognise
 
 
@@ -125,28 +130,35 @@ def is_png(path: Path) -> bool:
 
 def starts_with(header: str) -> Callable[[Path], bool]:
     """A recogniser of text outputs by their first line (predictions start "index<TAB>prediction")."""
+
     def recognise(path: Path) -> bool:
         with open(path, "rb") as f:
             return f.readline().decode("utf-8", "replace").rstrip("\r\n") == header
+
     return recognise
 
 
-def check_output(path: str | Path, what: str, suffixes: tuple[str, ...], same_kind: Callable[[Path], bool],
-                 overwrite: bool = False) -> Path:
+def check_output(
+    path: str | Path, what: str, suffixes: tuple[str, ...], same_kind: Callable[[Path], bool], overwrite: bool = False
+) -> Path:
     """Refuse an output path before any work is done: a suffix that does not fit what is written, a
     folder, an existing file (unless `overwrite` and it is a previous output of the same kind), or a
     folder that cannot be written to. Returns the path."""
     path = Path(path)
     if path.suffix.lower() not in suffixes:
-        raise UserError(f"{path} does not end in {' or '.join(suffixes)}, but it would hold {what}; name it e.g. "
-                        f"{path.with_suffix(suffixes[0]).name}")
+        raise UserError(
+            f"{path} does not end in {' or '.join(suffixes)}, but it would hold {what}; name it e.g. "
+            f"{path.with_suffix(suffixes[0]).name}"
+        )
     if path.is_dir():
         raise UserError(f"{path} is a folder; give a file path for {what}")
     if path.exists():
         if not overwrite:
             raise UserError(f"{path} already exists; choose another path, or pass --overwrite to replace it")
         if not same_kind(path):
-            raise UserError(f"{path} exists and is not {what}; --overwrite only replaces a previous output of the same kind")
+            raise UserError(
+                f"{path} exists and is not {what}; --overwrite only replaces a previous output of the same kind"
+            )
     check_writable(path.parent)
     return path
 
@@ -159,4 +171,6 @@ def check_writable(folder: str | Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to {folder} ({e.strerror}); choose another output folder or fix its permissions") from None
+        raise UserError(
+            f"cannot write to {folder} ({e.strerror}); choose another output folder or fix its permissions"
+        ) from None

@@ -19,7 +19,14 @@ from pathlib import Path
 
 # ---- model and run folders ----
 WEIGHTS, TORCH_WEIGHTS, CONFIG = "model.safetensors", "pytorch_model.bin", "config.json"
-RUN_SETTINGS, METRICS, PROGRESS, STATE, BEST, LOCK = "run.json", "metrics.json", ".progress", "state.pt", "best", ".lock"
+RUN_SETTINGS, METRICS, PROGRESS, STATE, BEST, LOCK = (
+    "run.json",
+    "metrics.json",
+    ".progress",
+    "state.pt",
+    "best",
+    ".lock",
+)
 
 # ---- sweep folders ----
 SWEEP_SETTINGS, RESULTS = "sweep.json", "results.json"
@@ -61,17 +68,38 @@ def first_seed_scores(out: str | Path) -> Path | None:
 FINGERPRINT_KEYS = ("num_layers", "num_heads", "hidden_size", "intermediate_size", "vocab_size")
 
 
-def ticket_json(head_mask, ffn_mask, ratio: float, kind: str, seed: int, percent_remaining: dict | None,
-                model_fingerprint: dict | None) -> dict:
+def ticket_json(
+    head_mask,
+    ffn_mask,
+    ratio: float,
+    kind: str,
+    seed: int,
+    percent_remaining: dict | None,
+    model_fingerprint: dict | None,
+) -> dict:
     """A ticket file's contents; heads_pruned / ffn_pruned are written for readers (loading derives them)."""
-    return {"kind": kind, "ratio": ratio, "seed": seed,
-            "heads_pruned": sum(list(r).count(0) for r in head_mask), "ffn_pruned": list(ffn_mask).count(0),
-            "percent_remaining": percent_remaining, "model_fingerprint": model_fingerprint,
-            "head_mask": [list(r) for r in head_mask], "ffn_mask": list(ffn_mask)}
+    return {
+        "kind": kind,
+        "ratio": ratio,
+        "seed": seed,
+        "heads_pruned": sum(list(r).count(0) for r in head_mask),
+        "ffn_pruned": list(ffn_mask).count(0),
+        "percent_remaining": percent_remaining,
+        "model_fingerprint": model_fingerprint,
+        "head_mask": [list(r) for r in head_mask],
+        "ffn_mask": list(ffn_mask),
+    }
 
 
 def full_ticket_json(encoder: dict, seed: int) -> dict:
     """The all-ones ticket of the model whose encoder config (a checkpoint's "encoder") is `encoder`."""
     L, H0 = encoder["num_layers"], encoder["num_heads"]
-    return ticket_json([[1] * H0 for _ in range(L)], [1] * L, 0.0, FULL, seed, {"model": 100.0, "encoder": 100.0},
-                       {k: encoder[k] for k in FINGERPRINT_KEYS})
+    return ticket_json(
+        [[1] * H0 for _ in range(L)],
+        [1] * L,
+        0.0,
+        FULL,
+        seed,
+        {"model": 100.0, "encoder": 100.0},
+        {k: encoder[k] for k in FINGERPRINT_KEYS},
+    )

@@ -34,7 +34,6 @@ from st.tickets import Ticket, percent_remaining
 FORMAT = "st-multitask"
 
 
-
 class MultiTaskModel(nn.Module):
     """Shared encoder and pooler, one task head per task (MT-DNN)."""
 
@@ -47,7 +46,9 @@ class MultiTaskModel(nn.Module):
         for module in (self.pooler, self.heads):
             module.apply(lambda m: init_weights(m, encoder.config.initializer_range))
 
-    def forward(self, task: int, input_ids, token_type_ids=None, attention_mask=None, head_mask=None, ffn_mask=None) -> Tensor:
+    def forward(
+        self, task: int, input_ids, token_type_ids=None, attention_mask=None, head_mask=None, ffn_mask=None
+    ) -> Tensor:
         hidden = self.encoder(input_ids, token_type_ids, attention_mask, head_mask, ffn_mask)  # B,T,D
         return self.heads[task](self.pooler(hidden))  # B,num_labels
 
@@ -68,7 +69,9 @@ class TaskView(nn.Module):
     def training(self, value: bool) -> None:
         pass
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, *, through: nn.Module | None = None) -> Tensor:
+    def forward(
+        self, input_ids, token_type_ids=None, attention_mask=None, *, through: nn.Module | None = None
+    ) -> Tensor:
         """`through`: the module to call instead of the shared model, its DDP wrapper in training."""
         if self.head_mask is not None and self.head_mask.device != input_ids.device:
             self.head_mask = self.head_mask.to(input_ids.device)
@@ -85,14 +88,18 @@ def union_masks(tickets: Sequence[Ticket]) -> tuple[Tensor, Tensor]:
     return heads, ffn
 
 
-
 class MultiTask:
     """The multi-task model with its tasks' names, tickets and label names: one task's masks, view or
     single-task model, the weights remaining, and the folder format (`save` / `load`)."""
 
-
-    def __init__(self, model: MultiTaskModel, names: Sequence[str], tickets: Sequence[Ticket],
-                 tasks: Mapping[str, object] | None = None, labels: Mapping[str, Sequence[str]] | None = None):
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        names: Sequence[str],
+        tickets: Sequence[Ticket],
+        tasks: Mapping[str, object] | None = None,
+        labels: Mapping[str, Sequence[str]] | None = None,
+    ):
         if len(set(names)) != len(names):
             twice = next(n for n in names if list(names).count(n) > 1)
             raise UserError(f"task {twice} is listed twice; list each task once")
@@ -132,7 +139,9 @@ class MultiTask:
         encoder = prune_encoder(self.model.encoder, ticket.head_mask_tensor(), ticket.ffn_mask_tensor())
         head = self.model.heads[i]
         reference = next(self.model.parameters())
-        model = BertClassifier(encoder, head.out.out_features, head.dropout.p).to(device=reference.device, dtype=reference.dtype)
+        model = BertClassifier(encoder, head.out.out_features, head.dropout.p).to(
+            device=reference.device, dtype=reference.dtype
+        )
         model.pooler.load_state_dict(self.model.pooler.state_dict())
         model.classifier.load_state_dict(head.state_dict())
         return model.train(self.model.training)
@@ -141,26 +150,36 @@ class MultiTask:
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters of the union model and of the dense model it came from, counted from tensors."""
-        numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+
+        def numel(m):
+            return sum(p.numel() for p in m.parameters())
+
         with torch.device("meta"):
             dense = Bert(self.dense_config)
         shared_top = numel(self.model.pooler) + numel(self.model.heads)
-        return {"encoder": numel(self.model.encoder), "dense_encoder": numel(dense),
-                "model": numel(self.model), "dense_model": numel(dense) + shared_top}
+        return {
+            "encoder": numel(self.model.encoder),
+            "dense_encoder": numel(dense),
+            "model": numel(self.model),
+            "dense_model": numel(dense) + shared_top,
+        }
 
     def percent_remaining(self) -> dict[str, float]:
         n = self.parameter_counts()
         return {"encoder": 100.0 * n["encoder"] / n["dense_encoder"], "model": 100.0 * n["model"] / n["dense_model"]}
-
 
     def ticket_stats(self) -> dict[str, dict]:
         """Per task: heads and FFN blocks its ticket keeps, and the percent of the dense encoder that is."""
         stats = {}
         for name, ticket in zip(self.names, self.tickets):
             kept = percent_remaining(self.dense_config, ticket, self.model.heads[self.index(name)].out.out_features)
-            stats[name] = {"kind": ticket.kind, "ratio": ticket.ratio,
-                           "heads": ticket.num_layers * ticket.num_heads - ticket.heads_pruned,
-                           "ffn": ticket.num_layers - ticket.ffn_pruned, "percent_encoder": kept["encoder"]}
+            stats[name] = {
+                "kind": ticket.kind,
+                "ratio": ticket.ratio,
+                "heads": ticket.num_layers * ticket.num_heads - ticket.heads_pruned,
+                "ffn": ticket.num_layers - ticket.ffn_pruned,
+                "percent_encoder": kept["encoder"],
+            }
         return stats
 
     # -- files --
@@ -173,24 +192,41 @@ class MultiTask:
         for i, (name, ticket) in enumerate(zip(self.names, self.tickets)):
             ticket.save(folder / "tickets" / f"{name}.json")
             head = self.model.heads[i]
-            tasks.append({"name": name, "num_labels": head.out.out_features, "dropout": head.dropout.p,
-                          "labels": self.labels.get(name, []), "ticket": f"tickets/{name}.json"})
-        write_json(folder / CONFIG, {"format": FORMAT, "encoder": self.model.encoder.config.to_dict(), "tasks": tasks, **meta})
+            tasks.append(
+                {
+                    "name": name,
+                    "num_labels": head.out.out_features,
+                    "dropout": head.dropout.p,
+                    "labels": self.labels.get(name, []),
+                    "ticket": f"tickets/{name}.json",
+                }
+            )
+        write_json(
+            folder / CONFIG, {"format": FORMAT, "encoder": self.model.encoder.config.to_dict(), "tasks": tasks, **meta}
+        )
 
     @classmethod
-    def load(cls, folder: str | Path, tasks: Mapping[str, object] | None = None, config: dict | None = None) -> "MultiTask":
+    def load(
+        cls, folder: str | Path, tasks: Mapping[str, object] | None = None, config: dict | None = None
+    ) -> "MultiTask":
         """`config`: the folder's config.json, when the caller has read it already."""
         folder = Path(folder)
         cfg = read_mtl_config(folder) if config is None else config
         entries = cfg["tasks"]
-        model = MultiTaskModel(Bert(BertConfig.from_dict(cfg["encoder"])), [(e["num_labels"], e["dropout"]) for e in entries])
+        model = MultiTaskModel(
+            Bert(BertConfig.from_dict(cfg["encoder"])), [(e["num_labels"], e["dropout"]) for e in entries]
+        )
         tensors, source = read_tensors(folder)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             key = (missing or unexpected)[0]
-            raise UserError(f"{source}: {'missing' if missing else 'unknown'} key {key!r}; the model does not match its config.json")
+            raise UserError(
+                f"{source}: {'missing' if missing else 'unknown'} key {key!r}; the model does not match its config.json"
+            )
         tickets = [Ticket.load(folder / e["ticket"]) for e in entries]
-        return cls(model, [e["name"] for e in entries], tickets, tasks, {e["name"]: e.get("labels", []) for e in entries})
+        return cls(
+            model, [e["name"] for e in entries], tickets, tasks, {e["name"]: e.get("labels", []) for e in entries}
+        )
 
 
 def read_mtl_config(folder: str | Path) -> dict:
@@ -200,7 +236,9 @@ def read_mtl_config(folder: str | Path) -> dict:
         raise UserError(f"{folder} holds no multi-task model (no config.json); pass the --out folder of `st share`")
     cfg = read_json(path)
     if cfg.get("format") != FORMAT:
-        raise UserError(f"{folder} is not a multi-task model (its config.json lacks \"format\": \"{FORMAT}\"); run `st share` first")
+        raise UserError(
+            f'{folder} is not a multi-task model (its config.json lacks "format": "{FORMAT}"); run `st share` first'
+        )
     return cfg
 
 

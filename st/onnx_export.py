@@ -106,13 +106,23 @@ def export_onnx(model: BertClassifier, path: str | Path, id2label=None) -> float
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=model.encoder.config.max_tokens)
         axes = {name: {0: batch, 1: sequence} for name in INPUTS}
         with _quiet():
-            program = torch.onnx.export(wrapper, tuple(example[k] for k in INPUTS), dynamo=True, input_names=list(INPUTS),
-                                        output_names=["logits"], dynamic_shapes=axes, verbose=False)
+            program = torch.onnx.export(
+                wrapper,
+                tuple(example[k] for k in INPUTS),
+                dynamo=True,
+                input_names=list(INPUTS),
+                output_names=["logits"],
+                dynamic_shapes=axes,
+                verbose=False,
+            )
         with atomic_path(path) as tmp:
             program.save(str(tmp), external_data=False)
             proto = onnx.load(str(tmp))
-            meta = {"id2label": json.dumps({str(i): str(v) for i, v in enumerate(labels)}),
-                    "st_config": json.dumps(model.encoder.config.to_dict()), "producer": "st"}
+            meta = {
+                "id2label": json.dumps({str(i): str(v) for i, v in enumerate(labels)}),
+                "st_config": json.dumps(model.encoder.config.to_dict()),
+                "producer": "st",
+            }
             onnx.helper.set_model_props(proto, meta)
             onnx.save(proto, str(tmp))
             error = verify_onnx(tmp, model)  # a file that does not match st's logits is never kept
@@ -146,14 +156,19 @@ def verify_onnx(path: str | Path, model: BertClassifier) -> float:
 
     session = inference_session(path)
     error = 0.0
-    for batch in (example_batch(model.encoder.config, batch=4, length=19, seed=1), example_batch(model.encoder.config, batch=1, seed=2)):
+    for batch in (
+        example_batch(model.encoder.config, batch=4, length=19, seed=1),
+        example_batch(model.encoder.config, batch=1, seed=2),
+    ):
         with torch.no_grad():
             expected = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         (got,) = session.run(["logits"], {k: v.numpy() for k, v in batch.items()})
         error = max(error, (torch.from_numpy(got) - expected).abs().max().item())
     if not error <= TOLERANCE:
-        raise RuntimeError(f"the ONNX graph's logits differ from st's by {error:.2e} (> {TOLERANCE:g}) in onnxruntime "
-                           f"{ort.__version__}; nothing was written. Please report this with your torch and onnxruntime versions")
+        raise RuntimeError(
+            f"the ONNX graph's logits differ from st's by {error:.2e} (> {TOLERANCE:g}) in onnxruntime "
+            f"{ort.__version__}; nothing was written. Please report this with your torch and onnxruntime versions"
+        )
     return error
 
 

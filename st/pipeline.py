@@ -25,7 +25,7 @@ from st.multitask import FORMAT as MULTITASK_FORMAT
 from st.multitask import MultiTask
 from st.prune import prune_classifier
 from st.runs import RunFolder
-from st.specs import DEFAULT_MAX_LENGTH, ModelSpec, RunSpec
+from st.specs import DEFAULT_MAX_LENGTH, DataSpec, ModelSpec, RunSpec
 from st.tasks import Example, Task, get_task
 from st.tasks.sampling import check_nonempty, subsample
 from st.tickets import Ticket, make_ticket, tickets_for_tasks
@@ -97,8 +97,10 @@ def check_fits(spec: RunSpec, tokenizer: Tokenizer, config: BertConfig) -> None:
     where, positions = model_dir(spec), config.max_tokens
     check_vocab(tokenizer, config.vocab_size, where)
     if spec.data.max_length > positions:
-        raise UserError(f"--max-length {spec.data.max_length} is more than the {positions} positions of the model in {where}; "
-                        f"pass --max-length {positions} or less")
+        raise UserError(
+            f"--max-length {spec.data.max_length} is more than the {positions} positions of the model in {where}; "
+            f"pass --max-length {positions} or less"
+        )
 
 
 def head_dropout(model: ModelSpec, task: Task) -> float:
@@ -144,14 +146,18 @@ def load_labelled(task: Task, tokenizer: Tokenizer, split: str) -> EncodedSet:
     """A split to report on (--report-split): it must have labels."""
     data = load_split(task, tokenizer, split)[1]
     if data.labels is None:
-        raise UserError(f"the {split} split of task {task.name} has no labels to report on; "
-                        f"drop --report-split or name a labelled split ({', '.join(task.dev_splits)})")
+        raise UserError(
+            f"the {split} split of task {task.name} has no labels to report on; "
+            f"drop --report-split or name a labelled split ({', '.join(task.dev_splits)})"
+        )
     return data
 
 
 def load_train(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> EncodedSet:
     examples = check_nonempty(task.load("train"), task, "train")
-    examples = subsample(examples, train_size=spec.data.train_size, train_fraction=spec.data.train_fraction, seed=spec.seed)
+    examples = subsample(
+        examples, train_size=spec.data.train_size, train_fraction=spec.data.train_fraction, seed=spec.seed
+    )
     return encode_examples(tokenizer, examples, regression=task.num_labels == 1)
 
 
@@ -182,8 +188,14 @@ def prepare_run(spec: RunSpec) -> tuple[Tokenizer, BertClassifier, RunInputs]:
     return tokenizer, model, prepare_inputs(spec, tokenizer, model.encoder.config, task)
 
 
-def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step: OnStep | None = None,
-                 on_epoch: OnEpoch | None = None) -> dict:
+def run_finetune(
+    spec: RunSpec,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    on_step: OnStep | None = None,
+    on_epoch: OnEpoch | None = None,
+) -> dict:
     """Fine-tune `spec` into `out`; a finished run is returned as it is, an interrupted one resumed."""
     spec = resolve_defaults(spec)
     run = RunFolder(out)
@@ -196,11 +208,26 @@ def run_finetune(spec: RunSpec, out: str | Path, *, device: str = "cpu", on_step
         copy_tokenizer(model_dir(spec), out)
     task = inputs.task
     meta = {"task": task.name, "labels": list(task.labels), "job": spec.settings()}
-    return finetune(model, inputs.train, inputs.select, task, spec.train, run, tokenizer.pad_id, seed=spec.seed,
-                    device=device, on_step=on_step, on_epoch=on_epoch, meta=meta, report=inputs.report)
+    return finetune(
+        model,
+        inputs.train,
+        inputs.select,
+        task,
+        spec.train,
+        run,
+        tokenizer.pad_id,
+        seed=spec.seed,
+        device=device,
+        on_step=on_step,
+        on_epoch=on_epoch,
+        meta=meta,
+        report=inputs.report,
+    )
 
 
-def dev_parts(n: int, seed: int, dev_size: int | None = None, select_fraction: float | None = None) -> tuple[list[int], list[int]]:
+def dev_parts(
+    n: int, seed: int, dev_size: int | None = None, select_fraction: float | None = None
+) -> tuple[list[int], list[int]]:
     """(selection, report) indices into a dev set of `n` examples: a seeded sample of `dev_size` of them
     (all when None or larger), then split with the same seed into `select_fraction` for selection and
     the rest for the report (no report part when `select_fraction` is None). Both lists are sorted."""
@@ -217,8 +244,10 @@ def dev_parts(n: int, seed: int, dev_size: int | None = None, select_fraction: f
     rng.shuffle(order)
     k = round(select_fraction * len(order))
     if not 0 < k < len(order):
-        raise UserError(f"{len(order)} dev examples cannot be split into a selection part of {select_fraction:g} and a "
-                        "report part with at least one example each; use a larger --dev-size or another --select-fraction")
+        raise UserError(
+            f"{len(order)} dev examples cannot be split into a selection part of {select_fraction:g} and a "
+            "report part with at least one example each; use a larger --dev-size or another --select-fraction"
+        )
     return sorted(order[:k]), sorted(order[k:])
 
 
@@ -242,23 +271,27 @@ def subset(data: EncodedSet, indices: list[int]) -> EncodedSet:
     return EncodedSet([data.rows[i] for i in indices], labels, data.regression)
 
 
-def checkpoint_spec(checkpoint: str | Path, task: str | None = None, data_dir: str | None = None
-                    ) -> tuple[BertClassifier, RunSpec, Task, Tokenizer]:
+def checkpoint_spec(
+    checkpoint: str | Path, task: str | None = None, data_dir: str | None = None
+) -> tuple[BertClassifier, RunSpec, Task, Tokenizer]:
     """A fine-tuned checkpoint with the spec that made it (another `task` or `data_dir` if given),
     its task and its tokenizer."""
     model, cfg = load_checkpoint(checkpoint)
     try:
         spec = RunSpec.from_settings(cfg["job"])
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # a hand-edited config.json
-        raise UserError(f"{checkpoint}/config.json has a broken \"job\" entry ({type(e).__name__}: {e}); "
-                        "restore it from the run's run.json") from None
+        raise UserError(
+            f'{checkpoint}/config.json has a broken "job" entry ({type(e).__name__}: {e}); '
+            "restore it from the run's run.json"
+        ) from None
     data = replace(spec.data, **{k: v for k, v in (("task", task), ("data_dir", data_dir)) if v is not None})
     spec = replace(spec, data=data, model=replace(spec.model, init=str(checkpoint)))
     return model, spec, build_task(spec.data), Tokenizer.from_dir(checkpoint, max_length=spec.data.max_length)
 
 
-def score_checkpoint(checkpoint: str | Path, *, num_examples: int | None = None, batch_size: int = 32,
-                     device: str = "cpu", seed: int = 0) -> Scores:
+def score_checkpoint(
+    checkpoint: str | Path, *, num_examples: int | None = None, batch_size: int = 32, device: str = "cpu", seed: int = 0
+) -> Scores:
     """Importance of every head and FFN block of a fine-tuned checkpoint over its training set
     (the examples it was fine-tuned on; `num_examples` samples fewer, with the seed)."""
     model, spec, task, tokenizer = checkpoint_spec(checkpoint)
@@ -273,8 +306,15 @@ def score_checkpoint(checkpoint: str | Path, *, num_examples: int | None = None,
     return compute_importance(model, batches, device=device)
 
 
-def ticket_from_scores(scores_path: Path, ratio: float, kind: str = "winning", seed: int = 0, *,
-                       checkpoint: str | Path | None = None, model: str | None = None) -> Ticket:
+def ticket_from_scores(
+    scores_path: Path,
+    ratio: float,
+    kind: str = "winning",
+    seed: int = 0,
+    *,
+    checkpoint: str | Path | None = None,
+    model: str | None = None,
+) -> Ticket:
     """`st prune`: the ticket at `ratio` from a scores file, checked against (and with the weights
     remaining counted on) the scored checkpoint or a pre-trained model, when one is given."""
     config, num_labels = None, 2
@@ -286,7 +326,9 @@ def ticket_from_scores(scores_path: Path, ratio: float, kind: str = "winning", s
     return make_ticket(Scores.load(scores_path), ratio, kind, seed, config=config, num_labels=num_labels)
 
 
-def share_tickets(paths: dict[str, str], model: str | None, ratios: dict[str, float] | None = None) -> dict[str, Ticket]:
+def share_tickets(
+    paths: dict[str, str], model: str | None, ratios: dict[str, float] | None = None
+) -> dict[str, Ticket]:
     """`st share --tickets`: each task's ticket from its file or folder (or, with `ratios`, made from
     its scores), checked against the pre-trained `model` (None: the default model)."""
     config = load_pretrained_parts(model or ModelSpec.name)[0]

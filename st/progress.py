@@ -14,7 +14,16 @@ class RunPrinter:
     """Prints one row per finished run, as runs finish: a table that grows down the terminal, in
     fixed-width columns so that rows printed minutes apart line up."""
 
-    COLUMNS = (("seed", 4), ("kind", 7), ("r", 4), ("% weights", 9), ("selection", 9), ("report", 7), ("epoch", 5), ("seconds", 7))
+    COLUMNS = (
+        ("seed", 4),
+        ("kind", 7),
+        ("r", 4),
+        ("% weights", 9),
+        ("selection", 9),
+        ("report", 7),
+        ("epoch", 5),
+        ("seconds", 7),
+    )
 
     def __init__(self, console, metric: str, ratios: list[float] | None = None, clock=time.monotonic):
         """`ratios`: every run the sweep plans, by its ratio (0 for the full model), to tell the time left."""
@@ -30,16 +39,36 @@ class RunPrinter:
         if not self.started:
             self.console.print(f"[bold]{self._line([name for name, _ in self.COLUMNS])}  ({self.metric} ×100)[/]")
             self.started = True
-        metric = lambda part: "—" if record[part] is None else fmt_value(record[part][self.metric])  # noqa: E731
+
+        def metric(part):
+            return "—" if record[part] is None else fmt_value(record[part][self.metric])
+
         percent = record["percent_remaining"]["model"] if record["percent_remaining"] else None
-        note = f"  [red]{escape(record['error'])}[/]" if record["error"] else ("  [dim]finished earlier[/]" if record.get("reused") else "")
+        note = (
+            f"  [red]{escape(record['error'])}[/]"
+            if record["error"]
+            else ("  [dim]finished earlier[/]" if record.get("reused") else "")
+        )
         self.done += 1
         self.work_left -= run_cost(record["ratio"])
         self.trained += 0.0 if record.get("reused") else run_cost(record["ratio"])
-        self.console.print(self._line([str(record["seed"]), record["kind"], f"{record['ratio']:g}", "—" if percent is None else f"{percent:.1f}",
-                                       metric("selection"), metric("report"), str(record["best_epoch"] or "—"),
-                                       "—" if record["seconds"] is None else f"{record['seconds']:.0f}"])
-                           + f"  [dim]{progress_note(self.done, self.total, self.clock() - self.begin, self.trained, self.work_left)}[/]" + note)
+        elapsed = self.clock() - self.begin
+        self.console.print(
+            self._line(
+                [
+                    str(record["seed"]),
+                    record["kind"],
+                    f"{record['ratio']:g}",
+                    "—" if percent is None else f"{percent:.1f}",
+                    metric("selection"),
+                    metric("report"),
+                    str(record["best_epoch"] or "—"),
+                    "—" if record["seconds"] is None else f"{record['seconds']:.0f}",
+                ]
+            )
+            + f"  [dim]{progress_note(self.done, self.total, elapsed, self.trained, self.work_left)}[/]"
+            + note
+        )
 
 
 def run_cost(ratio: float) -> float:
@@ -49,10 +78,17 @@ def run_cost(ratio: float) -> float:
 
 
 def progress_note(done: int, total: int | None, elapsed: float, trained: float, left: float) -> str:
-    """"3/7 runs, 1:02 elapsed, ~1:30 left". The time left is `left` work at the pace of the work
+    """ "3/7 runs, 1:02 elapsed, ~1:30 left". The time left is `left` work at the pace of the work
     `trained` in this call (both in full-run units, `run_cost`): runs finished earlier come back at
     once and say nothing about speed, and a ticket at a high ratio is quicker than the full model."""
-    clock = lambda s: f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}" if s >= 3600 else f"{int(s) // 60}:{int(s) % 60:02d}"  # noqa: E731
+
+    def clock(s):
+        return (
+            f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}"
+            if s >= 3600
+            else f"{int(s) // 60}:{int(s) % 60:02d}"
+        )
+
     text = f"{done}/{total} runs, {clock(elapsed)} elapsed" if total else f"{done} runs, {clock(elapsed)} elapsed"
     if total and trained and done < total:
         text += f", ~{clock(elapsed / trained * max(left, 0.0))} left"

@@ -21,7 +21,6 @@ from st.models.bert import Bert, BertConfig
 from st.models.heads import BertClassifier
 from st.models.weights import config_with_blocks, pruned_state
 
-
 # ---- masks -> config ----------------------------------------------------------------------------
 
 
@@ -37,7 +36,9 @@ def _check_masks(config: BertConfig, head_mask, ffn_mask) -> tuple[Tensor, Tenso
                 f"({L} layers × {H0} heads, in the pre-trained model's head indices)"
             )
         if not bool(((mask == 0) | (mask == 1)).all()):
-            raise UserError(f"{name} has values other than 0 and 1; only a binary mask (a ticket) can be pruned physically")
+            raise UserError(
+                f"{name} has values other than 0 and 1; only a binary mask (a ticket) can be pruned physically"
+            )
         masks.append(mask.bool())
     return masks[0], masks[1]
 

@@ -75,7 +75,9 @@ def _is_chosen(sel: Selection, kind: str, ratio: float, kinds: list[str]) -> boo
 def _chosen_name(sel: Selection) -> str:
     if sel.kind == FULL:
         return "the full model"
-    return f"the winning ticket at r = {sel.ratio:g}" + (f" ({sel.percent_remaining['model']:.1f}% of weights)" if sel.percent_remaining else "")
+    return f"the winning ticket at r = {sel.ratio:g}" + (
+        f" ({sel.percent_remaining['model']:.1f}% of weights)" if sel.percent_remaining else ""
+    )
 
 
 # ---- rich ------------------------------------------------------------------------------------------
@@ -101,23 +103,36 @@ def summary_lines(selection: Selection) -> list[str]:
     nothing is claimed: the spread between seeds is larger than most gains (a smoke test)."""
     sel = selection
     if max(c["n"] for c in sel.candidates) < 2:
-        return [f"one seed is a smoke test, not evidence: no super ticket is claimed (run --seeds 3 or more); "
-                f"on the selection part the best was {_chosen_name(sel)} ({sel.metric} {fmt(stats(list(sel.selection.values())))})",
-                *([f"{len(sel.failures)} run(s) failed"] if sel.failures else [])]
+        return [
+            f"one seed is a smoke test, not evidence: no super ticket is claimed (run --seeds 3 or more); "
+            f"on the selection part the best was {_chosen_name(sel)} ({sel.metric} "
+            f"{fmt(stats(list(sel.selection.values())))})",
+            *([f"{len(sel.failures)} run(s) failed"] if sel.failures else []),
+        ]
     if sel.kind == FULL:
-        lines = [f"super ticket: the full model ({sel.metric} {fmt(stats(list(sel.selection.values())))} on the selection part; "
-                 f"report part {fmt(stats(list(sel.report.values())))})"]
+        lines = [
+            f"super ticket: the full model ({sel.metric} {fmt(stats(list(sel.selection.values())))} on the "
+            "selection part; "
+            f"report part {fmt(stats(list(sel.report.values())))})"
+        ]
     else:
-        lines = [f"super ticket: {_chosen_name(sel)}, chosen on the selection part "
-                 f"({sel.metric} {fmt(stats(list(sel.selection.values())))} vs the full model's {fmt(stats(list(sel.full_selection.values())))})"]
+        lines = [
+            f"super ticket: {_chosen_name(sel)}, chosen on the selection part "
+            f"({sel.metric} {fmt(stats(list(sel.selection.values())))} vs the full model's "
+            f"{fmt(stats(list(sel.full_selection.values())))})"
+        ]
     if sel.kind != FULL:
-        lines.append(f"on the report part: {fmt(stats(list(sel.report.values())))} vs the full model's "
-                     f"{fmt(stats(list(sel.full_report.values())))}"
-                     + (f", gain {fmt_paired(sel.gain, sel.ci, sel.n_paired, sel.p_value)}" if sel.gain is not None else ""))
+        lines.append(
+            f"on the report part: {fmt(stats(list(sel.report.values())))} vs the full model's "
+            f"{fmt(stats(list(sel.full_report.values())))}"
+            + (f", gain {fmt_paired(sel.gain, sel.ci, sel.n_paired, sel.p_value)}" if sel.gain is not None else "")
+        )
     lines.append(sel.test_note)  # how the interval and p-value were computed, or why there are none
     if sel.failures:
-        lines.append(f"{len(sel.failures)} run(s) failed: " + "; ".join(
-            f"seed {r['seed']} {run_label(r)}: {r['error']}" for r in sel.failures))
+        lines.append(
+            f"{len(sel.failures)} run(s) failed: "
+            + "; ".join(f"seed {r['seed']} {run_label(r)}: {r['error']}" for r in sel.failures)
+        )
     return lines
 
 
@@ -136,7 +151,11 @@ def _md_table(doc: dict, selection: Selection, part: str) -> list[str]:
         for kind in kinds:
             text = fmt(cell(doc, kind, ratio, part), seeds)
             cells.append(f"**{text}**" if _is_chosen(selection, kind, ratio, kinds) and text != "—" else text)
-        lines.append(f"| {'0 (full)' if ratio == 0 else f'{ratio:g}'} | {'—' if percent is None else f'{percent:.1f}'} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {'0 (full)' if ratio == 0 else f'{ratio:g}'} | {'—' if percent is None else f'{percent:.1f}'} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return lines
 
 
@@ -146,41 +165,86 @@ def markdown(doc: dict, selection: Selection) -> str:
     dev = f"a sample of {s['dev_size']} dev examples" if s["dev_size"] else "the dev set"
     controls = s.get("control_ratios", s["ratios"])
     if s.get("report_split"):
-        held_out = (f"For each seed, {dev} chooses every run's epoch and the super ticket (the selection part); the "
-                    f"{s['report_split']} split, evaluated once per run on the chosen weights, is the report part. ")
+        held_out = (
+            f"For each seed, {dev} chooses every run's epoch and the super ticket (the selection part); the "
+            f"{s['report_split']} split, evaluated once per run on the chosen weights, is the report part. "
+        )
     else:
-        held_out = (f"For each seed, {dev} is split with the seed into a selection part ({s['select_fraction']:g} of it), which "
-                    "chooses every run's epoch and the super ticket, and a report part, used only for the numbers reported here. ")
+        held_out = (
+            f"For each seed, {dev} is split with the seed into a selection part ({s['select_fraction']:g} of "
+            "it), which "
+            "chooses every run's epoch and the super ticket, and a report part, used only for the numbers "
+            "reported here. "
+        )
     lines = [
         f"# Super tickets: {doc['task']} on {job['model']}",
         "",
         f"Seeds {', '.join(map(str, seeds))}; ratios {', '.join(f'{r:g}' for r in s['ratios'])}"
-        + (f" (random and losing tickets at {', '.join(f'{r:g}' for r in controls)})" if controls != s["ratios"] else "")
+        + (
+            f" (random and losing tickets at {', '.join(f'{r:g}' for r in controls)})"
+            if controls != s["ratios"]
+            else ""
+        )
         + f"; tickets {', '.join(s['kinds'])}; "
-        f"{job['train_size'] or 'all'} training examples, {job['train']['epochs']} epoch(s), batch {job['train']['batch_size']}, "
+        f"{job['train_size'] or 'all'} training examples, {job['train']['epochs']} epoch(s), batch "
+        f"{job['train']['batch_size']}, "
         f"lr {job['train']['lr']:g}, max length {job['max_length']}.",
-        held_out + f"Scores are {doc['main_metric']} ×100, mean ± standard deviation over seeds; r = 0 is the full model; "
+        held_out
+        + f"Scores are {doc['main_metric']} ×100, mean ± standard deviation over seeds; r = 0 is the full model; "
         "the super ticket is in bold. Its gain is the mean paired difference from the full model over seeds, "
         "with a 95% bootstrap confidence interval and a paired t-test's p-value.",
         "",
-        "## Phase transition: report part", "", *_md_table(doc, sel, "report"), "",
-        "## Phase transition: selection part", "", *_md_table(doc, sel, "selection"), "",
-        "## Super ticket", "",
-        *summary_lines(sel)[:3], "",
+        "## Phase transition: report part",
+        "",
+        *_md_table(doc, sel, "report"),
+        "",
+        "## Phase transition: selection part",
+        "",
+        *_md_table(doc, sel, "selection"),
+        "",
+        "## Super ticket",
+        "",
+        *summary_lines(sel)[:3],
+        "",
     ]
     if sel.kind != FULL:
-        lines += ["| seed | super ticket (selection) | full model (selection) | super ticket (report) | full model (report) | difference (report) |",
-                  "|---|---|---|---|---|---|"]
-        num = lambda d, k: fmt_value(d[k]) if k in d else "—"  # noqa: E731
+        lines += [
+            "| seed | super ticket (selection) | full model (selection) | super ticket (report) | full model "
+            "(report) | difference (report) |",
+            "|---|---|---|---|---|---|",
+        ]
+
+        def num(d, k):
+            return fmt_value(d[k]) if k in d else "—"
+
         for seed in seeds:
-            diff = fmt_value(sel.report[seed] - sel.full_report[seed], sign=True) if seed in sel.report and seed in sel.full_report else "—"
-            lines.append(f"| {seed} | {num(sel.selection, seed)} | {num(sel.full_selection, seed)} | {num(sel.report, seed)} | {num(sel.full_report, seed)} | {diff} |")
+            diff = (
+                fmt_value(sel.report[seed] - sel.full_report[seed], sign=True)
+                if seed in sel.report and seed in sel.full_report
+                else "—"
+            )
+            lines.append(
+                f"| {seed} | {num(sel.selection, seed)} | {num(sel.full_selection, seed)} | "
+                f"{num(sel.report, seed)} | {num(sel.full_report, seed)} | {diff} |"
+            )
         lines.append("")
-    name = lambda c: "full" if c["kind"] == FULL else f"r={c['ratio']:g}"  # noqa: E731
-    lines += ["Candidates by mean selection score: " + ", ".join(f"{name(c)} {fmt_value(c['mean'])}" for c in sel.candidates), ""]
+
+    def name(c):
+        return "full" if c["kind"] == FULL else f"r={c['ratio']:g}"
+
+    lines += [
+        "Candidates by mean selection score: " + ", ".join(f"{name(c)} {fmt_value(c['mean'])}" for c in sel.candidates),
+        "",
+    ]
     if sel.failures:
-        lines += ["## Failed runs", "", *(f"- seed {r['seed']}, {run_label(r)}: `{r['error']}`" for r in sel.failures), "",
-                  "Rerun the same `st sweep` command to retry them; finished runs are kept.", ""]
+        lines += [
+            "## Failed runs",
+            "",
+            *(f"- seed {r['seed']}, {run_label(r)}: `{r['error']}`" for r in sel.failures),
+            "",
+            "Rerun the same `st sweep` command to retry them; finished runs are kept.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -202,7 +266,9 @@ def plot_phase(doc: dict, selection: Selection, path: str | Path) -> None:
         if full["mean"] is not None:
             ax.axhline(100 * full["mean"], color="black", linestyle="--", linewidth=1, label="full model")
             if full["std"] is not None:
-                ax.axhspan(100 * (full["mean"] - full["std"]), 100 * (full["mean"] + full["std"]), color="black", alpha=0.06)
+                ax.axhspan(
+                    100 * (full["mean"] - full["std"]), 100 * (full["mean"] + full["std"]), color="black", alpha=0.06
+                )
         for kind in _kinds(doc):
             xs, ys, es = [], [], []
             for ratio, percent in points(doc):
@@ -211,15 +277,35 @@ def plot_phase(doc: dict, selection: Selection, path: str | Path) -> None:
                     xs.append(percent), ys.append(100 * c["mean"]), es.append(100 * (c["std"] or 0.0))
             if xs:
                 ax.plot(xs, ys, marker="o", markersize=4, color=COLOURS[kind], label=kind)
-                ax.fill_between(xs, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)], color=COLOURS[kind], alpha=0.15)
+                ax.fill_between(
+                    xs,
+                    [y - e for y, e in zip(ys, es)],
+                    [y + e for y, e in zip(ys, es)],
+                    color=COLOURS[kind],
+                    alpha=0.15,
+                )
         chosen = cell(doc, selection.kind, selection.ratio, part)
         if chosen["mean"] is not None and where.get(selection.ratio) is not None:
-            ax.plot([where[selection.ratio]], [100 * chosen["mean"]], marker="*", markersize=16, color="gold",
-                    markeredgecolor="black", linestyle="none", label="super ticket", zorder=5)
+            ax.plot(
+                [where[selection.ratio]],
+                [100 * chosen["mean"]],
+                marker="*",
+                markersize=16,
+                color="gold",
+                markeredgecolor="black",
+                linestyle="none",
+                label="super ticket",
+                zorder=5,
+            )
         split = doc["settings"].get("report_split")  # --report-split: all of dev chooses, that split reports
-        names = {"selection": "dev" if split else "selection part", "report": f"{split} split" if split else "report part"}
-        ax.set(title=names[part] + (" (chooses the ticket)" if part == "selection" else " (held out)"),
-               xlabel="% of weights remaining")
+        names = {
+            "selection": "dev" if split else "selection part",
+            "report": f"{split} split" if split else "report part",
+        }
+        ax.set(
+            title=names[part] + (" (chooses the ticket)" if part == "selection" else " (held out)"),
+            xlabel="% of weights remaining",
+        )
         ax.invert_xaxis()  # left to right: more and more pruned
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{doc['main_metric']} ×100")
@@ -245,92 +331,42 @@ def super_ticket(out: Path, doc: dict, selection: Selection) -> dict:
         files = {}
     else:
         ticket = _read(ticket_path(out, seed, sel.kind, sel.ratio), "ticket")
-        note = f"the winning ticket at r = {sel.ratio:g}; ticket of seed {seed} (each seed's scores give its own ticket)"
+        note = (
+            f"the winning ticket at r = {sel.ratio:g}; ticket of seed {seed} (each seed's scores give its own ticket)"
+        )
         files = {str(s): str(ticket_path(".", s, sel.kind, sel.ratio)) for s in sorted(sel.selection)}
-    part = lambda d: {"per_seed": {str(k): v for k, v in sorted(d.items())}, **stats(list(d.values()))}  # noqa: E731
-    return {**ticket, "task": doc["task"], "note": note, "metric": sel.metric,
-            "chosen_on": "the selection part of dev; numbers under report are from the held-out "
-                         + (f"{doc['settings']['report_split']} split" if doc["settings"].get("report_split") else "report part"),
-            "ticket_files": files, "selection": part(sel.selection), "report": part(sel.report),
-            "full_model": {"selection": part(sel.full_selection), "report": part(sel.full_report)},
-            "gain": sel.gain, "ci": sel.ci, "p_value": sel.p_value, "test": sel.test_note,
-            "candidates": sel.candidates}
+
+    def part(d):
+        return {"per_seed": {str(k): v for k, v in sorted(d.items())}, **stats(list(d.values()))}
+
+    return {
+        **ticket,
+        "task": doc["task"],
+        "note": note,
+        "metric": sel.metric,
+        "chosen_on": "the selection part of dev; numbers under report are from the held-out "
+        + (f"{doc['settings']['report_split']} split" if doc["settings"].get("report_split") else "report part"),
+        "ticket_files": files,
+        "selection": part(sel.selection),
+        "report": part(sel.report),
+        "full_model": {"selection": part(sel.full_selection), "report": part(sel.full_report)},
+        "gain": sel.gain,
+        "ci": sel.ci,
+        "p_value": sel.p_value,
+        "test": sel.test_note,
+        "candidates": sel.candidates,
+    }
 
 
 def _read(path: Path, what: str) -> dict:
     try:
         return read_json(path)
     except FileNotFoundError:
-        raise UserError(f"{what} {path}, named in results.json, is missing; rerun the same `st sweep` command to complete the folder") from None
+        raise UserError(
+            f"{what} {path}, named in results.json, is missing; rerun the same `st sweep` command to complete "
+            "the folder"
+        ) from None
     except ValueError as e:
-        raise UserError(f"{what} {path} is not valid JSON ({e}); delete it and rerun the same `st sweep` command") from None
-
-
-# ---- multi-task runs (`st share`) and domain adaptation (`st adapt`) -------------------------------
-
-
-def multitask_markdown(result: dict) -> str:
-    """report.md of a multi-task run: per-task dev metrics, the average, weights remaining."""
-    mode = "ticket sharing (Algorithm 1)" if result["tickets"] == "shared" else "MT-DNN, no tickets (every weight shared)"
-    n, pct = result["parameters"], result["percent_remaining"]
-    lines = [f"# Multi-task model: {', '.join(result['tasks'])}", "",
-             f"Mode: {mode}. Best epoch {result['best_epoch']} of {len(result['epochs'])} by the average main dev metric; scores ×100.", "",
-             "| task | main metric | dev | all dev metrics | ticket heads | ticket FFN | ticket % of encoder |",
-             "|---|---|---|---|---|---|---|"]
-    for name in result["tasks"]:
-        metrics, main, t = result["dev"][name], result["main_metric"][name], result["task_tickets"][name]
-        shown = ", ".join(f"{k} {fmt_value(v)}" for k, v in metrics.items())
-        lines.append(f"| {name} | {main} | {fmt_value(metrics[main])} | {shown} | {t['heads']} | {t['ffn']} | {t['percent_encoder']:.1f} |")
-    lines += [f"| **average** | | **{fmt_value(result['average'])}** | | | | |", ""]
-    undefined = [n for n in result["tasks"] if fmt_value(result["dev"][n][result["main_metric"][n]]) == "n/a"]
-    if undefined:
-        lines += [f"n/a: undefined (e.g. a correlation of constant predictions), counted as 0 in the average: "
-                  f"{', '.join(undefined)}.", ""]
-    extra = result.get("extra_dev") or {}
-    if extra:
-        first = result.get("dev_split") or {}
-        lines += ["Other held-out splits (further dev sets, --report-split), scored with the same weights (epochs are chosen on each task's first dev set"
-                  + (", " + ", ".join(f"{n}: {first[n]}" for n in extra if n in first) if first else "") + "):", "",
-                  "| task | split | main metric | score | all metrics |", "|---|---|---|---|---|"]
-        for name, splits in extra.items():
-            main = result["main_metric"][name]
-            for split, metrics in splits.items():
-                shown = ", ".join(f"{k} {fmt_value(v)}" for k, v in metrics.items())
-                lines.append(f"| {name} | {split} | {main} | {fmt_value(metrics.get(main))} | {shown} |")
-        lines.append("")
-    lines += [(f"Weights remaining (the union of the tickets, counted from the parameter tensors): encoder "
-               f"{n['encoder']:,} of {n['dense_encoder']:,} ({pct['encoder']:.1f}%), whole model with pooler and "
-               f"{len(result['tasks'])} task heads {n['model']:,} of {n['dense_model']:,} ({pct['model']:.1f}%)."), ""]
-    return "\n".join(lines)
-
-
-def multitask_table(result: dict) -> Table:
-    """A rich table of the same."""
-    pct = result["percent_remaining"]
-    table = Table("task", "main metric", "dev", "ticket % encoder",
-                  title=f"multi-task dev ({'ticket sharing' if result['tickets'] == 'shared' else 'MT-DNN'}), "
-                        f"{pct['encoder']:.1f}% of encoder weights remain")
-    for name in result["tasks"]:
-        main = result["main_metric"][name]
-        table.add_row(name, main, fmt_value(result["dev"][name][main]), f"{result['task_tickets'][name]['percent_encoder']:.1f}")
-        for split, metrics in (result.get("extra_dev") or {}).get(name, {}).items():
-            table.add_row(f"  {name} {split}", main, fmt_value(metrics.get(main)), "")
-    table.add_row("average", "", fmt_value(result["average"]), "")
-    return table
-
-
-def adapt_markdown(result: dict) -> str:
-    """report.md of `st adapt`: the main dev metric per starting model and training fraction."""
-    metric = result["rows"][0]["main_metric"]
-    header = ["| start | " + " | ".join(f"{f:.1%}" for f in result["fractions"]) + " |", "|" + "---|" * (len(result["fractions"]) + 1)]
-    lines = [f"# Domain adaptation on {result['task']}", "",
-             f"Dev {metric} ×100 (mean ± std over seeds {result['seeds']}) with a fraction of the training data.", "", *header]
-    for name, by_fraction in result["table"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(s) for s in by_fraction.values()) + " |")
-    if all(r.get("report") for r in result["rows"]):  # --report-split: the same runs on that split
-        lines += ["", f"The same runs' {metric} on the --report-split split, with the weights dev chose:", "", *header]
-        for name in result["table"]:
-            lines.append(f"| {name} | " + " | ".join(
-                fmt(stats([r["report"][metric] for r in result["rows"] if (r["source"], r["fraction"]) == (name, f)]))
-                for f in result["fractions"]) + " |")
-    return "\n".join(lines) + "\n"
+        raise UserError(
+            f"{what} {path} is not valid JSON ({e}); delete it and rerun the same `st sweep` command"
+        ) from None

@@ -28,7 +28,6 @@ from st.layout import BEST, CONFIG, LOCK, METRICS, PROGRESS, RUN_SETTINGS, STATE
 log = logging.getLogger("st")
 
 
-
 def flatten(d: dict, prefix: str = "") -> dict:
     """{"train": {"lr": 1}} -> {"train.lr": 1}, so a refusal names the one setting that differs."""
     flat = {}
@@ -55,8 +54,10 @@ def check_settings(folder: Path, settings: dict, file: str = RUN_SETTINGS, what:
         previous, current = flatten(read_settings(folder, file)), flatten(settings)
         for key in sorted(set(previous) | set(current)):
             if previous.get(key) != current.get(key):
-                raise UserError(f"{folder} holds a {what} made with {key}={previous.get(key)!r}, not {current.get(key)!r}; "
-                                f"use another --out, or delete {folder} to start over")
+                raise UserError(
+                    f"{folder} holds a {what} made with {key}={previous.get(key)!r}, not {current.get(key)!r}; "
+                    f"use another --out, or delete {folder} to start over"
+                )
         found = True
     elif folder.exists() and any(p.name != LOCK for p in folder.iterdir()):
         raise UserError(f"{folder} is not empty and holds no st {what}; choose an empty or new --out folder")
@@ -69,10 +70,14 @@ def check_settings(folder: Path, settings: dict, file: str = RUN_SETTINGS, what:
 
 def guard_settings(folder: Path, settings: dict, file: str = RUN_SETTINGS, what: str = "run") -> bool:
     """`check_settings`, then record the settings in a new folder (rank 0). Call it once every input
-    is checked, so that a failed check leaves no folder behind that refuses the corrected rerun."""
-    found = check_settings(folder, settings, file, what)
-    if not found and dist.is_main():
-        write_json(folder / file, settings)
+    is checked, so that a failed check leaves no folder behind that refuses the corrected rerun.
+    Under torchrun only rank 0 checks again and writes (every rank ran the read-only check before):
+    another rank's check would race rank 0's write and see its temporary file."""
+    found = False
+    if dist.is_main():
+        found = check_settings(folder, settings, file, what)
+        if not found:
+            write_json(folder / file, settings)
     dist.barrier()
     return found
 
@@ -93,8 +98,9 @@ def lock_folder(folder: Path):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise UserError(f"{folder} is being written by process {holder}; wait for it to finish or stop it, "
-                        "or choose another --out") from None
+        raise UserError(
+            f"{folder} is being written by process {holder}; wait for it to finish or stop it, or choose another --out"
+        ) from None
     except OSError as e:  # a file system without locks (some network mounts): run unguarded, say so
         log.warning("could not lock %s (%s); make sure no other process writes there", folder, e.strerror)
         handle.close()
@@ -137,8 +143,10 @@ class RunFolder:
         try:
             state = torch.load(self.state_path, map_location=device, weights_only=True)
         except Exception as e:  # truncated or corrupt: the pickle reader raises many kinds
-            raise UserError(f"{self.state_path} is unreadable ({type(e).__name__}); delete {self.path / PROGRESS} "
-                            "to restart this run from its first epoch") from None
+            raise UserError(
+                f"{self.state_path} is unreadable ({type(e).__name__}); delete {self.path / PROGRESS} "
+                "to restart this run from its first epoch"
+            ) from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -150,10 +158,17 @@ class RunFolder:
         """Rank 0 only (the caller checks): the state to resume from after this epoch."""
         import torch
 
-        write_torch(self.state_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "rng": torch.get_rng_state(), "history": history, "epoch": len(history),
-        })
+        write_torch(
+            self.state_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "epoch": len(history),
+            },
+        )
 
     # ---- finishing ----
 

@@ -28,8 +28,11 @@ from st.layout import FULL
 
 def stats(values: list[float]) -> dict:
     """Mean and sample standard deviation (None with fewer than two values)."""
-    return {"mean": float(np.mean(values)) if values else None,
-            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None, "n": len(values)}
+    return {
+        "mean": float(np.mean(values)) if values else None,
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        "n": len(values),
+    }
 
 
 def fmt_value(x: float | None, sign: bool = False) -> str:
@@ -68,7 +71,10 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     elif np.ptp(diffs) <= 1e-12:  # float noise around one value: the t statistic would be meaningless
         note = "every seed gave the same difference: the t-test is undefined and a bootstrap interval would be a point"
     else:
-        from scipy.stats import bootstrap, ttest_rel  # lazily: scipy costs a second to import and most callers never compare
+        from scipy.stats import (  # lazily: scipy costs a second to import and most callers never compare
+            bootstrap,
+            ttest_rel,
+        )
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -77,11 +83,19 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
             # and it warns or returns NaN on degenerate resamples; the percentile interval is always
             # defined and lies within the observed differences. A fixed rng: the same results give
             # the same interval, so re-rendering a report changes no byte.
-            ci = bootstrap((diffs,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES,
-                           method="percentile", rng=np.random.default_rng(0)).confidence_interval
+            ci = bootstrap(
+                (diffs,),
+                np.mean,
+                confidence_level=CONFIDENCE,
+                n_resamples=RESAMPLES,
+                method="percentile",
+                rng=np.random.default_rng(0),
+            ).confidence_interval
         result["ci"] = [float(ci.low), float(ci.high)]
-        note = (f"paired t-test over {len(diffs)} seeds (scipy.stats.ttest_rel, two-sided); {CONFIDENCE:.0%} CI: "
-                f"percentile bootstrap of the mean difference ({RESAMPLES} resamples)")
+        note = (
+            f"paired t-test over {len(diffs)} seeds (scipy.stats.ttest_rel, two-sided); {CONFIDENCE:.0%} CI: "
+            f"percentile bootstrap of the mean difference ({RESAMPLES} resamples)"
+        )
         if len(diffs) < 10:  # resampling a handful of values cannot reach past them: the interval is too narrow
             note += f"; from {len(diffs)} seeds it is optimistic, read it with the p-value"
     if dropped:
@@ -94,7 +108,8 @@ def fmt_paired(mean: float | None, ci: list[float] | None, n: int, p_value: floa
     5 seeds), p = 0.21" (×100, see fmt_value); only the mean where there is no interval or p-value."""
     text = f"{fmt_value(mean, sign=True)} points"
     if ci is not None:
-        text += f" ({CONFIDENCE:.0%} CI {fmt_value(ci[0], sign=True)} to {fmt_value(ci[1], sign=True)}, bootstrap over {n} seeds)"
+        low, high = fmt_value(ci[0], sign=True), fmt_value(ci[1], sign=True)
+        text += f" ({CONFIDENCE:.0%} CI {low} to {high}, bootstrap over {n} seeds)"
     return text + (f", p = {p_value:.3g}" if p_value is not None else "")
 
 
@@ -121,8 +136,11 @@ class Selection:
 
 
 def per_seed(records: list[dict], kind: str, ratio: float, part: str, metric: str) -> dict[int, float]:
-    return {r["seed"]: r[part][metric] for r in records
-            if r["kind"] == kind and r["ratio"] == ratio and r["error"] is None and r[part] is not None}
+    return {
+        r["seed"]: r[part][metric]
+        for r in records
+        if r["kind"] == kind and r["ratio"] == ratio and r["error"] is None and r[part] is not None
+    }
 
 
 def select_super_ticket(doc: dict) -> Selection:
@@ -134,22 +152,50 @@ def select_super_ticket(doc: dict) -> Selection:
     for kind, ratio in [(FULL, 0.0), *(("winning", r) for r in ratios)]:
         scores = per_seed(runs, kind, ratio, "selection", metric)
         if scores:
-            percent = next(r["percent_remaining"] for r in runs
-                           if r["kind"] == kind and r["ratio"] == ratio and r["error"] is None)
-            candidates.append({"kind": kind, "ratio": ratio, "percent_remaining": percent, **stats(list(scores.values()))})
+            percent = next(
+                r["percent_remaining"] for r in runs if r["kind"] == kind and r["ratio"] == ratio and r["error"] is None
+            )
+            candidates.append(
+                {"kind": kind, "ratio": ratio, "percent_remaining": percent, **stats(list(scores.values()))}
+            )
     failures = [r for r in runs if r["error"] is not None]
     if not candidates:
-        raise UserError("no run of the full model or of a winning ticket finished: nothing to choose from; "
-                        "see the errors in results.json and rerun to retry")
+        raise UserError(
+            "no run of the full model or of a winning ticket finished: nothing to choose from; "
+            "see the errors in results.json and rerun to retry"
+        )
     best = max(candidates, key=lambda c: c["mean"])  # max() keeps the first of equals: the full model, then low ratios
     candidates = sorted(candidates, key=lambda c: -c["mean"])
     kind, ratio = best["kind"], best["ratio"]
-    chosen_sel, chosen_rep = per_seed(runs, kind, ratio, "selection", metric), per_seed(runs, kind, ratio, "report", metric)
+    chosen_sel, chosen_rep = (
+        per_seed(runs, kind, ratio, "selection", metric),
+        per_seed(runs, kind, ratio, "report", metric),
+    )
     full_sel, full_rep = per_seed(runs, FULL, 0.0, "selection", metric), per_seed(runs, FULL, 0.0, "report", metric)
     if kind == FULL:  # nothing to compare: the full model against itself
-        compared = {"n": 0, "mean": None, "ci": None, "p_value": None,
-                    "note": "the full model scored best on the selection part: no pruned ticket beat it"}
+        compared = {
+            "n": 0,
+            "mean": None,
+            "ci": None,
+            "p_value": None,
+            "note": "the full model scored best on the selection part: no pruned ticket beat it",
+        }
     else:
         compared = paired(chosen_rep, full_rep)
-    return Selection(metric, kind, ratio, best["percent_remaining"], candidates, chosen_sel, chosen_rep, full_sel, full_rep,
-                     compared["mean"], compared["p_value"], compared["ci"], compared["n"], compared["note"], failures)
+    return Selection(
+        metric,
+        kind,
+        ratio,
+        best["percent_remaining"],
+        candidates,
+        chosen_sel,
+        chosen_rep,
+        full_sel,
+        full_rep,
+        compared["mean"],
+        compared["p_value"],
+        compared["ci"],
+        compared["n"],
+        compared["note"],
+        failures,
+    )

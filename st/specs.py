@@ -124,20 +124,43 @@ class RunSpec:
 # run.json's flat layout, as it has always been: (key, part of the spec, field); `train` nests
 # TrainConfig's fields and the seed, and the held-out split's fields follow at the top level.
 SETTINGS = (
-    ("task", "data", "task"), ("model", "model", "name"), ("data_dir", "data", "data_dir"),
-    ("task_options", "data", "task_options"), ("train_size", "data", "train_size"),
-    ("train_fraction", "data", "train_fraction"), ("max_length", "data", "max_length"),
-    ("dropout", "model", "dropout"), ("head_dropout", "model", "head_dropout"), ("ticket", "model", "ticket"),
-    ("init", "model", "init"), ("model_weights", "model", "weights"),
+    ("task", "data", "task"),
+    ("model", "model", "name"),
+    ("data_dir", "data", "data_dir"),
+    ("task_options", "data", "task_options"),
+    ("train_size", "data", "train_size"),
+    ("train_fraction", "data", "train_fraction"),
+    ("max_length", "data", "max_length"),
+    ("dropout", "model", "dropout"),
+    ("head_dropout", "model", "head_dropout"),
+    ("ticket", "model", "ticket"),
+    ("init", "model", "init"),
+    ("model_weights", "model", "weights"),
 )
 
 
-def run_spec(task: str, *, model: str | None = None, data_dir: str | None = None, text_columns: str | None = None,
-             label_column: str | None = None, labels: str | None = None, regression: bool | None = None,
-             train_size: int | None = None, train_fraction: float | None = None, max_length: int | None = None,
-             dropout: float | None = None, head_dropout: float | None = None, ticket: Ticket | None = None,
-             init: str | None = None, seed: int | None = None, report_split: str | None = None,
-             select_fraction: float | None = None, dev_size: int | None = None, **train) -> RunSpec:
+def run_spec(
+    task: str,
+    *,
+    model: str | None = None,
+    data_dir: str | None = None,
+    text_columns: str | None = None,
+    label_column: str | None = None,
+    labels: str | None = None,
+    regression: bool | None = None,
+    train_size: int | None = None,
+    train_fraction: float | None = None,
+    max_length: int | None = None,
+    dropout: float | None = None,
+    head_dropout: float | None = None,
+    ticket: Ticket | None = None,
+    init: str | None = None,
+    seed: int | None = None,
+    report_split: str | None = None,
+    select_fraction: float | None = None,
+    dev_size: int | None = None,
+    **train,
+) -> RunSpec:
     """A run from option values (`st finetune`'s options); None, an option not given, takes the default.
     `train`: TrainConfig's fields. text_columns ... regression are the csv/jsonl tasks' options."""
     numbers = {"train_fraction": train_fraction, "dropout": dropout, "head_dropout": head_dropout, **train}
@@ -146,17 +169,29 @@ def run_spec(task: str, *, model: str | None = None, data_dir: str | None = None
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if train_fraction is not None and not 0 < train_fraction <= 1:
         raise UserError(f"--train-fraction must be in (0, 1], got {train_fraction}")
-    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
-    options = tuple(given(text_columns=text_columns, label_column=label_column, labels=labels, regression=regression).items())
+
+    def given(**kw):
+        return {k: v for k, v in kw.items() if v is not None}
+
+    options = tuple(
+        given(text_columns=text_columns, label_column=label_column, labels=labels, regression=regression).items()
+    )
+
     # Paths are recorded absolute: a run's data and start are the same wherever its command ran from.
-    absolute = lambda path: None if path is None else str(Path(path).expanduser().resolve())  # noqa: E731
+    def absolute(path):
+        return None if path is None else str(Path(path).expanduser().resolve())
+
     data = DataSpec(task, absolute(data_dir), options, train_size, train_fraction, max_length)
-    model_spec = ModelSpec(**given(name=model, dropout=dropout), head_dropout=head_dropout, ticket=ticket, init=absolute(init))
+    model_spec = ModelSpec(
+        **given(name=model, dropout=dropout), head_dropout=head_dropout, ticket=ticket, init=absolute(init)
+    )
     if select_fraction is not None and not 0 < select_fraction < 1:
         raise UserError(f"--select-fraction must be in (0, 1), got {select_fraction}")
     if select_fraction is not None and report_split:
-        raise UserError("--select-fraction splits dev into a choosing and a reporting part, --report-split reports "
-                        "on another split: give one of them, not both")
+        raise UserError(
+            "--select-fraction splits dev into a choosing and a reporting part, --report-split reports "
+            "on another split: give one of them, not both"
+        )
     held_out = HeldOut(select_fraction, dev_size, report_split)
     held_out = None if held_out == HeldOut(None, None, None) else held_out  # all of dev chooses the epoch
     return RunSpec(data, model_spec, TrainConfig(**given(**train)), **given(seed=seed), held_out=held_out)

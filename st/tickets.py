@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 
 from st.errors import UserError
-from st.importance import Scores, check_fingerprint, fingerprint
+from st.importance import Scores, check_fingerprint
 from st.io import read_json, write_json
 from st.layout import SCORES, first_seed_scores, full_ticket_json, ticket_json
 from st.models.bert import Bert, BertConfig
@@ -98,14 +98,23 @@ class Ticket:
         """Raise UserError unless this ticket was made for a model shaped like `config`."""
         name = f"ticket {self.source}" if self.source else "ticket"
         if (self.num_layers, self.num_heads) != (config.num_layers, config.num_heads):
-            raise UserError(f"{name} has shape {self.num_layers}×{self.num_heads} for a model with "
-                            f"{config.num_layers}×{config.num_heads} (layers × heads); "
-                            "make the ticket from this model's scores")
+            raise UserError(
+                f"{name} has shape {self.num_layers}×{self.num_heads} for a model with "
+                f"{config.num_layers}×{config.num_heads} (layers × heads); "
+                "make the ticket from this model's scores"
+            )
         check_fingerprint(name, self.model_fingerprint, config)
 
     def to_json(self) -> dict:
-        return ticket_json(self.head_mask, self.ffn_mask, self.ratio, self.kind, self.seed, self.percent_remaining,
-                           self.model_fingerprint)
+        return ticket_json(
+            self.head_mask,
+            self.ffn_mask,
+            self.ratio,
+            self.kind,
+            self.seed,
+            self.percent_remaining,
+            self.model_fingerprint,
+        )
 
     @classmethod
     def from_json(cls, d: dict, source: str | None = None) -> "Ticket":
@@ -114,8 +123,16 @@ class Ticket:
         missing = [k for k in ("head_mask", "ffn_mask", "ratio", "kind") if k not in d]
         if missing:
             raise UserError(f"missing keys {missing}")
-        return cls(d["head_mask"], d["ffn_mask"], d["ratio"], d["kind"], d.get("seed", 0),
-                   d.get("percent_remaining"), d.get("model_fingerprint"), source)
+        return cls(
+            d["head_mask"],
+            d["ffn_mask"],
+            d["ratio"],
+            d["kind"],
+            d.get("seed", 0),
+            d.get("percent_remaining"),
+            d.get("model_fingerprint"),
+            source,
+        )
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_json())
@@ -156,8 +173,14 @@ def _prune_order(scores: Scores, kind: str, seed: int) -> tuple[list[tuple[int, 
     return heads, layers
 
 
-def make_ticket(scores: Scores, ratio: float, kind: str = "winning", seed: int = 0,
-                config: BertConfig | None = None, num_labels: int = 2) -> Ticket:
+def make_ticket(
+    scores: Scores,
+    ratio: float,
+    kind: str = "winning",
+    seed: int = 0,
+    config: BertConfig | None = None,
+    num_labels: int = 2,
+) -> Ticket:
     """The ticket pruning a fraction `ratio` of heads and FFN blocks; see the module docstring.
 
     With `config`, the scores are checked against it and percent_remaining is filled in.
@@ -187,8 +210,15 @@ def make_ticket(scores: Scores, ratio: float, kind: str = "winning", seed: int =
     for l in ffn_order[:n_ffn]:
         ffn_mask[l] = 0
 
-    ticket = Ticket(tuple(map(tuple, head_mask)), tuple(ffn_mask), float(ratio), kind, seed,
-                    None, dict(scores.model_fingerprint) or None)
+    ticket = Ticket(
+        tuple(map(tuple, head_mask)),
+        tuple(ffn_mask),
+        float(ratio),
+        kind,
+        seed,
+        None,
+        dict(scores.model_fingerprint) or None,
+    )
     if config is not None:
         ticket = replace(ticket, percent_remaining=percent_remaining(config, ticket, num_labels))
     return ticket
@@ -208,6 +238,7 @@ def percent_remaining(config: BertConfig, ticket: Ticket, num_labels: int = 2) -
     Counted from the parameter tensors the pruned model actually has, built on the meta device
     (shapes only, no memory), so the count can never disagree with what pruning produces.
     """
+
     def numel(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
@@ -215,8 +246,10 @@ def percent_remaining(config: BertConfig, ticket: Ticket, num_labels: int = 2) -
     with torch.device("meta"):
         dense = BertClassifier(Bert(config), num_labels)
         pruned = BertClassifier(Bert(small), num_labels)
-    return {"model": 100.0 * numel(pruned) / numel(dense),
-            "encoder": 100.0 * numel(pruned.encoder) / numel(dense.encoder)}
+    return {
+        "model": 100.0 * numel(pruned) / numel(dense),
+        "encoder": 100.0 * numel(pruned.encoder) / numel(dense.encoder),
+    }
 
 
 class Pruner:
@@ -225,20 +258,26 @@ class Pruner:
     def __init__(self, scores: Scores):
         self.scores = scores
 
-    def ticket(self, ratio: float, kind: str = "winning", seed: int = 0,
-               config: BertConfig | None = None, num_labels: int = 2) -> Ticket:
+    def ticket(
+        self, ratio: float, kind: str = "winning", seed: int = 0, config: BertConfig | None = None, num_labels: int = 2
+    ) -> Ticket:
         return make_ticket(self.scores, ratio, kind, seed, config, num_labels)
 
-    def tickets(self, ratios, kind: str = "winning", seed: int = 0,
-                config: BertConfig | None = None, num_labels: int = 2) -> list[Ticket]:
+    def tickets(
+        self, ratios, kind: str = "winning", seed: int = 0, config: BertConfig | None = None, num_labels: int = 2
+    ) -> list[Ticket]:
         return [self.ticket(r, kind, seed, config, num_labels) for r in ratios]
 
 
 # ---- tickets named by users: files, sweep folders, or scores and a ratio ---------------------------
 
 
-def tickets_for_tasks(paths: Mapping[str, Path], config: BertConfig, ratios: Mapping[str, float] | None = None,
-                      num_labels: Mapping[str, int] | None = None) -> dict[str, Ticket]:
+def tickets_for_tasks(
+    paths: Mapping[str, Path],
+    config: BertConfig,
+    ratios: Mapping[str, float] | None = None,
+    num_labels: Mapping[str, int] | None = None,
+) -> dict[str, Ticket]:
     """One ticket per task from `paths` ({task: path}).
 
     A path is a ticket JSON file (ticket.json, super_ticket.json) or a folder holding
@@ -255,7 +294,9 @@ def tickets_for_tasks(paths: Mapping[str, Path], config: BertConfig, ratios: Map
         else:
             scores = _load_scores(path, name)
             scores.check_matches(config, source=f"scores {path}")
-            ticket = make_ticket(scores, ratios[name], "winning", config=config, num_labels=(num_labels or {}).get(name, 2))
+            ticket = make_ticket(
+                scores, ratios[name], "winning", config=config, num_labels=(num_labels or {}).get(name, 2)
+            )
             ticket = replace(ticket, source=str(path))
         ticket.check_matches(config)
         tickets[name] = ticket
@@ -266,7 +307,10 @@ def _load_ticket(path: Path, task: str) -> Ticket:
     if path.is_dir():
         found = next((path / f for f in ("super_ticket.json", "ticket.json") if (path / f).is_file()), None)
         if found is None:
-            raise UserError(f"{path} holds neither super_ticket.json nor ticket.json; pass a ticket file or an `st sweep` folder for task {task}")
+            raise UserError(
+                f"{path} holds neither super_ticket.json nor ticket.json; pass a ticket file or an `st sweep` "
+                f"folder for task {task}"
+            )
         path = found
     if not path.exists():
         raise UserError(f"ticket {path} for task {task} does not exist")
@@ -289,8 +333,10 @@ def _load_scores(path: Path, task: str) -> Scores:
         first = first_seed_scores(path)
         path = path / SCORES if (path / SCORES).is_file() or first is None else first
     if not path.is_file():
-        raise UserError(f"--ratios makes tickets from importance scores: {path} does not exist (task {task}); "
-                        "pass scores.json from `st score` or a folder holding it")
+        raise UserError(
+            f"--ratios makes tickets from importance scores: {path} does not exist (task {task}); "
+            "pass scores.json from `st score` or a folder holding it"
+        )
     data = _read(path)
     if "head_raw" not in data:
         raise UserError(f"{path} is not a scores file (task {task}); with --ratios pass scores.json from `st score`")

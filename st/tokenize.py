@@ -20,8 +20,15 @@ from st.errors import UserError
 from st.io import copy_file
 
 # The files that make a tokenizer; checkpoints and exports carry copies so they need nothing else.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model",
-                   "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 Item = tuple[list[int], list[int]]  # (input_ids, token_type_ids) of one example, unpadded
 
@@ -95,7 +102,9 @@ class Tokenizer:
     def __init__(self, backend: Backend, pad_id: int, max_length: int):
         specials = backend.num_special_tokens_to_add(is_pair=True)
         if max_length < max(specials, 1):
-            raise UserError(f"max_length is {max_length}: it must be at least {specials} to fit a pair's special tokens")
+            raise UserError(
+                f"max_length is {max_length}: it must be at least {specials} to fit a pair's special tokens"
+            )
         self.backend, self.pad_id, self.max_length = backend, pad_id, max_length
         backend.no_padding()  # tokenizer.json may ask for fixed padding; we pad per batch in `collate`
         backend.enable_truncation(max_length, strategy="longest_first")
@@ -112,15 +121,20 @@ class Tokenizer:
             except Exception as e:  # the Rust side raises a bare Exception on a bad file
                 raise UserError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
             if not isinstance(backend.model, (models.WordPiece, models.BPE, models.Unigram)):
-                raise UserError(f"{folder / 'tokenizer.json'} has a {type(backend.model).__name__} model; "
-                                "st reads WordPiece, byte-level BPE and Unigram tokenizers")
+                raise UserError(
+                    f"{folder / 'tokenizer.json'} has a {type(backend.model).__name__} model; "
+                    "st reads WordPiece, byte-level BPE and Unigram tokenizers"
+                )
             _follow_config(backend, cfg)
             if "pad_token" not in cfg and backend.token_to_id(specials["pad"]) is None:
                 specials["pad"] = "<pad>"  # RoBERTa-style vocabularies without a tokenizer_config.json
         elif (folder / "vocab.txt").is_file():
             backend = _from_vocab(folder / "vocab.txt", cfg, specials)
         else:
-            raise UserError(f"{folder} has no tokenizer: expected tokenizer.json or vocab.txt (with an optional tokenizer_config.json)")
+            raise UserError(
+                f"{folder} has no tokenizer: expected tokenizer.json or vocab.txt (with an optional "
+                "tokenizer_config.json)"
+            )
         pad_id = backend.token_to_id(specials["pad"])
         if pad_id is None:
             raise UserError(f"the tokenizer in {folder} has no {specials['pad']} token to pad with")

@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -34,7 +34,9 @@ log = logging.getLogger("st")
 
 OnStep = Callable[[int, int, float], None]  # (step in this epoch, steps per epoch, loss)
 OnEpoch = Callable[[int, dict], None]  # (epoch, the metrics to show)
-Forward = Callable[[nn.Module, dict], torch.Tensor]  # (the module to call: the model or its DDP wrapper, batch) -> logits
+Forward = Callable[
+    [nn.Module, dict], torch.Tensor
+]  # (the module to call: the model or its DDP wrapper, batch) -> logits
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -60,7 +62,13 @@ def autocast(precision: str, device: str | torch.device):
 
 @torch.no_grad()
 def predict_set(
-    model: nn.Module, data: EncodedSet, pad_id: int, *, device: str = "cpu", precision: str = "fp32", batch_size: int = 128
+    model: nn.Module,
+    data: EncodedSet,
+    pad_id: int,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    batch_size: int = 128,
 ) -> list:
     """Predictions for every row of `data`, in order; under DDP each rank does a share, then all gather."""
     was_training = model.training
@@ -143,8 +151,13 @@ class TrainingStep:
     optimizer step (through the group's update) and zero_grad."""
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
-        *, find_unused: bool = False,
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        device: torch.device,
+        *,
+        find_unused: bool = False,
     ):
         self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, torch.device(device)
         # find_unused: a multi-task step leaves the other tasks' heads out of its graph
@@ -202,9 +215,16 @@ class Learner(Protocol):
 
 
 def train(
-    learner: Learner, run: RunFolder, cfg: TrainConfig, *, seed: int, device: torch.device,
-    finish: Callable[[dict], tuple[dict, dict[str, str]]], on_step: OnStep | None = None,
-    on_epoch: OnEpoch | None = None, shown: Callable[[dict], dict] = lambda record: record["dev"],
+    learner: Learner,
+    run: RunFolder,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    finish: Callable[[dict], tuple[dict, dict[str, str]]],
+    on_step: OnStep | None = None,
+    on_epoch: OnEpoch | None = None,
+    shown: Callable[[dict], dict] = lambda record: record["dev"],
 ) -> dict:
     """Train `learner` for cfg.epochs epochs into `run`, resuming from its progress: after every epoch
     evaluate, keep the best epoch's folder and save the progress. Then load the best epoch's weights,
@@ -256,8 +276,18 @@ class FineTuning:
 
     find_unused = False
 
-    def __init__(self, model: BertClassifier, data: EncodedSet, dev: EncodedSet, task: Task, cfg: TrainConfig,
-                 seed: int, pad_id: int, device: torch.device, meta: dict):
+    def __init__(
+        self,
+        model: BertClassifier,
+        data: EncodedSet,
+        dev: EncodedSet,
+        task: Task,
+        cfg: TrainConfig,
+        seed: int,
+        pad_id: int,
+        device: torch.device,
+        meta: dict,
+    ):
         self.model, self.data, self.dev, self.task, self.cfg = model, data, dev, task, cfg
         self.seed, self.pad_id, self.device, self.meta = seed, pad_id, device, meta
         self.steps = math.ceil(steps_per_epoch(data, cfg.batch_size) / cfg.grad_accum)
@@ -271,10 +301,15 @@ class FineTuning:
             yield Group(micro, f"epoch {epoch + 1}, step {i}")
 
     def evaluate(self) -> dict:
-        metrics = evaluate(self.model, self.dev, self.task, self.pad_id, device=self.device, precision=self.cfg.precision)
+        metrics = evaluate(
+            self.model, self.dev, self.task, self.pad_id, device=self.device, precision=self.cfg.precision
+        )
         elapsed = time.perf_counter() - self.started
-        return {"dev": metrics, "seconds": round(elapsed, 2),
-                "examples_per_second": round(self.seen * dist.world_size() / elapsed, 1)}
+        return {
+            "dev": metrics,
+            "seconds": round(elapsed, 2),
+            "examples_per_second": round(self.seen * dist.world_size() / elapsed, 1),
+        }
 
     def score(self, record: dict) -> float:
         return record["dev"][self.task.main_metric]
@@ -284,9 +319,20 @@ class FineTuning:
 
 
 def finetune(
-    model: BertClassifier, data: EncodedSet, dev: EncodedSet, task: Task, cfg: TrainConfig, run: RunFolder,
-    pad_id: int, *, seed: int = 0, device: str = "cpu", on_step: OnStep | None = None,
-    on_epoch: OnEpoch | None = None, meta: dict | None = None, report: EncodedSet | None = None,
+    model: BertClassifier,
+    data: EncodedSet,
+    dev: EncodedSet,
+    task: Task,
+    cfg: TrainConfig,
+    run: RunFolder,
+    pad_id: int,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    on_step: OnStep | None = None,
+    on_epoch: OnEpoch | None = None,
+    meta: dict | None = None,
+    report: EncodedSet | None = None,
 ) -> dict:
     """Fine-tune `model` on `data`, choosing the epoch by `task.main_metric` on `dev`, into `run`.
 
@@ -299,8 +345,13 @@ def finetune(
 
     def finish(fitted: dict) -> tuple[dict, dict]:
         best = fitted["best"]
-        result = {"task": task.name, "main_metric": task.main_metric, "best_epoch": best["epoch"], "dev": best["dev"],
-                  "epochs": fitted["history"]}
+        result = {
+            "task": task.name,
+            "main_metric": task.main_metric,
+            "best_epoch": best["epoch"],
+            "dev": best["dev"],
+            "epochs": fitted["history"],
+        }
         if report is not None:
             metrics = evaluate(model, report, task, pad_id, device=device, precision=cfg.precision)
             result.update(report=metrics, dev_examples=len(dev), report_examples=len(report))

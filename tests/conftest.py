@@ -12,11 +12,28 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was", "very", "plot", "acting"]
+WORDS = [
+    "good",
+    "great",
+    "fine",
+    "nice",
+    "bad",
+    "awful",
+    "poor",
+    "sad",
+    "the",
+    "movie",
+    "was",
+    "very",
+    "plot",
+    "acting",
+]
 POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
 
 
-def write_tiny_bert(folder: Path, num_layers: int = 2, num_heads: int = 4, hidden: int = 16, ffn: int = 32, seed: int = 0) -> Path:
+def write_tiny_bert(
+    folder: Path, num_layers: int = 2, num_heads: int = 4, hidden: int = 16, ffn: int = 32, seed: int = 0
+) -> Path:
     """A random BertModel saved by transformers itself: config.json, model.safetensors, vocab.txt."""
     from transformers import BertConfig, BertModel
 
@@ -24,8 +41,15 @@ def write_tiny_bert(folder: Path, num_layers: int = 2, num_heads: int = 4, hidde
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ","]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                        intermediate_size=ffn, max_position_embeddings=64, initializer_range=0.2)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=ffn,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+    )
     BertModel(config).save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -16,12 +16,20 @@ from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
 
 
 def test_adapt_from_pretrained_and_from_a_checkpoint(tiny_bert_dir, sentiment_dir, tmp_path):
-    base = RunSpec(DataSpec("csv", str(sentiment_dir)), ModelSpec(str(tiny_bert_dir), dropout=0.0, head_dropout=0.0),
-                   TrainConfig(epochs=1, batch_size=8, lr=5e-3))
+    base = RunSpec(
+        DataSpec("csv", str(sentiment_dir)),
+        ModelSpec(str(tiny_bert_dir), dropout=0.0, head_dropout=0.0),
+        TrainConfig(epochs=1, batch_size=8, lr=5e-3),
+    )
     source = run_finetune(replace(base, train=replace(base.train, epochs=4)), tmp_path / "source")
     assert source["dev"]["accuracy"] >= 0.8
-    result = run_adapt(base, {"pretrained": str(tiny_bert_dir), "finetuned": str(tmp_path / "source")},
-                       fractions=(0.1, 1.0), seeds=(0, 1), out=tmp_path / "adapt")
+    result = run_adapt(
+        base,
+        {"pretrained": str(tiny_bert_dir), "finetuned": str(tmp_path / "source")},
+        fractions=(0.1, 1.0),
+        seeds=(0, 1),
+        out=tmp_path / "adapt",
+    )
     assert len(result["rows"]) == 2 * 2 * 2
     runs = json.loads((tmp_path / "adapt" / "pretrained" / "fraction0.1-seed0" / "run.json").read_text())
     assert runs["train_fraction"] == 0.1 and runs["init"] is None
@@ -31,16 +39,44 @@ def test_adapt_from_pretrained_and_from_a_checkpoint(tiny_bert_dir, sentiment_di
     assert result["table"]["finetuned"][0.1]["mean"] > result["table"]["pretrained"][0.1]["mean"]
     report = (tmp_path / "adapt" / "report.md").read_text()
     assert "| finetuned |" in report and "10.0%" in report and "100.0%" in report
-    again = run_adapt(base, {"pretrained": str(tiny_bert_dir), "finetuned": str(tmp_path / "source")},
-                      fractions=(0.1, 1.0), seeds=(0, 1), out=tmp_path / "adapt")
+    again = run_adapt(
+        base,
+        {"pretrained": str(tiny_bert_dir), "finetuned": str(tmp_path / "source")},
+        fractions=(0.1, 1.0),
+        seeds=(0, 1),
+        out=tmp_path / "adapt",
+    )
     assert again["table"] == result["table"]  # finished runs are reused, not retrained
 
 
 def test_adapt_reports_the_test_split_beside_dev(tiny_bert_dir, sentiment_dir, tmp_path):
     out = tmp_path / "adapt"
-    result = CliRunner().invoke(cli, ["adapt", "--task", "csv", "--data-dir", str(sentiment_dir), "--model", str(tiny_bert_dir),
-                                      "--from", f"pretrained={tiny_bert_dir}", "--fractions", "0.5,1", "--epochs", "1",
-                                      "--batch-size", "8", "--report-split", "test", "--device", "cpu", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "adapt",
+            "--task",
+            "csv",
+            "--data-dir",
+            str(sentiment_dir),
+            "--model",
+            str(tiny_bert_dir),
+            "--from",
+            f"pretrained={tiny_bert_dir}",
+            "--fractions",
+            "0.5,1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--report-split",
+            "test",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["fraction"] for r in rows] == [0.5, 1.0] and all(0 <= r["report"]["accuracy"] <= 1 for r in rows)
@@ -49,17 +85,33 @@ def test_adapt_reports_the_test_split_beside_dev(tiny_bert_dir, sentiment_dir, t
     assert "on the --report-split split" in report and report.count("| pretrained |") == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--fractions", "0,1"], "(0, 1]"),
-    (["--fractions", "a"], "comma-separated"),
-    (["--from", "x"], "must be TASK=PATH"),
-    (["--from", "x={tmp}/nowhere"], "not a folder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fractions", "0,1"], "(0, 1]"),
+        (["--fractions", "a"], "comma-separated"),
+        (["--from", "x"], "must be TASK=PATH"),
+        (["--from", "x={tmp}/nowhere"], "not a folder"),
+    ],
+)
 def test_adapt_bad_input(args, message, tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     args = [a.format(tmp=tmp_path) for a in args]
-    result = CliRunner().invoke(cli, ["adapt", "--task", "csv", "--data-dir", str(sentiment_dir), "--model", str(tiny_bert_dir),
-                                      *args, "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "adapt",
+            "--task",
+            "csv",
+            "--data-dir",
+            str(sentiment_dir),
+            "--model",
+            str(tiny_bert_dir),
+            *args,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 

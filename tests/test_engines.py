@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cli.main import cli
 from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
-from st.sweep import SweepConfig, run_sweep
+from st.sweep import run_sweep
+from st.sweep_config import SweepConfig
 
 FAULTS = "ST_TEST_FAULTS"  # a folder, in Ray workers' environment: where the paused worker leaves its pid
 TARGET = "ray-killed/seed0/winning-r0.50/run"  # the run whose worker is killed after its first epoch
@@ -32,13 +32,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 
 def config(model, data, epochs: int = 2) -> SweepConfig:
-    spec = RunSpec(DataSpec("csv", str(data)), ModelSpec(str(model), dropout=0.0, head_dropout=0.0),
-                   TrainConfig(epochs=epochs, batch_size=8, lr=5e-3))
+    spec = RunSpec(
+        DataSpec("csv", str(data)),
+        ModelSpec(str(model), dropout=0.0, head_dropout=0.0),
+        TrainConfig(epochs=epochs, batch_size=8, lr=5e-3),
+    )
     return SweepConfig.create(spec, ratios=(0.3, 0.5), kinds=("winning", "random"), seeds=1)
 
 
 def metrics(doc: dict) -> dict:
-    return {(r["seed"], r["kind"], r["ratio"]): (r["selection"], r["report"], r["best_epoch"], r["error"]) for r in doc["runs"]}
+    return {
+        (r["seed"], r["kind"], r["ratio"]): (r["selection"], r["report"], r["best_epoch"], r["error"])
+        for r in doc["runs"]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +56,34 @@ def pool_doc(tiny_bert_dir, sentiment_dir, tmp_path_factory):
 
 
 def cli_args(model, data, out, *extra) -> list[str]:
-    return ["sweep", "--task", "csv", "--data-dir", str(data), "--model", str(model), "--dropout", "0", "--head-dropout", "0",
-            "--batch-size", "8", "--lr", "5e-3", "--ratios", "0.3,0.5", "--kinds", "winning,random", "--seeds", "1",
-            "--device", "cpu", "--out", str(out), *map(str, extra)]
+    return [
+        "sweep",
+        "--task",
+        "csv",
+        "--data-dir",
+        str(data),
+        "--model",
+        str(model),
+        "--dropout",
+        "0",
+        "--head-dropout",
+        "0",
+        "--batch-size",
+        "8",
+        "--lr",
+        "5e-3",
+        "--ratios",
+        "0.3,0.5",
+        "--kinds",
+        "winning,random",
+        "--seeds",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *map(str, extra),
+    ]
 
 
 # ---- real processes ----------------------------------------------------------------------------
@@ -100,11 +131,17 @@ def wait_for(condition, timeout: float, what: str):
 
 def start_cli(*args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True,  # its own process group: a signal to it spares pytest
-                            # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it:
-                            # without this, Ctrl-C would not reach the command when the tests run in the background.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group: a signal to it spares pytest
+        # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it:
+        # without this, Ctrl-C would not reach the command when the tests run in the background.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def finished_runs(out: Path) -> int:
@@ -118,7 +155,9 @@ needs_linux = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="r
 
 
 @needs_linux
-@pytest.mark.parametrize("how", ["kill -9 of the parent", "SIGTERM to the parent", "Ctrl-C (SIGINT to the process group)"])
+@pytest.mark.parametrize(
+    "how", ["kill -9 of the parent", "SIGTERM to the parent", "Ctrl-C (SIGINT to the process group)"]
+)
 def test_pool_workers_never_outlive_the_sweep(how, tiny_bert_dir, sentiment_dir, tmp_path):
     out = tmp_path / "s"
     parent = start_cli(*cli_args(tiny_bert_dir, sentiment_dir, out, "--epochs", 200, "--jobs", 2))
@@ -150,8 +189,10 @@ def test_pool_workers_never_outlive_the_sweep(how, tiny_bert_dir, sentiment_dir,
 def test_pool_workers_import_the_users_task_modules(tiny_bert_dir, sentiment_dir, tmp_path):
     """`st --user-dir` registers tasks in the parent only: spawned workers must import them again."""
     module = tmp_path / "engines_user_tasks.py"
-    module.write_text("from st.tasks import TASKS, register_task\n\n\n@register_task('engines_user_csv')\n"
-                      "def engines_user_csv(**options):\n    return TASKS['csv'](**options)\n")
+    module.write_text(
+        "from st.tasks import TASKS, register_task\n\n\n@register_task('engines_user_csv')\n"
+        "def engines_user_csv(**options):\n    return TASKS['csv'](**options)\n"
+    )
     args = cli_args(tiny_bert_dir, sentiment_dir, tmp_path / "s", "--epochs", 1, "--jobs", 2)
     args[args.index("csv")] = "engines_user_csv"
     result = CliRunner().invoke(cli, ["--user-dir", str(module), *args], catch_exceptions=False)
@@ -190,12 +231,27 @@ def test_ray_with_jobs_is_refused(tiny_bert_dir, sentiment_dir, tmp_path):
 
 
 def test_ray_under_torchrun_is_refused_with_the_reason(tiny_bert_dir, sentiment_dir, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "cli.main",
-                          *cli_args(tiny_bert_dir, sentiment_dir, tmp_path / "s", "--ray")],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "-m",
+            "cli.main",
+            *cli_args(tiny_bert_dir, sentiment_dir, tmp_path / "s", "--ray"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "torchrun starts one sweep per rank" in errors[0] and "without torchrun" in errors[0], run.stderr
+    assert len(errors) == 1 and "torchrun starts one sweep per rank" in errors[0] and "without torchrun" in errors[0], (
+        run.stderr
+    )
     assert not (tmp_path / "s").exists()
 
 
@@ -234,10 +290,20 @@ def ray_local(tmp_path_factory):
     faults = tmp_path_factory.mktemp("faults")
     root = str(Path(__file__).resolve().parents[1])  # workers import this module for the hook
     # "local": a new instance, even where `ray start` left a cluster's address behind
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"worker_process_setup_hook": pause_target_run,
-                          "env_vars": {FAULTS: str(faults), "OMP_NUM_THREADS": "1",
-                                       "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={
+            "worker_process_setup_hook": pause_target_run,
+            "env_vars": {
+                FAULTS: str(faults),
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+            },
+        },
+    )
     yield faults
     ray.shutdown()
 
@@ -249,11 +315,15 @@ def test_ray_sweep_gives_the_local_pools_runs(ray_local, pool_doc, tiny_bert_dir
     assert json.loads((tmp_path / "ray" / "results.json").read_text()) == doc
 
 
-def test_ray_retries_a_worker_killed_mid_run_and_it_resumes(ray_local, pool_doc, tiny_bert_dir, sentiment_dir, tmp_path):
+def test_ray_retries_a_worker_killed_mid_run_and_it_resumes(
+    ray_local, pool_doc, tiny_bert_dir, sentiment_dir, tmp_path
+):
     faults, killed = ray_local, []
 
     def killer():
-        pid = int(wait_for(lambda: (faults / "pid").exists() and (faults / "pid").read_text(), 120, "the paused worker"))
+        pid = int(
+            wait_for(lambda: (faults / "pid").exists() and (faults / "pid").read_text(), 120, "the paused worker")
+        )
         (faults / "killed").touch()  # the retry must not pause again
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
@@ -271,7 +341,9 @@ def test_ray_retries_a_worker_killed_mid_run_and_it_resumes(ray_local, pool_doc,
 @needs_linux
 def test_killed_ray_driver_rerun_skips_finished_runs(ray_local, pool_doc, tiny_bert_dir, sentiment_dir, tmp_path):
     out = tmp_path / "s"
-    driver = start_cli(*cli_args(tiny_bert_dir, sentiment_dir, out, "--epochs", 2, "--ray"))  # its own local Ray instance
+    driver = start_cli(
+        *cli_args(tiny_bert_dir, sentiment_dir, out, "--epochs", 2, "--ray")
+    )  # its own local Ray instance
     processes = {}
     try:
         wait_for(lambda: finished_runs(out) >= 2 or driver.poll() is not None, 180, "two finished runs")
@@ -293,5 +365,7 @@ def test_killed_ray_driver_rerun_skips_finished_runs(ray_local, pool_doc, tiny_b
     seen = []
     doc = run_sweep(config(tiny_bert_dir, sentiment_dir), out, ray="local", keep_weights="all", on_result=seen.append)
     assert sorted(r["run"] for r in seen if r["reused"]) == sorted(stamps)  # finished runs skipped ...
-    assert all((out / run / "model.safetensors").stat().st_mtime_ns == stamp for run, stamp in stamps.items())  # ... not rewritten
+    assert all(
+        (out / run / "model.safetensors").stat().st_mtime_ns == stamp for run, stamp in stamps.items()
+    )  # ... not rewritten
     assert metrics(doc) == metrics(pool_doc)

@@ -16,7 +16,15 @@ from click.testing import CliRunner
 from cli.main import cli
 from st.errors import UserError
 from st.export import export_checkpoint, export_hf, export_st, hf_state, load_hf_classifier
-from st.models import Bert, BertClassifier, BertConfig, load_checkpoint, load_pretrained, resolve_model_dir, save_checkpoint
+from st.models import (
+    Bert,
+    BertClassifier,
+    BertConfig,
+    load_checkpoint,
+    load_pretrained,
+    resolve_model_dir,
+    save_checkpoint,
+)
 from st.onnx_export import example_batch, export_onnx, inference_session
 from st.prune import prune_classifier
 from st.tickets import Ticket
@@ -32,7 +40,9 @@ FFN = torch.tensor([1.0, 0.0, 1.0])
 def tiny_classifier(seed=0, num_labels=3) -> BertClassifier:
     """Large random weights and biases everywhere, so a wrong slice or a lost bias shows in the logits."""
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=50, hidden_size=D, num_layers=L, num_heads=H, intermediate_size=F, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=50, hidden_size=D, num_layers=L, num_heads=H, intermediate_size=F, max_position_embeddings=32
+    )
     model = BertClassifier(Bert(config), num_labels)
     with torch.no_grad():
         for p in model.parameters():
@@ -65,7 +75,8 @@ for folder in sys.argv[2:]:
         out[folder] = {"error": type(e).__name__}
         continue
     with torch.no_grad():
-        out[folder] = {"logits": model.eval()(**batch).logits.tolist(), "info": {k: [str(x) for x in v] for k, v in info.items()}}
+        logits = model.eval()(**batch).logits.tolist()
+        out[folder] = {"logits": logits, "info": {k: [str(x) for x in v] for k, v in info.items()}}
 print(json.dumps(out))
 """
 
@@ -107,7 +118,9 @@ def minilm_exports(tmp_path_factory):
     head[:, 0] = 1  # every layer keeps one head at least
     ffn = torch.ones(c.num_layers)
     ffn[[1, 4]] = 0
-    pruned = export_hf(model, tmp / "dense", ["no", "maybe", "yes"], head_mask=head, ffn_mask=ffn, tokenizer_from=folder)
+    pruned = export_hf(
+        model, tmp / "dense", ["no", "maybe", "yes"], head_mask=head, ffn_mask=ffn, tokenizer_from=folder
+    )
     export_hf(model, tmp / "pruned_heads", ["no", "maybe", "yes"], layout="pruned-heads", head_mask=head, ffn_mask=ffn)
     assert len({int(n) for n in head.sum(1)}) > 1  # uneven
     return pruned, tmp / "dense", tmp / "pruned_heads", example_batch(c, batch=4, length=24, seed=5)
@@ -139,10 +152,15 @@ def test_pruned_heads_export_loads_in_transformers_4(minilm_exports):
     pruned, _, pruned_heads, batch = minilm_exports
     written = json.loads((pruned_heads / "config.json").read_text())
     c = pruned.encoder.config
-    assert written["pruned_heads"] == {str(i): sorted(set(range(c.num_heads)) - set(c.layer_heads(i)))
-                                       for i in range(c.num_layers) if len(c.layer_heads(i)) < c.num_heads}
+    assert written["pruned_heads"] == {
+        str(i): sorted(set(range(c.num_heads)) - set(c.layer_heads(i)))
+        for i in range(c.num_layers)
+        if len(c.layer_heads(i)) < c.num_heads
+    }
     with torch.no_grad():
-        torch.testing.assert_close(transformers4(pruned_heads)(**batch).logits, logits(pruned, batch), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            transformers4(pruned_heads)(**batch).logits, logits(pruned, batch), atol=1e-5, rtol=0
+        )
 
 
 def test_tiny_exports_regression_and_unsorted_heads_in_both_versions(tmp_path):
@@ -171,7 +189,9 @@ def test_tiny_exports_regression_and_unsorted_heads_in_both_versions(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(hf(**batch).logits, logits(pruned, batch), atol=1e-5, rtol=0)
     hf5 = transformers5(batch, tmp_path / "dense")
-    torch.testing.assert_close(torch.tensor(hf5[tmp_path / "dense"]["logits"]), logits(pruned, batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(hf5[tmp_path / "dense"]["logits"]), logits(pruned, batch), atol=1e-5, rtol=0
+    )
 
 
 def test_dense_layout_is_zero_exactly_where_pruned():
@@ -186,7 +206,12 @@ def test_dense_layout_is_zero_exactly_where_pruned():
                 assert (state[p + f"attention.self.{qkv}.bias"][rows] == 0).all() == gone
             assert (state[p + "attention.output.dense.weight"][:, rows] == 0).all() == gone
         ffn_gone = FFN[i] == 0
-        for name in ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight", "output.dense.bias"):
+        for name in (
+            "intermediate.dense.weight",
+            "intermediate.dense.bias",
+            "output.dense.weight",
+            "output.dense.bias",
+        ):
             assert (state[p + name] == 0).all() == ffn_gone
         assert state[p + "attention.output.dense.bias"].abs().sum() > 0  # a pruned head still leaves the bias
 
@@ -214,7 +239,9 @@ def test_hf_exports_round_trip_into_st(tmp_path, layout):
     assert slim.encoder.config == small.encoder.config
     assert n_params(slim) == n_params(small) == n_params(load_checkpoint(tmp_path / "st")[0])
     torch.testing.assert_close(logits(slim.eval(), batch), expected, atol=1e-5, rtol=0)
-    encoder = load_pretrained(tmp_path / "hf", remove_zeros=True).eval()  # the encoder alone, as `st finetune --model` reads it
+    encoder = load_pretrained(
+        tmp_path / "hf", remove_zeros=True
+    ).eval()  # the encoder alone, as `st finetune --model` reads it
     assert encoder.config == small.encoder.config
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(encoder(**batch)[real], small.encoder(**batch)[real], atol=1e-5, rtol=0)
@@ -225,9 +252,33 @@ def test_finetune_starts_from_hf_exports_of_either_layout(tmp_path, tiny_bert_di
     model = BertClassifier(load_pretrained(tiny_bert_dir), 2).eval()
     head = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]], dtype=torch.float32)
     for layout in ("dense", "pruned-heads"):
-        export_hf(model, tmp_path / layout, layout=layout, head_mask=head, ffn_mask=torch.tensor([1.0, 0.0]), tokenizer_from=tiny_bert_dir)
-        st("finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", tmp_path / layout, "--epochs", 1,
-           "--batch-size", 16, "--train-size", 32, "--out", tmp_path / f"ft-{layout}", "--device", "cpu")
+        export_hf(
+            model,
+            tmp_path / layout,
+            layout=layout,
+            head_mask=head,
+            ffn_mask=torch.tensor([1.0, 0.0]),
+            tokenizer_from=tiny_bert_dir,
+        )
+        st(
+            "finetune",
+            "--task",
+            "csv",
+            "--data-dir",
+            sentiment_dir,
+            "--model",
+            tmp_path / layout,
+            "--epochs",
+            1,
+            "--batch-size",
+            16,
+            "--train-size",
+            32,
+            "--out",
+            tmp_path / f"ft-{layout}",
+            "--device",
+            "cpu",
+        )
         tuned, _ = load_checkpoint(tmp_path / f"ft-{layout}")
         assert tuned.encoder.config.kept_heads == (None if layout == "dense" else ((0, 2, 3), (2,)))
 
@@ -260,12 +311,17 @@ def test_onnx_export_matches_st_on_a_padded_batch_of_pairs(tmp_path, pruned):
     error = export_onnx(model, tmp_path / "m.onnx", ["neg", "neutral", "pos"])
     assert error <= 1e-4
     # Batch and sequence sizes the export never saw: both axes are dynamic.
-    for batch in (example_batch(model.encoder.config, batch=5, length=13, seed=9), example_batch(model.encoder.config, batch=1, length=30)):
+    for batch in (
+        example_batch(model.encoder.config, batch=5, length=13, seed=9),
+        example_batch(model.encoder.config, batch=1, length=30),
+    ):
         assert (batch["attention_mask"] == 0).any() or batch["input_ids"].shape[0] == 1
         assert (batch["token_type_ids"] == 1).any()
         torch.testing.assert_close(onnx_logits(tmp_path / "m.onnx", batch), logits(model, batch), atol=1e-4, rtol=0)
     # The session the README's benchmark uses (SkipLayerNormFusion off) computes the same.
-    (tuned,) = inference_session(tmp_path / "m.onnx", threads=1).run(["logits"], {k: v.numpy() for k, v in batch.items()})
+    (tuned,) = inference_session(tmp_path / "m.onnx", threads=1).run(
+        ["logits"], {k: v.numpy() for k, v in batch.items()}
+    )
     torch.testing.assert_close(torch.from_numpy(tuned), logits(model, batch), atol=1e-4, rtol=0)
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(props["id2label"]) == {"0": "neg", "1": "neutral", "2": "pos"}
@@ -304,8 +360,19 @@ def st(*args, ok=True) -> str:
 
 def test_cli_export_writes_st_hf_and_onnx_that_agree(checkpoint, tmp_path):
     folder, model, ticket = checkpoint
-    out = st("export", "--checkpoint", folder, "--ticket", ticket, "--out", tmp_path / "st", "--hf", tmp_path / "hf",
-             "--onnx", tmp_path / "onnx" / "model.onnx")
+    out = st(
+        "export",
+        "--checkpoint",
+        folder,
+        "--ticket",
+        ticket,
+        "--out",
+        tmp_path / "st",
+        "--hf",
+        tmp_path / "hf",
+        "--onnx",
+        tmp_path / "onnx" / "model.onnx",
+    )
     assert "-> " in out and "model.onnx" in out
     small, cfg = load_checkpoint(tmp_path / "st")
     assert cfg["ticket"]["kind"] == "winning" and (tmp_path / "st" / "vocab.txt").exists()
@@ -318,7 +385,11 @@ def test_cli_export_writes_st_hf_and_onnx_that_agree(checkpoint, tmp_path):
     torch.testing.assert_close(onnx_logits(tmp_path / "onnx" / "model.onnx", batch), expected, atol=1e-4, rtol=0)
 
     st("export", "--checkpoint", folder, "--hf", tmp_path / "hf4", "--hf-layout", "pruned-heads", "--ticket", ticket)
-    assert json.loads((tmp_path / "hf4" / "config.json").read_text())["pruned_heads"] == {"0": [1], "1": [0, 3], "2": [0, 1, 3]}
+    assert json.loads((tmp_path / "hf4" / "config.json").read_text())["pruned_heads"] == {
+        "0": [1],
+        "1": [0, 3],
+        "2": [0, 1, 3],
+    }
 
 
 def test_existing_outputs_are_refused_before_anything_is_written(checkpoint, tmp_path):

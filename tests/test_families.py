@@ -30,22 +30,43 @@ NEW = ("roberta", "xlm-roberta", "electra", "distilbert")
 L, H, D, F = 2, 4, 24, 40
 MAX_TOKENS = 20  # few positions, so a wrong offset runs off the table
 CORPUS = [f"{a} {b}, {c} {d}." for a in WORDS for b, c, d in zip(WORDS[3:], WORDS[5:], WORDS[::-1])] + [
-    "Café déjà vu: naïve résumé!", "the movie was very good", "THE PLOT WAS AWFUL", "an unseen wordpiece zebra"]
-PAIRS = (["the movie was very good", "awful plot , sad acting and a zebra", "Café fine", "x"],
-         ["nice acting", "the movie was very very very good , great and nice", "déjà vu", "THE PLOT"])
+    "Café déjà vu: naïve résumé!",
+    "the movie was very good",
+    "THE PLOT WAS AWFUL",
+    "an unseen wordpiece zebra",
+]
+PAIRS = (
+    ["the movie was very good", "awful plot , sad acting and a zebra", "Café fine", "x"],
+    ["nice acting", "the movie was very very very good , great and nice", "déjà vu", "THE PLOT"],
+)
 
 
 def hf_config(family: str, vocab_size: int, pad: int):
     """A small, non-default config: odd pad id, few positions, eps 1e-5, ELECTRA's E != D."""
-    common = dict(vocab_size=vocab_size, pad_token_id=pad, initializer_range=0.2)  # task heads big enough to show errors
-    bert_like = dict(common, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=F, layer_norm_eps=1e-5)
+    common = dict(
+        vocab_size=vocab_size, pad_token_id=pad, initializer_range=0.2
+    )  # task heads big enough to show errors
+    bert_like = dict(
+        common, hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=F, layer_norm_eps=1e-5
+    )
     if family in ("roberta", "xlm-roberta"):
         cls = transformers.RobertaConfig if family == "roberta" else transformers.XLMRobertaConfig
-        return cls(**bert_like, max_position_embeddings=MAX_TOKENS + pad + 1, type_vocab_size=1, bos_token_id=0, eos_token_id=2)
+        return cls(
+            **bert_like, max_position_embeddings=MAX_TOKENS + pad + 1, type_vocab_size=1, bos_token_id=0, eos_token_id=2
+        )
     if family == "electra":
-        return transformers.ElectraConfig(**bert_like, embedding_size=16, max_position_embeddings=MAX_TOKENS, type_vocab_size=3)
-    return transformers.DistilBertConfig(**common, dim=D, n_layers=L, n_heads=H, hidden_dim=F, max_position_embeddings=MAX_TOKENS,
-                                         sinusoidal_pos_embds=True)
+        return transformers.ElectraConfig(
+            **bert_like, embedding_size=16, max_position_embeddings=MAX_TOKENS, type_vocab_size=3
+        )
+    return transformers.DistilBertConfig(
+        **common,
+        dim=D,
+        n_layers=L,
+        n_heads=H,
+        hidden_dim=F,
+        max_position_embeddings=MAX_TOKENS,
+        sinusoidal_pos_embds=True,
+    )
 
 
 def write_model(folder: Path, family: str, vocab_size: int, pad: int, seed: int = 0) -> Path:
@@ -67,14 +88,21 @@ def write_tokenizer(folder: Path, family: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if family == "roberta":  # byte-level BPE; <pad> at id 3, not RoBERTa's 1
         bpe = ByteLevelBPETokenizer()
-        bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<s>", "<unk>", "</s>", "<pad>", "<mask>"])
+        bpe.train_from_iterator(
+            CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<s>", "<unk>", "</s>", "<pad>", "<mask>"]
+        )
         bpe.save_model(str(folder))
-        hf = transformers.RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
+        hf = transformers.RobertaTokenizerFast(
+            vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt")
+        )
     elif family == "xlm-roberta":  # Unigram, with XLM-R's <s> A </s></s> B </s> template
         uni = SentencePieceUnigramTokenizer()
-        uni.train_from_iterator(CORPUS, vocab_size=70, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>")
-        uni.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-                                                           special_tokens=[("<s>", 0), ("</s>", 2)])
+        uni.train_from_iterator(
+            CORPUS, vocab_size=70, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>"
+        )
+        uni.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+        )
         uni.save(str(folder / "raw.json"))
         hf = transformers.XLMRobertaTokenizerFast(tokenizer_file=str(folder / "raw.json"))
     else:  # WordPiece from a vocab.txt, cased for DistilBERT
@@ -110,10 +138,14 @@ def test_encoder_matches_transformers_with_a_head_mask_and_its_gradient(family, 
     ours = load_pretrained(folder).eval()
     if family == "distilbert":  # our own sinusoidal table (for a model built from a config) is HF's
         assert torch.allclose(sinusoidal_table(MAX_TOKENS, D), hf.embeddings.position_embeddings.weight, atol=1e-7)
-    assert ours.config.model_type == family and ours.config.layer_norm_eps == (1e-12 if family == "distilbert" else 1e-5)
+    assert ours.config.model_type == family and ours.config.layer_norm_eps == (
+        1e-12 if family == "distilbert" else 1e-5
+    )
     ids, types, mask = padded_pairs(vocab, pad)
     real = mask.bool()
-    hf_types = {"token_type_ids": types} if family == "electra" else {}  # RoBERTa's tokenizers pass none; ours are ignored
+    hf_types = (
+        {"token_type_ids": types} if family == "electra" else {}
+    )  # RoBERTa's tokenizers pass none; ours are ignored
     head_mask = torch.rand(L, H, generator=torch.Generator().manual_seed(1))
     head_mask[0, 1] = head_mask[1, 3] = 0.0
     weights = torch.randn(*ids.shape, D, generator=torch.Generator().manual_seed(2))
@@ -135,17 +167,36 @@ def test_encoder_matches_transformers_with_a_head_mask_and_its_gradient(family, 
 def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path, sentiment_dir):
     model_dir = write_tokenizer(tmp_path / "model", "roberta")
     write_model(model_dir, "roberta", 40, 3)  # the tokenizer has 300 tokens
-    result = CliRunner().invoke(cli, ["finetune", "--task", "csv", "--data-dir", str(sentiment_dir), "--model", str(model_dir),
-                                      "--out", str(tmp_path / "out"), "--device", "cpu"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            "--task",
+            "csv",
+            "--data-dir",
+            str(sentiment_dir),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "has 300 tokens but the model's embeddings have 40 rows" in result.output and len(result.output.strip().splitlines()) == 1
+    assert (
+        "has 300 tokens but the model's embeddings have 40 rows" in result.output
+        and len(result.output.strip().splitlines()) == 1
+    )
 
 
 def test_a_wrong_shape_names_the_key(tmp_path):
     folder = write_model(tmp_path, "electra", 37, 5)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "embedding_size": 12}))
-    with pytest.raises(UserError, match=r"embeddings.word_embeddings.weight has shape \(37, 16\), config.json implies \(37, 12\)"):
+    with pytest.raises(
+        UserError, match=r"embeddings.word_embeddings.weight has shape \(37, 16\), config.json implies \(37, 12\)"
+    ):
         load_pretrained(folder)
 
 
@@ -156,7 +207,10 @@ def test_an_unknown_key_is_named(tmp_path):
     tensors = load_file(folder / "model.safetensors")
     tensors["transformer.layer.1.attention.z_lin.weight"] = torch.zeros(D, D)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(UserError, match=r"unknown key 'transformer.layer.1.attention.z_lin.weight' \(1 unknown in all\); is this a distilbert"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown key 'transformer.layer.1.attention.z_lin.weight' \(1 unknown in all\); is this a distilbert",
+    ):
         load_pretrained(folder)
 
 
@@ -209,15 +263,60 @@ def run_pipeline(family: str, tmp: Path, sentiment_dir: Path) -> Path:
     model_dir = write_tokenizer(tmp / "model", family)
     tok = Tokenizer.from_dir(model_dir)
     write_model(model_dir, family, tok.vocab_size, tok.pad_id)
-    train = ("--task", "csv", "--data-dir", sentiment_dir, "--model", model_dir, "--batch-size", 16, "--lr", 5e-3, "--device", "cpu",
-             "--max-length", 16, "--train-size", 64)
+    train = (
+        "--task",
+        "csv",
+        "--data-dir",
+        sentiment_dir,
+        "--model",
+        model_dir,
+        "--batch-size",
+        16,
+        "--lr",
+        5e-3,
+        "--device",
+        "cpu",
+        "--max-length",
+        16,
+        "--train-size",
+        64,
+    )
     st("finetune", *train, "--epochs", 1, "--out", tmp / "full")
     st("score", "--checkpoint", tmp / "full", "--out", tmp / "scores.json", "--device", "cpu")
-    st("prune", "--scores", tmp / "scores.json", "--ratio", 0.3, "--checkpoint", tmp / "full", "--out", tmp / "ticket.json")
+    st(
+        "prune",
+        "--scores",
+        tmp / "scores.json",
+        "--ratio",
+        0.3,
+        "--checkpoint",
+        tmp / "full",
+        "--out",
+        tmp / "ticket.json",
+    )
     st("finetune", *train, "--epochs", 1, "--ticket", tmp / "ticket.json", "--out", tmp / "rewound")
-    st("export", "--checkpoint", tmp / "rewound", "--hf", tmp / "hf", "--onnx", tmp / "model.onnx")  # ONNX: checked in ORT first
-    st("share", "--tasks", "csv", "--tickets", tmp / "ticket.json", "--model", model_dir, "--data-dir", f"csv={sentiment_dir}",
-       "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--out", tmp / "share")  # ticket sharing (Algorithm 1)
+    st(
+        "export", "--checkpoint", tmp / "rewound", "--hf", tmp / "hf", "--onnx", tmp / "model.onnx"
+    )  # ONNX: checked in ORT first
+    st(
+        "share",
+        "--tasks",
+        "csv",
+        "--tickets",
+        tmp / "ticket.json",
+        "--model",
+        model_dir,
+        "--data-dir",
+        f"csv={sentiment_dir}",
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--device",
+        "cpu",
+        "--out",
+        tmp / "share",
+    )  # ticket sharing (Algorithm 1)
     return tmp
 
 
@@ -234,9 +333,13 @@ def test_pipeline_export_loads_in_transformers_4_with_st_logits(family, pipeline
     tmp = pipelines(family)
     model, cfg = load_checkpoint(tmp / "rewound")
     assert 0 < sum(map(len, model.encoder.config.kept_heads)) < L * H  # rewound physically pruned (r = 0.3: 2 heads)
-    assert (tmp / "model.onnx").stat().st_size > 0 and json.loads((tmp / "share" / "metrics.json").read_text())["dev"]["csv"]
+    assert (tmp / "model.onnx").stat().st_size > 0 and json.loads((tmp / "share" / "metrics.json").read_text())["dev"][
+        "csv"
+    ]
     if family == "distilbert":  # the sinusoidal table is never trained
-        assert torch.equal(model.encoder.embeddings.position.weight, load_pretrained(tmp / "model").embeddings.position.weight)
+        assert torch.equal(
+            model.encoder.embeddings.position.weight, load_pretrained(tmp / "model").embeddings.position.weight
+        )
     hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp / "hf", output_loading_info=True)
     assert type(hf).__name__ == FAMILIES[family].classifier_class and not any(info.values()), info
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp / "hf")
@@ -282,8 +385,13 @@ def test_pipeline_exports_load_in_transformers_5_with_st_logits(pipelines):
         if family != "electra":
             batch.pop("token_type_ids")  # as the family's HF tokenizer gives it (no token types)
         batches[folder] = {k: v.tolist() for k, v in batch.items()}
-    run = subprocess.run([sys.executable, "-c", TF5, json.dumps(batches)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", TF5, json.dumps(batches)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out.pop("version").startswith("5.")
@@ -298,8 +406,34 @@ def test_a_sweep_runs_unchanged_on_another_family(pipelines, sentiment_dir):
     """The phase-transition grid goes through the same pipeline; one family (XLM-R: Unigram, positions
     after the pad id, no pooler) stands for all, to keep the suite short."""
     tmp = pipelines("xlm-roberta")
-    st("sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tmp / "model", "--epochs", 1, "--batch-size", 16,
-       "--lr", 5e-3, "--max-length", 16, "--train-size", 64, "--ratios", 0.3, "--kinds", "winning", "--seeds", 1,
-       "--device", "cpu", "--out", tmp / "sweep")
+    st(
+        "sweep",
+        "--task",
+        "csv",
+        "--data-dir",
+        sentiment_dir,
+        "--model",
+        tmp / "model",
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--lr",
+        5e-3,
+        "--max-length",
+        16,
+        "--train-size",
+        64,
+        "--ratios",
+        0.3,
+        "--kinds",
+        "winning",
+        "--seeds",
+        1,
+        "--device",
+        "cpu",
+        "--out",
+        tmp / "sweep",
+    )
     results = json.loads((tmp / "sweep" / "results.json").read_text())
     assert len(results["runs"]) == 2  # the full model and the winning ticket at r = 0.3

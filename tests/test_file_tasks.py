@@ -44,8 +44,13 @@ def test_csv_single_sentences(tmp_path):
 
 def test_csv_pairs_given_labels_and_multiline_rows(tmp_path):
     write_csv(tmp_path, "train", 'premise,hypothesis,gold\n"a\nb",c,entailment\nd,e,neutral\n\nf,g,contradiction\n')
-    task = get_task("csv", data_dir=tmp_path, text_columns="premise, hypothesis", label_column="gold",
-                    labels="entailment,neutral,contradiction")
+    task = get_task(
+        "csv",
+        data_dir=tmp_path,
+        text_columns="premise, hypothesis",
+        label_column="gold",
+        labels="entailment,neutral,contradiction",
+    )
     assert task.labels == ("entailment", "neutral", "contradiction")
     assert task.metrics == ("accuracy", "macro_f1")
     train = task.load("train")
@@ -73,7 +78,9 @@ def test_jsonl_regression_and_pairs(tmp_path):
 
 
 def test_jsonl_classification_with_numeric_labels(tmp_path):
-    write_jsonl(tmp_path, "train", [{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}, {"sentence": "c", "label": 2}])
+    write_jsonl(
+        tmp_path, "train", [{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}, {"sentence": "c", "label": 2}]
+    )
     task = get_task("jsonl", data_dir=tmp_path)
     assert task.labels == ("0", "1", "2") and task.metrics == ("accuracy", "macro_f1")
     assert [e.label for e in task.load("train")] == [0, 1, 2]

@@ -19,10 +19,24 @@ def row(*fields) -> str:
 
 
 # MNLI/SNLI parse columns are long in the real files; their content does not matter to the reader.
-PARSES = ("( ( A man ) sleeps )", "( ( A man ) naps )", "(ROOT (S (NP (DT A) (NN man)) (VP (VBZ sleeps))))",
-          "(ROOT (S (NP (DT A) (NN man)) (VP (VBZ naps))))")
-MNLI_HEAD = ("index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-             "sentence1_parse", "sentence2_parse", "sentence1", "sentence2")
+PARSES = (
+    "( ( A man ) sleeps )",
+    "( ( A man ) naps )",
+    "(ROOT (S (NP (DT A) (NN man)) (VP (VBZ sleeps))))",
+    "(ROOT (S (NP (DT A) (NN man)) (VP (VBZ naps))))",
+)
+MNLI_HEAD = (
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+)
 
 # Per task folder: file -> content, as download_glue_data.py (or the official archive) leaves them.
 FILES = {
@@ -32,43 +46,110 @@ FILES = {
         + row("gj04", 0, "*", "They drank the pub."),
         "dev.tsv": row("gj04", 1, "", "The sailors rode the breeze clear of the rocks.")
         + row("clc95", 0, "*", "The more you eat, the most you want."),
-        "test.tsv": row("index", "sentence") + row(0, "Bill whistled past the house.")
+        "test.tsv": row("index", "sentence")
+        + row(0, "Bill whistled past the house.")
         + row(1, "The car honked its way down the road."),
     },
     "SST-2": {
-        "train.tsv": row("sentence", "label") + row("hide new secretions from the parental units ", 0)
+        "train.tsv": row("sentence", "label")
+        + row("hide new secretions from the parental units ", 0)
         + row("that loves its characters ", 1),
         "dev.tsv": row("sentence", "label") + row("it 's a charming and often affecting journey . ", 1),
         "test.tsv": row("index", "sentence") + row(0, "uneasy mishmash of styles and genres ."),
     },
     "MRPC": {
         # Header copied from msr_paraphrase_train.txt (BOM included); the text has unbalanced quotes.
-        "train.tsv": "\ufeff" + row("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
-        + row(1, 702876, 702977, 'Amrozi accused his brother , whom he called " the witness " , of deliberately',
-              'Referring to him as only " the witness , Amrozi accused his brother')
+        "train.tsv": "\ufeff"
+        + row("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
+        + row(
+            1,
+            702876,
+            702977,
+            'Amrozi accused his brother , whom he called " the witness " , of deliberately',
+            'Referring to him as only " the witness , Amrozi accused his brother',
+        )
         + row(0, 2108705, 2108831, "Yucaipa owned Dominick 's before selling .", "Yucaipa bought Dominick 's ."),
         "dev.tsv": row("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
-        + row(1, 1355540, 1355592, "He said the foodservice pie business doesn 't fit .", "The pie business doesn 't fit ."),
+        + row(
+            1,
+            1355540,
+            1355592,
+            "He said the foodservice pie business doesn 't fit .",
+            "The pie business doesn 't fit .",
+        ),
         "test.tsv": row("index", "#1 ID", "#2 ID", "#1 String", "#2 String")
-        + row(0, 1089874, 1089925, "PCCW 's chief operating officer will report to Mr So .", "Butcher will report to So ."),
+        + row(
+            0, 1089874, 1089925, "PCCW 's chief operating officer will report to Mr So .", "Butcher will report to So ."
+        ),
     },
     "STS-B": {
-        "train.tsv": row("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
-                         "sentence2", "score")
-        + row(0, "main-captions", "MSRvid", "2012test", "0001", "none", "none", "A plane is taking off.",
-              "An air plane is taking off.", "5.000")
-        + row(1, "main-captions", "MSRvid", "2012test", "0004", "none", "none", "A man is playing a flute.",
-              "A man is playing a bamboo flute.", "3.800"),
-        "dev.tsv": row("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
-                       "sentence2", "score")
-        + row(0, "main-captions", "MSRvid", "2012test", "0000", "none", "none", "A man with a hard hat is dancing.",
-              "A man wearing a hard hat is dancing.", "5.000"),
-        "test.tsv": row("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
-                        "sentence2")
-        + row(0, "main-captions", "MSRvid", "2012test", "0024", "none", "none", "A girl is styling her hair.",
-              "A girl is brushing her hair.")
-        + row(1, "main-captions", "MSRvid", "2012test", "0033", "none", "none", "A group of men play soccer.",
-              "A group of boys play soccer."),
+        "train.tsv": row(
+            "index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"
+        )
+        + row(
+            0,
+            "main-captions",
+            "MSRvid",
+            "2012test",
+            "0001",
+            "none",
+            "none",
+            "A plane is taking off.",
+            "An air plane is taking off.",
+            "5.000",
+        )
+        + row(
+            1,
+            "main-captions",
+            "MSRvid",
+            "2012test",
+            "0004",
+            "none",
+            "none",
+            "A man is playing a flute.",
+            "A man is playing a bamboo flute.",
+            "3.800",
+        ),
+        "dev.tsv": row(
+            "index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"
+        )
+        + row(
+            0,
+            "main-captions",
+            "MSRvid",
+            "2012test",
+            "0000",
+            "none",
+            "none",
+            "A man with a hard hat is dancing.",
+            "A man wearing a hard hat is dancing.",
+            "5.000",
+        ),
+        "test.tsv": row(
+            "index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2"
+        )
+        + row(
+            0,
+            "main-captions",
+            "MSRvid",
+            "2012test",
+            "0024",
+            "none",
+            "none",
+            "A girl is styling her hair.",
+            "A girl is brushing her hair.",
+        )
+        + row(
+            1,
+            "main-captions",
+            "MSRvid",
+            "2012test",
+            "0033",
+            "none",
+            "none",
+            "A group of men play soccer.",
+            "A group of boys play soccer.",
+        ),
     },
     "QQP": {
         "train.tsv": row("id", "qid1", "qid2", "question1", "question2", "is_duplicate")
@@ -77,57 +158,131 @@ FILES = {
         "dev.tsv": row("id", "qid1", "qid2", "question1", "question2", "is_duplicate")
         + row(201359, 303345, 303346, "Why are African-Americans so beautiful?", "Why are hispanics so beautiful?", 0),
         "test.tsv": row("id", "question1", "question2")
-        + row(0, "Why am I mentally very lonely? How can I solve it?", "Find the remainder when 23^24 is divided by 24"),
+        + row(
+            0, "Why am I mentally very lonely? How can I solve it?", "Find the remainder when 23^24 is divided by 24"
+        ),
     },
     "MNLI": {
         "train.tsv": row(*MNLI_HEAD, "label1", "gold_label")
-        + row(0, 31193, "31193n", "government", *PARSES, "Conceptually cream skimming has two basic dimensions.",
-              "Product and geography are what make cream skimming work. ", "neutral", "neutral")
-        + row(1, 101457, "101457e", "telephone", *PARSES, "you know during the season i guess",
-              "You lose the things to the following level.", "entailment", "entailment"),
+        + row(
+            0,
+            31193,
+            "31193n",
+            "government",
+            *PARSES,
+            "Conceptually cream skimming has two basic dimensions.",
+            "Product and geography are what make cream skimming work. ",
+            "neutral",
+            "neutral",
+        )
+        + row(
+            1,
+            101457,
+            "101457e",
+            "telephone",
+            *PARSES,
+            "you know during the season i guess",
+            "You lose the things to the following level.",
+            "entailment",
+            "entailment",
+        ),
         # dev: five annotator labels, then the gold one (which need not be label1).
         "dev_matched.tsv": row(*MNLI_HEAD, "label1", "label2", "label3", "label4", "label5", "gold_label")
-        + row(0, 63735, "63735n", "slate", *PARSES, "The new rights are nice enough",
-              "Everyone really likes the newest benefits ", "neutral", "entailment", "neutral", "neutral", "neutral",
-              "neutral")
-        + row(1, 91383, "91383c", "government", *PARSES, "This site includes a list of all award winners.",
-              "The Government Executive articles housed on the website are not able to be searched.", "contradiction",
-              "contradiction", "entailment", "contradiction", "contradiction", "contradiction"),
+        + row(
+            0,
+            63735,
+            "63735n",
+            "slate",
+            *PARSES,
+            "The new rights are nice enough",
+            "Everyone really likes the newest benefits ",
+            "neutral",
+            "entailment",
+            "neutral",
+            "neutral",
+            "neutral",
+            "neutral",
+        )
+        + row(
+            1,
+            91383,
+            "91383c",
+            "government",
+            *PARSES,
+            "This site includes a list of all award winners.",
+            "The Government Executive articles housed on the website are not able to be searched.",
+            "contradiction",
+            "contradiction",
+            "entailment",
+            "contradiction",
+            "contradiction",
+            "contradiction",
+        ),
         "dev_mismatched.tsv": row(*MNLI_HEAD, "label1", "label2", "label3", "label4", "label5", "gold_label")
-        + row(0, 75290, "75290c", "letters", *PARSES, "Your contribution helped make it possible.",
-              "Your contributions were of no help.", "contradiction", "contradiction", "contradiction",
-              "contradiction", "contradiction", "contradiction"),
-        "test_matched.tsv": row(*MNLI_HEAD) + row(0, 31493, 31493, "travel", *PARSES,
-                                                  "Hierbas is usually taken after a meal.", "Frambuesa is a meal."),
-        "test_mismatched.tsv": row(*MNLI_HEAD) + row(0, 0, 0, "letters", *PARSES, "What we do is rewarding.",
-                                                     "We are working hard."),
+        + row(
+            0,
+            75290,
+            "75290c",
+            "letters",
+            *PARSES,
+            "Your contribution helped make it possible.",
+            "Your contributions were of no help.",
+            "contradiction",
+            "contradiction",
+            "contradiction",
+            "contradiction",
+            "contradiction",
+            "contradiction",
+        ),
+        "test_matched.tsv": row(*MNLI_HEAD)
+        + row(0, 31493, 31493, "travel", *PARSES, "Hierbas is usually taken after a meal.", "Frambuesa is a meal."),
+        "test_mismatched.tsv": row(*MNLI_HEAD)
+        + row(0, 0, 0, "letters", *PARSES, "What we do is rewarding.", "We are working hard."),
     },
-    "diagnostic": {"diagnostic.tsv": row("index", "sentence1", "sentence2")
-                   + row(0, "The cat sat on the mat.", "The cat did not sit on the mat.")},
+    "diagnostic": {
+        "diagnostic.tsv": row("index", "sentence1", "sentence2")
+        + row(0, "The cat sat on the mat.", "The cat did not sit on the mat.")
+    },
     "QNLI": {
         "train.tsv": row("index", "question", "sentence", "label")
-        + row(0, "When did the third Digimon series begin?", "Digimon Tamers takes a darker approach.",
-              "not_entailment")
-        + row(1, "What two things does Popper argue Tarski's theory involves?", "Popper argues it involves two things.",
-              "entailment"),
-        "dev.tsv": row("index", "question", "sentence", "label") + row(0, "What came into force?", "It did.", "entailment"),
+        + row(
+            0, "When did the third Digimon series begin?", "Digimon Tamers takes a darker approach.", "not_entailment"
+        )
+        + row(
+            1,
+            "What two things does Popper argue Tarski's theory involves?",
+            "Popper argues it involves two things.",
+            "entailment",
+        ),
+        "dev.tsv": row("index", "question", "sentence", "label")
+        + row(0, "What came into force?", "It did.", "entailment"),
         "test.tsv": row("index", "question", "sentence") + row(0, "What is a bird?", "A bird is an animal."),
     },
     "RTE": {
         "train.tsv": row("index", "sentence1", "sentence2", "label")
-        + row(0, "No Weapons of Mass Destruction Found in Iraq Yet.", "Weapons of Mass Destruction Found in Iraq.",
-              "not_entailment"),
+        + row(
+            0,
+            "No Weapons of Mass Destruction Found in Iraq Yet.",
+            "Weapons of Mass Destruction Found in Iraq.",
+            "not_entailment",
+        ),
         "dev.tsv": row("index", "sentence1", "sentence2", "label")
         + row(0, "Dana Reeve, the widow of the actor, died.", "Christopher Reeve had an accident.", "not_entailment")
-        + row(1, "Yet, we now are discovering that antibiotics are losing their effectiveness.",
-              "Bacteria is winning the war against antibiotics.", "entailment"),
-        "test.tsv": row("index", "sentence1", "sentence2") + row(0, "Mangla was an Indian politician.", "Mangla was Indian.")
+        + row(
+            1,
+            "Yet, we now are discovering that antibiotics are losing their effectiveness.",
+            "Bacteria is winning the war against antibiotics.",
+            "entailment",
+        ),
+        "test.tsv": row("index", "sentence1", "sentence2")
+        + row(0, "Mangla was an Indian politician.", "Mangla was Indian.")
         + row(1, "Three days later, he died.", "He died."),
     },
     "WNLI": {
         "train.tsv": row("index", "sentence1", "sentence2", "label")
-        + row(0, "I stuck a pin through a carrot. When I pulled the pin out, it had a hole.",
-              "The carrot had a hole.", 1),
+        + row(
+            0, "I stuck a pin through a carrot. When I pulled the pin out, it had a hole.", "The carrot had a hole.", 1
+        ),
         "dev.tsv": row("index", "sentence1", "sentence2", "label")
         + row(0, "The drain is clogged with hair. It has to be cleaned.", "The hair has to be cleaned.", 0),
         "test.tsv": row("index", "sentence1", "sentence2") + row(0, "Maude and Dora had seen the trains.", "Dora had."),
@@ -144,9 +299,23 @@ def write_glue(root, files=FILES):
 
 
 def snli_line(gold, s1, s2, pair):
-    return json.dumps({"annotator_labels": [gold], "captionID": pair[:-3], "gold_label": gold, "pairID": pair,
-                       "sentence1": s1, "sentence1_binary_parse": PARSES[0], "sentence1_parse": PARSES[2],
-                       "sentence2": s2, "sentence2_binary_parse": PARSES[1], "sentence2_parse": PARSES[3]}) + "\n"
+    return (
+        json.dumps(
+            {
+                "annotator_labels": [gold],
+                "captionID": pair[:-3],
+                "gold_label": gold,
+                "pairID": pair,
+                "sentence1": s1,
+                "sentence1_binary_parse": PARSES[0],
+                "sentence1_parse": PARSES[2],
+                "sentence2": s2,
+                "sentence2_binary_parse": PARSES[1],
+                "sentence2_parse": PARSES[3],
+            }
+        )
+        + "\n"
+    )
 
 
 @pytest.fixture
@@ -177,16 +346,21 @@ def test_cola_headerless_train_and_headed_test(glue_dir):
     train = load("cola", "train")
     assert [(e.text_a, e.text_b, e.label) for e in train] == [
         ("Our friends won't buy this analysis, let alone the next one we propose.", None, 1),
-        ("They drank the pub.", None, 0)]
+        ("They drank the pub.", None, 0),
+    ]
     assert [e.guid for e in train] == ["1", "2"]  # no id column: the line number
     test = load("cola", "test")
-    assert [(e.guid, e.text_a, e.label) for e in test] == [("0", "Bill whistled past the house.", None),
-                                                          ("1", "The car honked its way down the road.", None)]
+    assert [(e.guid, e.text_a, e.label) for e in test] == [
+        ("0", "Bill whistled past the house.", None),
+        ("1", "The car honked its way down the road.", None),
+    ]
 
 
 def test_sst2_keeps_text_verbatim(glue_dir):
     assert [(e.text_a, e.label) for e in load("sst2", "train")] == [
-        ("hide new secretions from the parental units ", 0), ("that loves its characters ", 1)]
+        ("hide new secretions from the parental units ", 0),
+        ("that loves its characters ", 1),
+    ]
     assert load("sst2", "test")[0].guid == "0"
 
 
@@ -203,7 +377,8 @@ def test_stsb_float_scores(glue_dir):
     train = load("stsb", "train")
     assert [(e.text_a, e.text_b, e.label, e.guid) for e in train] == [
         ("A plane is taking off.", "An air plane is taking off.", 5.0, "0"),
-        ("A man is playing a flute.", "A man is playing a bamboo flute.", 3.8, "1")]
+        ("A man is playing a flute.", "A man is playing a bamboo flute.", 3.8, "1"),
+    ]
     assert [e.label for e in load("stsb", "test")] == [None, None]
 
 
@@ -213,7 +388,10 @@ def test_qqp_ids_and_test_columns(glue_dir):
     assert train[1].text_a == 'How do I control my "horny" emotions?'
     test = load("qqp", "test")
     assert (test[0].guid, test[0].text_a, test[0].label) == (
-        "0", "Why am I mentally very lonely? How can I solve it?", None)
+        "0",
+        "Why am I mentally very lonely? How can I solve it?",
+        None,
+    )
 
 
 def test_mnli_train_two_dev_sets_two_test_sets_and_diagnostic(glue_dir):
@@ -243,7 +421,10 @@ def test_data_dir_may_be_the_glue_root_or_the_task_folder(tmp_path, monkeypatch)
     with pytest.raises(UserError) as e:
         get_task("rte", data_dir=tmp_path / "elsewhere").load("train")
     message = str(e.value)
-    assert str(tmp_path / "elsewhere" / "train.tsv") in message and str(tmp_path / "elsewhere" / "RTE" / "train.tsv") in message
+    assert (
+        str(tmp_path / "elsewhere" / "train.tsv") in message
+        and str(tmp_path / "elsewhere" / "RTE" / "train.tsv") in message
+    )
     assert "GLUE root" in message and "\n" not in message
 
 
@@ -260,10 +441,15 @@ def test_snli_official_jsonl_drops_no_consensus(tmp_path):
     folder.mkdir()
     for split in ("train", "dev", "test"):
         (folder / f"snli_1.0_{split}.jsonl").write_text(
-            snli_line("neutral", "A person on a horse jumps over a broken down airplane.",
-                      "A person is training his horse for a competition.", "3416050480.jpg#4r1n")
+            snli_line(
+                "neutral",
+                "A person on a horse jumps over a broken down airplane.",
+                "A person is training his horse for a competition.",
+                "3416050480.jpg#4r1n",
+            )
             + snli_line("-", "Two women are embracing.", "The sisters are hugging.", "4705552913.jpg#2r1n")
-            + snli_line("contradiction", "A man is sleeping.", "A man is running.", "2267923837.jpg#2r1c"))
+            + snli_line("contradiction", "A man is sleeping.", "A man is running.", "2267923837.jpg#2r1c")
+        )
     for data_dir in (folder, tmp_path):
         test = get_task("snli", data_dir=data_dir).load("test")
         assert [(e.label, e.guid) for e in test] == [(2, "3416050480.jpg#4r1n"), (0, "2267923837.jpg#2r1c")]
@@ -275,9 +461,13 @@ def test_scitail_tsv_format_folder_or_parent(tmp_path):
     tsv.mkdir(parents=True)
     for split in ("train", "dev", "test"):
         (tsv / f"scitail_1.0_{split}.tsv").write_text(
-            row("Pluto rotates once on its axis every 6.39 Earth days.", "Earth rotates on its axis once a day.",
-                "neutral")
-            + row("A solution is a homogeneous mixture.", "A solution is a mixture.", "entails"))
+            row(
+                "Pluto rotates once on its axis every 6.39 Earth days.",
+                "Earth rotates on its axis once a day.",
+                "neutral",
+            )
+            + row("A solution is a homogeneous mixture.", "A solution is a mixture.", "entails")
+        )
     for data_dir in (tsv, tsv.parent):
         dev = get_task("scitail", data_dir=data_dir).load("dev")
         assert [(e.label, e.guid) for e in dev] == [(1, "1"), (0, "2")]
@@ -287,9 +477,19 @@ def test_scitail_tsv_format_folder_or_parent(tmp_path):
 def test_submission_files(glue_dir, tmp_path):
     mnli = get_task("mnli")
     assert [mnli.submission_name(s) for s in mnli.test_splits] == ["MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
-    names = {n: get_task(n).submission_name("test") for n in ("cola", "sst2", "mrpc", "stsb", "qqp", "qnli", "rte", "wnli")}
-    assert names == {"cola": "CoLA.tsv", "sst2": "SST-2.tsv", "mrpc": "MRPC.tsv", "stsb": "STS-B.tsv",
-                     "qqp": "QQP.tsv", "qnli": "QNLI.tsv", "rte": "RTE.tsv", "wnli": "WNLI.tsv"}
+    names = {
+        n: get_task(n).submission_name("test") for n in ("cola", "sst2", "mrpc", "stsb", "qqp", "qnli", "rte", "wnli")
+    }
+    assert names == {
+        "cola": "CoLA.tsv",
+        "sst2": "SST-2.tsv",
+        "mrpc": "MRPC.tsv",
+        "stsb": "STS-B.tsv",
+        "qqp": "QQP.tsv",
+        "qnli": "QNLI.tsv",
+        "rte": "RTE.tsv",
+        "wnli": "WNLI.tsv",
+    }
 
     rte = get_task("rte")
     out = tmp_path / "submit" / rte.submission_name("test")
@@ -308,10 +508,12 @@ def test_metrics_match_hand_computed_values():
     assert get_task("cola").compute_metrics([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx({"mcc": mcc})
     precision, recall = 1 / 2, 1 / 1
     assert get_task("mrpc").compute_metrics([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(
-        {"accuracy": 3 / 4, "f1": 2 * precision * recall / (precision + recall)})
+        {"accuracy": 3 / 4, "f1": 2 * precision * recall / (precision + recall)}
+    )
     # x = [1,2,3], y = [1,2,4]: deviations [-1,0,1] and [-4/3,-1/3,5/3]; cov 3, sums of squares 2 and 42/9.
     assert get_task("stsb").compute_metrics([1.0, 2.0, 3.0], [1.0, 2.0, 4.0]) == pytest.approx(
-        {"pearson": 3 / math.sqrt(2 * 42 / 9), "spearman": 1.0})
+        {"pearson": 3 / math.sqrt(2 * 42 / 9), "spearman": 1.0}
+    )
 
 
 def test_missing_glue_dir(monkeypatch):
@@ -341,7 +543,9 @@ def test_malformed_row_names_file_and_line(glue_dir):
 def test_bad_label_names_file_line_label_and_allowed(glue_dir):
     path = glue_dir / "RTE" / "train.tsv"
     path.write_text(FILES["RTE"]["train.tsv"] + row(1, "A dog barks.", "An animal barks.", "entails"))
-    with pytest.raises(UserError, match=re.escape(f"{path}:3: label 'entails' is not one of entailment, not_entailment")):
+    with pytest.raises(
+        UserError, match=re.escape(f"{path}:3: label 'entails' is not one of entailment, not_entailment")
+    ):
         load("rte", "train")
     path = glue_dir / "STS-B" / "dev.tsv"
     path.write_text(FILES["STS-B"]["dev.tsv"].replace("5.000", "high"))

@@ -21,8 +21,17 @@ L, H0, D, F0, V = 3, 4, 16, 32, 50
 
 def tiny_config(**overrides) -> BertConfig:
     # A larger init scale than BERT's 0.02 so every head and FFN gets a clearly non-zero gradient.
-    fields = dict(vocab_size=V, hidden_size=D, num_layers=L, num_heads=H0, intermediate_size=F0,
-                  max_position_embeddings=32, initializer_range=0.2, hidden_dropout=0.1, attention_dropout=0.1)
+    fields = dict(
+        vocab_size=V,
+        hidden_size=D,
+        num_layers=L,
+        num_heads=H0,
+        intermediate_size=F0,
+        max_position_embeddings=32,
+        initializer_range=0.2,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+    )
     return BertConfig(**{**fields, **overrides})
 
 
@@ -174,15 +183,18 @@ def test_scores_save_load_round_trip(tmp_path):
     assert set(d) == {"num_examples", "model_fingerprint", "head", "ffn", "head_raw", "ffn_raw"}
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda d: d.pop("head_raw"),
-    lambda d: d.__setitem__("ffn_raw", [1.0]),
-    lambda d: d.__setitem__("head_raw", [[1.0, 2.0], [1.0], [1.0, 2.0]]),
-    lambda d: d.__setitem__("head_raw", "nope"),
-    lambda d: d["head_raw"][0].__setitem__(0, -1.0),
-    lambda d: d.__setitem__("num_examples", 0),
-    lambda d: d["model_fingerprint"].__setitem__("num_heads", 7),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.pop("head_raw"),
+        lambda d: d.__setitem__("ffn_raw", [1.0]),
+        lambda d: d.__setitem__("head_raw", [[1.0, 2.0], [1.0], [1.0, 2.0]]),
+        lambda d: d.__setitem__("head_raw", "nope"),
+        lambda d: d["head_raw"][0].__setitem__(0, -1.0),
+        lambda d: d.__setitem__("num_examples", 0),
+        lambda d: d["model_fingerprint"].__setitem__("num_heads", 7),
+    ],
+)
 def test_malformed_scores_file(tmp_path, mutate):
     d = Scores([[1.0, 2.0]] * 3, [1.0, 2.0, 3.0], 4, {"num_layers": 3, "num_heads": 2}).to_json()
     mutate(d)

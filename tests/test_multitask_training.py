@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from st.models import load_checkpoint
 from st.multitask import load_task_model
 from st.pipeline import run_finetune
-from st.share import run_share
+from st.share_run import run_share
 from st.specs import DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig
 from st.train import Group, TrainingStep
 from tests.test_share import TA, TB, batch, make_sharer, outside, write_topic_jsonl
@@ -26,7 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def jobs(model, sentiment, topic, held_out=None, **train) -> list[RunSpec]:
     cfg = TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 5e-3, **train})
     model_spec = ModelSpec(str(model), dropout=0.0, head_dropout=0.0)
-    return [RunSpec(DataSpec(task, str(d)), model_spec, cfg, 0, held_out) for task, d in (("csv", sentiment), ("jsonl", topic))]
+    return [
+        RunSpec(DataSpec(task, str(d)), model_spec, cfg, 0, held_out)
+        for task, d in (("csv", sentiment), ("jsonl", topic))
+    ]
 
 
 def test_an_accumulated_task_step_is_one_masked_step_over_all_its_batches():
@@ -40,7 +43,9 @@ def test_an_accumulated_task_step_is_one_masked_step_over_all_its_batches():
         sharer = make_sharer()
         before = {n: p.detach().clone() for n, p in sharer.model.named_parameters()}
         optimizer = torch.optim.Adamax(sharer.model.parameters(), lr=1e-2)
-        TrainingStep(sharer.model, optimizer, TrainConfig(grad_accum=len(micro)), torch.device("cpu"))(sharer.group("a", micro))
+        TrainingStep(sharer.model, optimizer, TrainConfig(grad_accum=len(micro)), torch.device("cpu"))(
+            sharer.group("a", micro)
+        )
         masks = outside(sharer.model, A, 0)
         for name, p in sharer.model.named_parameters():
             assert torch.equal(p.detach()[masks[name]], before[name][masks[name]]), name
@@ -59,7 +64,11 @@ def test_fp16_skips_a_non_finite_step_instead_of_applying_it(task):
     model = sharer.model
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-2)
     step = TrainingStep(model, optimizer, TrainConfig(precision="fp16"), torch.device("cpu"), find_unused=True)
-    group = (lambda: sharer.group("a", [batch(3, 2)])) if task else (lambda: Group([batch(3, 2)], "a step", lambda m, b: m(0, **b)))
+    group = (
+        (lambda: sharer.group("a", [batch(3, 2)]))
+        if task
+        else (lambda: Group([batch(3, 2)], "a step", lambda m, b: m(0, **b)))
+    )
     poison = model.encoder.layers[0].attention.qkv.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scale = step.scaler.get_scale()
@@ -74,8 +83,12 @@ def test_fp16_skips_a_non_finite_step_instead_of_applying_it(task):
 def test_grad_accum_makes_fewer_steps_of_one_task_each(tiny_bert_dir, sentiment_dir, tmp_path):
     topic = write_topic_jsonl(tmp_path / "topic")
     steps = []
-    result = run_share(jobs(tiny_bert_dir, sentiment_dir, topic, grad_accum=3), {"csv": TA, "jsonl": TB}, tmp_path / "m",
-                       on_step=lambda done, total, loss: steps.append((done, total)))
+    result = run_share(
+        jobs(tiny_bert_dir, sentiment_dir, topic, grad_accum=3),
+        {"csv": TA, "jsonl": TB},
+        tmp_path / "m",
+        on_step=lambda done, total, loss: steps.append((done, total)),
+    )
     # 192/16 = 12 and 128/16 = 8 batches: groups of 3 make 4 and 3 (a short last group) steps per epoch
     assert steps[-1] == (7, 7) and len(steps) == 2 * 7
     assert all(e["batches"] == {"csv": 12, "jsonl": 8} for e in result["epochs"])
@@ -116,11 +129,15 @@ def _free_port() -> int:
 def _ddp_worker(rank, world, port, specs, out, result_dir):
     import st.dist as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     with dist.session():
         result = run_share(specs, {"csv": TA, "jsonl": TB}, out)
-        torch.save({"result": result, "weights": load_task_model(out, "csv").state_dict()}, result_dir / f"rank{rank}.pt")
+        torch.save(
+            {"result": result, "weights": load_task_model(out, "csv").state_dict()}, result_dir / f"rank{rank}.pt"
+        )
 
 
 def test_two_process_ddp_multitask_matches_one_process(tiny_bert_dir, sentiment_dir, tmp_path):

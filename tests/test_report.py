@@ -10,10 +10,10 @@ import subprocess
 import sys
 from dataclasses import replace
 
-from st.models.bert import BertConfig
 import pytest
 from scipy.stats import ttest_rel
 
+from st.models.bert import BertConfig
 from st.report import full_ticket_json, summary_lines
 from st.select import FULL, select_super_ticket
 from st.tickets import Ticket
@@ -35,20 +35,47 @@ def _sweep(out, winning_selection: float, spread: float = 0.0) -> None:
     for seed in (0, 1):
         (out / f"seed{seed}" / "full").mkdir(parents=True)
         (out / f"seed{seed}" / "full" / "config.json").write_text(json.dumps({"encoder": CONFIG.to_dict()}))
-        ticket = Ticket(((1, 0), (0, 1), (1, 1)) if seed == 0 else ((0, 1), (1, 1), (1, 0)), (1, 0, 1), 0.5, "winning", seed)
+        ticket = Ticket(
+            ((1, 0), (0, 1), (1, 1)) if seed == 0 else ((0, 1), (1, 1), (1, 0)), (1, 0, 1), 0.5, "winning", seed
+        )
         ticket.save(out / f"seed{seed}" / "winning-r0.50" / "ticket.json")
-        for kind, ratio, run, score in ((FULL, 0.0, f"seed{seed}/full", 0.8), ("winning", 0.5, f"seed{seed}/winning-r0.50/run", winning_selection)):
-            runs.append({"seed": seed, "kind": kind, "ratio": ratio, "percent_remaining": {"model": 100 - 60 * ratio, "encoder": 100 - 70 * ratio},
-                         "selection": {"accuracy": score + 0.01 * seed}, "report": {"accuracy": score - 0.02 * seed * seed + (spread * seed if kind == "winning" else 0)},
-                         "best_epoch": 1, "seconds": 1.0, "run": run, "error": None})
+        for kind, ratio, run, score in (
+            (FULL, 0.0, f"seed{seed}/full", 0.8),
+            ("winning", 0.5, f"seed{seed}/winning-r0.50/run", winning_selection),
+        ):
+            runs.append(
+                {
+                    "seed": seed,
+                    "kind": kind,
+                    "ratio": ratio,
+                    "percent_remaining": {"model": 100 - 60 * ratio, "encoder": 100 - 70 * ratio},
+                    "selection": {"accuracy": score + 0.01 * seed},
+                    "report": {"accuracy": score - 0.02 * seed * seed + (spread * seed if kind == "winning" else 0)},
+                    "best_epoch": 1,
+                    "seconds": 1.0,
+                    "run": run,
+                    "error": None,
+                }
+            )
     train = {"epochs": 1, "batch_size": 8, "lr": 5e-5, "seed": 0}
-    settings = {"job": {"model": "tiny", "train_size": None, "max_length": 128, "train": train},
-                "ratios": [0.5], "kinds": ["winning"], "seeds": 2, "select_fraction": 0.5, "dev_size": None}
-    (out / "results.json").write_text(json.dumps({"task": "t", "main_metric": "accuracy", "settings": settings, "runs": runs}))
+    settings = {
+        "job": {"model": "tiny", "train_size": None, "max_length": 128, "train": train},
+        "ratios": [0.5],
+        "kinds": ["winning"],
+        "seeds": 2,
+        "select_fraction": 0.5,
+        "dev_size": None,
+    }
+    (out / "results.json").write_text(
+        json.dumps({"task": "t", "main_metric": "accuracy", "settings": settings, "runs": runs})
+    )
 
 
 def _render_without_torch(out) -> None:
-    code = f"import sys, st.report; st.report.render({str(out)!r}); assert 'torch' not in sys.modules, 'torch was imported'"
+    code = (
+        f"import sys, st.report; st.report.render({str(out)!r}); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -57,7 +84,9 @@ def test_report_finds_the_chosen_ticket_through_results_json(tmp_path):
     _sweep(tmp_path, winning_selection=0.9)
     _render_without_torch(tmp_path)
     chosen = json.loads((tmp_path / "super_ticket.json").read_text())
-    assert Ticket.from_json(chosen) == Ticket.load(tmp_path / "seed0" / "winning-r0.50" / "ticket.json")  # the first seed's
+    assert Ticket.from_json(chosen) == Ticket.load(
+        tmp_path / "seed0" / "winning-r0.50" / "ticket.json"
+    )  # the first seed's
     assert chosen["ticket_files"] == {"0": "seed0/winning-r0.50/ticket.json", "1": "seed1/winning-r0.50/ticket.json"}
     report = (tmp_path / "report.md").read_text()
     assert "| 0.5 | 70.0 | **90.50 ± 0.71** |" in report and "| 1 | 91.00 | 81.00 | 88.00 | 78.00 | +10.00 |" in report
@@ -81,7 +110,11 @@ def test_report_shows_the_gain_with_its_confidence_interval(tmp_path):
     assert f"on the report part: 90.50 ± 0.71 vs the full model's 79.00 ± 1.41, {line}" in report
     assert "percentile bootstrap of the mean difference" in report
     chosen = json.loads((tmp_path / "super_ticket.json").read_text())
-    assert chosen["gain"] == pytest.approx(0.115) and chosen["ci"] == pytest.approx([0.10, 0.13]) and chosen["p_value"] == pytest.approx(p)
+    assert (
+        chosen["gain"] == pytest.approx(0.115)
+        and chosen["ci"] == pytest.approx([0.10, 0.13])
+        and chosen["p_value"] == pytest.approx(p)
+    )
 
 
 def test_summary_has_no_interval_where_every_seed_gains_the_same(tmp_path):

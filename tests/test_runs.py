@@ -15,7 +15,12 @@ SETTINGS = {"task": "csv", "train": {"lr": 0.001, "epochs": 2}, "ticket": None}
 
 
 def test_flatten_names_nested_settings():
-    assert flatten({"a": 1, "train": {"lr": 2, "opt": {"b": 3}}, "empty": {}}) == {"a": 1, "train.lr": 2, "train.opt.b": 3, "empty": {}}
+    assert flatten({"a": 1, "train": {"lr": 2, "opt": {"b": 3}}, "empty": {}}) == {
+        "a": 1,
+        "train.lr": 2,
+        "train.opt.b": 3,
+        "empty": {},
+    }
 
 
 def test_a_new_folder_records_its_settings_and_other_settings_are_refused(tmp_path):
@@ -70,10 +75,18 @@ def test_commit_moves_the_best_files_and_marks_the_run_finished(tmp_path):
     run.commit({"dev": {"accuracy": 0.75}}, {"report.md": "# done\n"})
 
     folder = tmp_path / "run"
-    assert (folder / "model.safetensors").read_bytes() == b"weights" and (folder / "tickets" / "a.json").read_text() == "[1]"
+    assert (folder / "model.safetensors").read_bytes() == b"weights" and (
+        folder / "tickets" / "a.json"
+    ).read_text() == "[1]"
     assert (folder / "report.md").read_text() == "# done\n" and not (folder / PROGRESS).exists()
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "report.md",
-                                                       "run.json", "tickets"]  # no temporary file left
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "metrics.json",
+        "model.safetensors",
+        "report.md",
+        "run.json",
+        "tickets",
+    ]  # no temporary file left
     assert run.check(SETTINGS) == {"dev": {"accuracy": 0.75}}  # finished: its metrics, nothing to do
 
 
@@ -89,7 +102,10 @@ def test_one_writer_per_folder_and_the_lock_dies_with_its_process(tmp_path):
     assert not (tmp_path / "run.json").exists()
     held.close()
     # a process killed while holding the lock leaves the file but not the lock
-    code = f"from pathlib import Path; from st.runs import lock_folder; import os; h = lock_folder(Path({str(tmp_path)!r})); os._exit(0)"
+    code = (
+        "from pathlib import Path; from st.runs import lock_folder; import os; "
+        f"h = lock_folder(Path({str(tmp_path)!r})); os._exit(0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     RunFolder(tmp_path).claim(SETTINGS)
     assert (tmp_path / "run.json").exists()

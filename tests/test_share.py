@@ -5,9 +5,9 @@ a two-task run end to end."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import random
 from collections import Counter
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,13 +15,14 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import cli
+from cli.params import TaskNames, for_tasks, ratios_for_tasks
 from st.errors import UserError
 from st.importance import Scores
 from st.models.bert import Bert, BertConfig
-from cli.params import TaskNames, for_tasks, ratios_for_tasks
 from st.multitask import load_task_model
 from st.pipeline import build_task, build_tokenizer, load_split
-from st.share import TicketSharer, epoch_plan, run_share
+from st.share import TicketSharer, epoch_plan
+from st.share_run import run_share
 from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
 from st.tasks.glue import GLUE_TASKS
 from st.tickets import Ticket, tickets_for_tasks
@@ -31,8 +32,16 @@ from tests.conftest import WORDS
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
-CONFIG = BertConfig(vocab_size=30, hidden_size=16, num_layers=3, num_heads=4, intermediate_size=32,
-                    max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
+CONFIG = BertConfig(
+    vocab_size=30,
+    hidden_size=16,
+    num_layers=3,
+    num_heads=4,
+    intermediate_size=32,
+    max_position_embeddings=32,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)
 # Union: layer 0 heads 0-2, layer 1 heads 0-1, layer 2 all; FFN 0 (A only), 1 (B only); FFN 2 and
 # heads L0h3, L1h2, L1h3 chosen by nobody. Shared by both: L0h1, L1h0, L2h2, L2h3.
 A = Ticket(((1, 1, 0, 0), (1, 0, 0, 0), (1, 1, 1, 1)), (1, 0, 0), 0.3, "winning")
@@ -52,8 +61,12 @@ def batch(seed: int, num_labels: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     attention = torch.ones(4, 7, dtype=torch.long)
     attention[1, 5:] = 0
-    return {"input_ids": torch.randint(5, 30, (4, 7), generator=g) * attention, "token_type_ids": torch.zeros(4, 7, dtype=torch.long),
-            "attention_mask": attention, "labels": torch.randint(0, num_labels, (4,), generator=g)}
+    return {
+        "input_ids": torch.randint(5, 30, (4, 7), generator=g) * attention,
+        "token_type_ids": torch.zeros(4, 7, dtype=torch.long),
+        "attention_mask": attention,
+        "labels": torch.randint(0, num_labels, (4,), generator=g),
+    }
 
 
 def outside(model, ticket: Ticket, task: int) -> dict[str, torch.Tensor]:
@@ -84,8 +97,10 @@ def outside(model, ticket: Ticket, task: int) -> dict[str, torch.Tensor]:
 
 def snapshot(sharer, optimizer):
     params = {n: p.detach().clone() for n, p in sharer.model.named_parameters()}
-    states = {n: {k: v.clone() for k, v in optimizer.state[p].items() if v.shape == p.shape}
-              for n, p in sharer.model.named_parameters()}
+    states = {
+        n: {k: v.clone() for k, v in optimizer.state[p].items() if v.shape == p.shape}
+        for n, p in sharer.model.named_parameters()
+    }
     return params, states
 
 
@@ -116,9 +131,13 @@ def test_a_task_step_changes_exactly_its_ticket_and_optimizer_state(optimizer):
             assert torch.equal(p.detach()[out], params[pname][out]), f"{name} step moved {pname} outside its ticket"
             for key in state_keys:
                 if key in states[pname]:
-                    assert torch.equal(opt.state[p][key][out], states[pname][key][out]), f"{name} step moved {key} of {pname}"
+                    assert torch.equal(opt.state[p][key][out], states[pname][key][out]), (
+                        f"{name} step moved {key} of {pname}"
+                    )
             if (~out).any():
-                assert not torch.equal(p.detach()[~out], params[pname][~out]), f"{name} step left {pname} unchanged inside its ticket"
+                assert not torch.equal(p.detach()[~out], params[pname][~out]), (
+                    f"{name} step left {pname} unchanged inside its ticket"
+                )
         # head by head: L0h0 is A's alone, L0h1 shared, L0h2 B's alone (rows of Q at positions 0, 1, 2)
         q = dict(sharer.model.named_parameters())["encoder.layers.0.attention.qkv.weight"].detach()
         before = params["encoder.layers.0.attention.qkv.weight"]
@@ -183,7 +202,11 @@ def resolve_tickets(names, values, config, ratios=None) -> dict:
 
 
 def test_task_lists():
-    assert parse_tasks("glue") == list(GLUE_TASKS) == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    assert (
+        parse_tasks("glue")
+        == list(GLUE_TASKS)
+        == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    )
     assert parse_tasks("rte, mrpc") == ["rte", "mrpc"]
     with pytest.raises(UserError, match="listed twice"):
         parse_tasks("rte,mrpc,rte")
@@ -211,13 +234,17 @@ def test_ticket_sources(tmp_path):
     with pytest.raises(UserError, match="shape 4×4 for a model with 3×4"):
         resolve_tickets(["a"], [f"a={other_shape}"], CONFIG)
     other_model = tmp_path / "wide.json"
-    Ticket(A.head_mask, A.ffn_mask, 0.3, "winning", model_fingerprint={"num_layers": 3, "num_heads": 4, "hidden_size": 768}).save(other_model)
+    Ticket(
+        A.head_mask, A.ffn_mask, 0.3, "winning", model_fingerprint={"num_layers": 3, "num_heads": 4, "hidden_size": 768}
+    ).save(other_model)
     with pytest.raises(UserError, match="different model.*hidden_size 768 vs 16"):
         resolve_tickets(["a"], [f"a={other_model}"], CONFIG)
 
     # --ratios: winning tickets from importance scores
     rng = random.Random(0)
-    Scores([[rng.random() for _ in range(4)] for _ in range(3)], [1.0, 2.0, 3.0], 10).save(b / "seed0" / "scores.json")  # sweep layout
+    Scores([[rng.random() for _ in range(4)] for _ in range(3)], [1.0, 2.0, 3.0], 10).save(
+        b / "seed0" / "scores.json"
+    )  # sweep layout
     made = resolve_tickets(["b"], [str(b)], CONFIG, ratios=[0.5])["b"]
     assert made.heads_pruned == 6 and made.ffn_mask == (0, 0, 1)  # round(1.5) FFN blocks, lowest scores first
     with pytest.raises(UserError, match="add --ratios"):
@@ -248,8 +275,10 @@ TB = Ticket(((0, 1, 1, 0), (1, 0, 0, 0)), (1, 0), 0.4, "winning")
 def test_two_task_run_end_to_end(tiny_bert_dir, sentiment_dir, tmp_path):
     topic_dir = write_topic_jsonl(tmp_path / "topic")
     cfg = TrainConfig(epochs=3, batch_size=16, lr=5e-3)
-    jobs = [RunSpec(DataSpec(task, str(d)), ModelSpec(str(tiny_bert_dir), dropout=0.0, head_dropout=0.0), cfg)
-            for task, d in (("csv", sentiment_dir), ("jsonl", topic_dir))]
+    jobs = [
+        RunSpec(DataSpec(task, str(d)), ModelSpec(str(tiny_bert_dir), dropout=0.0, head_dropout=0.0), cfg)
+        for task, d in (("csv", sentiment_dir), ("jsonl", topic_dir))
+    ]
     out = tmp_path / "mtl"
     with pytest.raises(UserError, match="task jsonl has no ticket; pass --tickets jsonl=PATH"):
         run_share(jobs, {"csv": TA}, out)
@@ -258,10 +287,20 @@ def test_two_task_run_end_to_end(tiny_bert_dir, sentiment_dir, tmp_path):
 
     assert set(result["dev"]) == {"csv", "jsonl"} and set(result["dev"]["csv"]) == {"accuracy", "f1"}
     assert result["dev"]["csv"]["accuracy"] >= 0.7 and result["dev"]["jsonl"]["accuracy"] >= 0.7
-    assert result["average"] == pytest.approx((result["dev"]["csv"]["accuracy"] + result["dev"]["jsonl"]["accuracy"]) / 2)
+    assert result["average"] == pytest.approx(
+        (result["dev"]["csv"]["accuracy"] + result["dev"]["jsonl"]["accuracy"]) / 2
+    )
     assert all(e["batches"] == {"csv": 12, "jsonl": 8} for e in result["epochs"])  # 192/16 and 128/16, each once
     assert 0 < result["percent_remaining"]["encoder"] < 100 and result["tickets"] == "shared"
-    for name in ("model.safetensors", "config.json", "tickets/csv.json", "tickets/jsonl.json", "metrics.json", "report.md", "vocab.txt"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tickets/csv.json",
+        "tickets/jsonl.json",
+        "metrics.json",
+        "report.md",
+        "vocab.txt",
+    ):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text()
     assert "| csv | accuracy |" in report and "average" in report and "union" in report
@@ -276,13 +315,17 @@ def test_two_task_run_end_to_end(tiny_bert_dir, sentiment_dir, tmp_path):
     assert evaluate(model, dev, task, tokenizer.pad_id) == result["dev"]["csv"]
     with pytest.raises(UserError, match="not in this multi-task model"):
         load_task_model(out, "sst2")
-    assert run_share(jobs, {"csv": TA, "jsonl": TB}, out) == json.loads((out / "metrics.json").read_text())  # finished: kept
+    assert run_share(jobs, {"csv": TA, "jsonl": TB}, out) == json.loads(
+        (out / "metrics.json").read_text()
+    )  # finished: kept
 
     # "+ ST fine-tuning": `st finetune --init MTL_DIR --task t` continues from task t's head and ticket
     from st.models import load_checkpoint
     from st.pipeline import run_finetune
 
-    tuned = run_finetune(replace(job, model=replace(job.model, init=str(out)), train=replace(cfg, epochs=1)), tmp_path / "after_mtl")
+    tuned = run_finetune(
+        replace(job, model=replace(job.model, init=str(out)), train=replace(cfg, epochs=1)), tmp_path / "after_mtl"
+    )
     after, _ = load_checkpoint(tmp_path / "after_mtl")
     assert after.encoder.config.kept_heads == ((0, 1), (0, 2)) and after.encoder.config.ffn_sizes == (32, 0)
     assert tuned["dev"]["accuracy"] >= 0.7
@@ -312,59 +355,145 @@ def st(*args, ok: bool = True) -> str:
 
 def test_cli_no_tickets_and_bad_inputs(tiny_bert_dir, sentiment_dir, tmp_path):
     topic_dir = write_topic_jsonl(tmp_path / "topic", n_train=48, n_dev=16)
-    common = ["--model", tiny_bert_dir, "--data-dir", f"csv={sentiment_dir}", "--data-dir", f"jsonl={topic_dir}",
-              "--epochs", 1, "--batch-size", 32, "--device", "cpu"]
+    common = [
+        "--model",
+        tiny_bert_dir,
+        "--data-dir",
+        f"csv={sentiment_dir}",
+        "--data-dir",
+        f"jsonl={topic_dir}",
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--device",
+        "cpu",
+    ]
     out = st("share", "--tasks", "csv,jsonl", "--no-tickets", *common, "--out", tmp_path / "mtdnn")
     assert "average" in out
     metrics = json.loads((tmp_path / "mtdnn" / "metrics.json").read_text())
     assert metrics["tickets"] == "none" and metrics["percent_remaining"]["encoder"] == 100.0
 
     TA.save(tmp_path / "a.json")
-    assert "listed twice" in st("share", "--tasks", "csv,csv", "--no-tickets", *common, "--out", tmp_path / "x", ok=False)
-    assert "task jsonl has no ticket" in st("share", "--tasks", "csv,jsonl", "--tickets", f"csv={tmp_path / 'a.json'}",
-                                            *common, "--out", tmp_path / "x", ok=False)
+    assert "listed twice" in st(
+        "share", "--tasks", "csv,csv", "--no-tickets", *common, "--out", tmp_path / "x", ok=False
+    )
+    assert "task jsonl has no ticket" in st(
+        "share",
+        "--tasks",
+        "csv,jsonl",
+        "--tickets",
+        f"csv={tmp_path / 'a.json'}",
+        *common,
+        "--out",
+        tmp_path / "x",
+        ok=False,
+    )
     Ticket(((1, 1, 1, 1),) * 3, (1,) * 3, 0.0, "winning").save(tmp_path / "deep.json")
-    assert "shape 3×4" in st("share", "--tasks", "csv", "--tickets", tmp_path / "deep.json", *common[:2], "--out", tmp_path / "x", ok=False)
+    assert "shape 3×4" in st(
+        "share", "--tasks", "csv", "--tickets", tmp_path / "deep.json", *common[:2], "--out", tmp_path / "x", ok=False
+    )
     assert "--no-tickets" in st("share", "--tasks", "csv", *common[:2], "--out", tmp_path / "x", ok=False)
-
 
 
 def test_cli_per_task_train_sizes_and_test_report(tiny_bert_dir, sentiment_dir, tmp_path):
     """--train-sizes gives each task its own sample; --report-split test is evaluated once on the chosen weights."""
     topic_dir = write_topic_jsonl(tmp_path / "topic", n_train=48, n_dev=16)
-    common = ["--model", tiny_bert_dir, "--data-dir", f"csv={sentiment_dir}", "--data-dir", f"jsonl={topic_dir}",
-              "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--no-tickets"]
-    st("share", "--tasks", "csv,jsonl", *common, "--train-size", 40, "--train-sizes", "jsonl=24", "--report-split", "test",
-       "--out", tmp_path / "m")
+    common = [
+        "--model",
+        tiny_bert_dir,
+        "--data-dir",
+        f"csv={sentiment_dir}",
+        "--data-dir",
+        f"jsonl={topic_dir}",
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--device",
+        "cpu",
+        "--no-tickets",
+    ]
+    st(
+        "share",
+        "--tasks",
+        "csv,jsonl",
+        *common,
+        "--train-size",
+        40,
+        "--train-sizes",
+        "jsonl=24",
+        "--report-split",
+        "test",
+        "--out",
+        tmp_path / "m",
+    )
     settings = json.loads((tmp_path / "m" / "run.json").read_text())["tasks"]
     assert (settings["csv"]["train_size"], settings["jsonl"]["train_size"]) == (40, 24)
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert metrics["report_split"] == "test" and metrics["extra_dev"] == {}
     for task in ("csv", "jsonl"):
         assert 0 <= metrics["report"][task]["accuracy"] <= 1
-    assert "--train-sizes names task mnli" in st("share", "--tasks", "csv,jsonl", *common, "--train-sizes", "mnli=3",
-                                                "--out", tmp_path / "x", ok=False)
-    assert "positive whole number" in st("share", "--tasks", "csv,jsonl", *common, "--train-sizes", "csv=0",
-                                         "--out", tmp_path / "x", ok=False)
-    assert "no split 'exam'" in st("share", "--tasks", "csv,jsonl", *common, "--report-split", "exam", "--out", tmp_path / "x", ok=False)
+    assert "--train-sizes names task mnli" in st(
+        "share", "--tasks", "csv,jsonl", *common, "--train-sizes", "mnli=3", "--out", tmp_path / "x", ok=False
+    )
+    assert "positive whole number" in st(
+        "share", "--tasks", "csv,jsonl", *common, "--train-sizes", "csv=0", "--out", tmp_path / "x", ok=False
+    )
+    assert "no split 'exam'" in st(
+        "share", "--tasks", "csv,jsonl", *common, "--report-split", "exam", "--out", tmp_path / "x", ok=False
+    )
     assert not (tmp_path / "x" / "run.json").exists()  # so the corrected command may use the same --out
-
 
 
 def test_a_task_the_multitask_model_never_saw_starts_from_its_shared_encoder(tiny_bert_dir, sentiment_dir, tmp_path):
     """Domain adaptation (`st adapt --from NAME=MTL_DIR`): the union of the tickets and a fresh head."""
     topic_dir = write_topic_jsonl(tmp_path / "topic", n_train=48, n_dev=16)
     TA.save(tmp_path / "a.json")
-    st("share", "--tasks", "csv", "--tickets", tmp_path / "a.json", "--model", tiny_bert_dir, "--data-dir", f"csv={sentiment_dir}",
-       "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--out", tmp_path / "m")
-    st("finetune", "--task", "jsonl", "--data-dir", topic_dir, "--init", tmp_path / "m", "--epochs", 1, "--batch-size", 16,
-       "--device", "cpu", "--out", tmp_path / "adapted")
+    st(
+        "share",
+        "--tasks",
+        "csv",
+        "--tickets",
+        tmp_path / "a.json",
+        "--model",
+        tiny_bert_dir,
+        "--data-dir",
+        f"csv={sentiment_dir}",
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "m",
+    )
+    st(
+        "finetune",
+        "--task",
+        "jsonl",
+        "--data-dir",
+        topic_dir,
+        "--init",
+        tmp_path / "m",
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "adapted",
+    )
     from st.models import load_checkpoint
+
     model, _ = load_checkpoint(tmp_path / "adapted")
     assert model.encoder.config.kept_heads == ((0, 1), (0, 2)) and model.encoder.config.ffn_sizes == (32, 0)
     # before training: the shared encoder's weights are carried over, the csv head is not
     from st.pipeline import build_model, build_task
     from st.specs import run_spec
+
     spec = run_spec("jsonl", data_dir=str(topic_dir), init=str(tmp_path / "m"), seed=0)
     start, csv_model = build_model(spec, build_task(spec.data)), load_task_model(tmp_path / "m", "csv")
     assert torch.equal(start.encoder.layers[0].attention.qkv.weight, csv_model.encoder.layers[0].attention.qkv.weight)
@@ -388,35 +517,71 @@ def nine_glue_files(n_train: int = 8, n_dev: int = 4) -> dict:
         return "".join(make(i) for i in range(n))
 
     nli = ("contradiction", "entailment", "neutral")
-    sts_head = row("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score")
+    sts_head = row(
+        "index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"
+    )
 
     def sts(n, constant=False):
-        return sts_head + rows(n, lambda i: row(i, "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none",
-                                                sent(), sent(), "2.500" if constant else f"{i % 6:.3f}"))
+        return sts_head + rows(
+            n,
+            lambda i: row(
+                i,
+                "main-captions",
+                "MSRvid",
+                "2012test",
+                f"{i:04d}",
+                "none",
+                "none",
+                sent(),
+                sent(),
+                "2.500" if constant else f"{i % 6:.3f}",
+            ),
+        )
 
     def mnli_dev(n):
         return row(*MNLI_HEAD, "label1", "label2", "label3", "label4", "label5", "gold_label") + rows(
-            n, lambda i: row(i, 100 + i, f"{100 + i}n", "slate", *PARSES, sent(), sent(), *([nli[i % 3]] * 6)))
+            n, lambda i: row(i, 100 + i, f"{100 + i}n", "slate", *PARSES, sent(), sent(), *([nli[i % 3]] * 6))
+        )
 
-    files = {"CoLA": {s: rows(n, lambda i: row("gj04", i % 2, "" if i % 2 else "*", sent()))
-                      for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))},
-             "SST-2": {s: row("sentence", "label") + rows(n, lambda i: row(sent(), i % 2))
-                       for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))},
-             "MRPC": {s: row("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
-                      + rows(n, lambda i: row(i % 2, 1000 + i, 2000 + i, sent(), sent()))
-                      for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))},
-             "STS-B": {"train.tsv": sts(n_train), "dev.tsv": sts(n_dev, constant=True)},
-             "QQP": {s: row("id", "qid1", "qid2", "question1", "question2", "is_duplicate")
-                     + rows(n, lambda i: row(i, 2 * i, 2 * i + 1, sent(), sent(), i % 2))
-                     for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))},
-             "MNLI": {"train.tsv": row(*MNLI_HEAD, "label1", "gold_label")
-                      + rows(n_train, lambda i: row(i, i, f"{i}n", "fiction", *PARSES, sent(), sent(), nli[i % 3], nli[i % 3])),
-                      "dev_matched.tsv": mnli_dev(n_dev), "dev_mismatched.tsv": mnli_dev(n_dev + 1)},
-             **{folder: {s: row("index", *cols, "label") + rows(n, lambda i: row(i, sent(), sent(), labels[i % 2]))
-                         for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))}
-                for folder, cols, labels in (("QNLI", ("question", "sentence"), ("entailment", "not_entailment")),
-                                             ("RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment")),
-                                             ("WNLI", ("sentence1", "sentence2"), ("0", "1")))}}
+    files = {
+        "CoLA": {
+            s: rows(n, lambda i: row("gj04", i % 2, "" if i % 2 else "*", sent()))
+            for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))
+        },
+        "SST-2": {
+            s: row("sentence", "label") + rows(n, lambda i: row(sent(), i % 2))
+            for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))
+        },
+        "MRPC": {
+            s: row("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
+            + rows(n, lambda i: row(i % 2, 1000 + i, 2000 + i, sent(), sent()))
+            for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))
+        },
+        "STS-B": {"train.tsv": sts(n_train), "dev.tsv": sts(n_dev, constant=True)},
+        "QQP": {
+            s: row("id", "qid1", "qid2", "question1", "question2", "is_duplicate")
+            + rows(n, lambda i: row(i, 2 * i, 2 * i + 1, sent(), sent(), i % 2))
+            for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))
+        },
+        "MNLI": {
+            "train.tsv": row(*MNLI_HEAD, "label1", "gold_label")
+            + rows(n_train, lambda i: row(i, i, f"{i}n", "fiction", *PARSES, sent(), sent(), nli[i % 3], nli[i % 3])),
+            "dev_matched.tsv": mnli_dev(n_dev),
+            "dev_mismatched.tsv": mnli_dev(n_dev + 1),
+        },
+        **{
+            folder: {
+                s: row("index", *cols, "label")
+                + rows(n, lambda i, labels=labels: row(i, sent(), sent(), labels[i % 2]))
+                for s, n in (("train.tsv", n_train), ("dev.tsv", n_dev))
+            }
+            for folder, cols, labels in (
+                ("QNLI", ("question", "sentence"), ("entailment", "not_entailment")),
+                ("RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment")),
+                ("WNLI", ("sentence1", "sentence2"), ("0", "1")),
+            )
+        },
+    }
     return files
 
 
@@ -427,8 +592,22 @@ def test_share_on_all_nine_glue_tasks(tiny_bert_dir, tmp_path, monkeypatch):
     write_glue(tmp_path / "glue", nine_glue_files())
     monkeypatch.setenv("GLUE_DIR", str(tmp_path / "glue"))
     out = tmp_path / "mtdnn"
-    st("share", "--tasks", "glue", "--no-tickets", "--model", tiny_bert_dir, "--epochs", 1, "--batch-size", 4,
-       "--device", "cpu", "--out", out)
+    st(
+        "share",
+        "--tasks",
+        "glue",
+        "--no-tickets",
+        "--model",
+        tiny_bert_dir,
+        "--epochs",
+        1,
+        "--batch-size",
+        4,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    )
 
     metrics = json.loads((out / "metrics.json").read_text())  # strict JSON: NaN is written as null
     json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
@@ -447,8 +626,15 @@ def test_share_on_all_nine_glue_tasks(tiny_bert_dir, tmp_path, monkeypatch):
     heads = {t["name"]: t["num_labels"] for t in config["tasks"]}
     assert heads["stsb"] == 1 and heads["mnli"] == 3 and heads["cola"] == 2
     assert set(metrics["dev"]["stsb"]) == {"pearson", "spearman"} and metrics["dev"]["stsb"]["pearson"] is None
-    expected = sum(0.0 if metrics["dev"][n][metrics["main_metric"][n]] is None else metrics["dev"][n][metrics["main_metric"][n]]
-                   for n in GLUE_TASKS) / 9
+    expected = (
+        sum(
+            0.0
+            if metrics["dev"][n][metrics["main_metric"][n]] is None
+            else metrics["dev"][n][metrics["main_metric"][n]]
+            for n in GLUE_TASKS
+        )
+        / 9
+    )
     assert metrics["average"] == pytest.approx(expected)
     report = (out / "report.md").read_text()
     assert "| mnli | dev_mismatched | accuracy |" in report and "mnli: dev_matched" in report
@@ -473,14 +659,31 @@ def test_task_importance_figure(tmp_path):
 
     a.save(tmp_path / "a.json")
     b.save(tmp_path / "b.json")
-    st("task-importance", "--scores", f"sst2={tmp_path / 'a.json'}", "--scores", f"mnli={tmp_path / 'b.json'}",
-       "--out", tmp_path / "cli.png")
-    assert (tmp_path / "cli.png").stat().st_size > 1000 and json.loads((tmp_path / "cli.json").read_text())["tasks"] == ["sst2", "mnli"]
+    st(
+        "task-importance",
+        "--scores",
+        f"sst2={tmp_path / 'a.json'}",
+        "--scores",
+        f"mnli={tmp_path / 'b.json'}",
+        "--out",
+        tmp_path / "cli.png",
+    )
+    assert (tmp_path / "cli.png").stat().st_size > 1000 and json.loads((tmp_path / "cli.json").read_text())[
+        "tasks"
+    ] == ["sst2", "mnli"]
 
     deep = Scores([[1.0] * 4] * 3, [1.0] * 3, 10)
     with pytest.raises(UserError, match="3×4 but sst2's are 2×4"):
         task_importance({"sst2": a, "rte": deep})
     deep.save(tmp_path / "deep.json")
-    out = st("task-importance", "--scores", f"sst2={tmp_path / 'a.json'}", "--scores", f"rte={tmp_path / 'deep.json'}",
-             "--out", tmp_path / "bad.png", ok=False)
+    out = st(
+        "task-importance",
+        "--scores",
+        f"sst2={tmp_path / 'a.json'}",
+        "--scores",
+        f"rte={tmp_path / 'deep.json'}",
+        "--out",
+        tmp_path / "bad.png",
+        ok=False,
+    )
     assert "3×4" in out and not (tmp_path / "bad.png").exists()

@@ -5,38 +5,74 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from st.errors import UserError
 from st.pipeline import resolve_defaults, run_finetune
 from st.specs import DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig, run_spec
-from st.sweep import QUICK, plan
+from st.sweep_config import QUICK, plan
 from st.tickets import Ticket
 
 
 def test_options_left_out_take_the_defaults():
     spec = run_spec("csv", epochs=2, text_columns="a,b", regression=True, seed=None)
-    assert spec == RunSpec(DataSpec("csv", task_options=(("text_columns", "a,b"), ("regression", True))),
-                           ModelSpec(), TrainConfig(epochs=2))
+    assert spec == RunSpec(
+        DataSpec("csv", task_options=(("text_columns", "a,b"), ("regression", True))),
+        ModelSpec(),
+        TrainConfig(epochs=2),
+    )
     assert spec.train.lr is None and spec.model.name == "minilm-l6" and spec.seed == 0
     with pytest.raises(UserError, match=r"--train-fraction must be in \(0, 1\]"):
         run_spec("csv", train_fraction=1.5)
 
 
 def test_settings_keep_run_json_layout_and_read_back():
-    spec = RunSpec(DataSpec("csv", "data", (("label_column", "y"),), 10, None, 64), ModelSpec("m", 0.0, 0.05, weights="ab12"),
-                   TrainConfig(epochs=1, lr=1e-3, precision="bf16"), seed=4, held_out=HeldOut(0.5, 200))
+    spec = RunSpec(
+        DataSpec("csv", "data", (("label_column", "y"),), 10, None, 64),
+        ModelSpec("m", 0.0, 0.05, weights="ab12"),
+        TrainConfig(epochs=1, lr=1e-3, precision="bf16"),
+        seed=4,
+        held_out=HeldOut(0.5, 200),
+    )
     settings = spec.settings()
-    assert list(settings) == ["task", "model", "data_dir", "task_options", "train_size", "train_fraction", "max_length",
-                              "dropout", "head_dropout", "ticket", "init", "model_weights", "train", "dev_size", "select_fraction"]
-    assert settings["train"] == {"epochs": 1, "batch_size": 32, "lr": 1e-3, "warmup": 0.1, "weight_decay": 0.0, "clip": 1.0,
-                                 "grad_accum": 1, "seed": 4, "precision": "bf16"}
+    assert list(settings) == [
+        "task",
+        "model",
+        "data_dir",
+        "task_options",
+        "train_size",
+        "train_fraction",
+        "max_length",
+        "dropout",
+        "head_dropout",
+        "ticket",
+        "init",
+        "model_weights",
+        "train",
+        "dev_size",
+        "select_fraction",
+    ]
+    assert settings["train"] == {
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "warmup": 0.1,
+        "weight_decay": 0.0,
+        "clip": 1.0,
+        "grad_accum": 1,
+        "seed": 4,
+        "precision": "bf16",
+    }
     assert RunSpec.from_settings(json.loads(json.dumps(settings))) == spec
     # a run.json written before specs (it also held the device) still reads back
-    old = {**settings, "train": {**settings["train"], "device": "cuda:1", "eval_batch_size": 128}, "ticket": "/old/ticket.json"}
+    old = {
+        **settings,
+        "train": {**settings["train"], "device": "cuda:1", "eval_batch_size": 128},
+        "ticket": "/old/ticket.json",
+    }
     assert RunSpec.from_settings(old) == spec
 
 
@@ -66,13 +102,24 @@ def test_sweep_presets_merge_in_the_library(tiny_bert_dir):
 def test_a_run_is_its_ticket_not_the_ticket_file(tiny_bert_dir, sentiment_dir, tmp_path):
     keep_first = Ticket(((0, 1, 1, 1), (1, 1, 1, 1)), (1, 1), 0.1, "winning")
     keep_last = Ticket(((1, 1, 1, 1), (1, 1, 1, 0)), (1, 1), 0.1, "winning")
-    spec = run_spec("csv", model=str(tiny_bert_dir), data_dir=str(sentiment_dir), epochs=1, batch_size=16, lr=5e-3,
-                    ticket=keep_first)
+    spec = run_spec(
+        "csv",
+        model=str(tiny_bert_dir),
+        data_dir=str(sentiment_dir),
+        epochs=1,
+        batch_size=16,
+        lr=5e-3,
+        ticket=keep_first,
+    )
     first = run_finetune(spec, tmp_path / "run")
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["ticket"]["head_mask"] == [list(r) for r in keep_first.head_mask]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["ticket"]["head_mask"] == [
+        list(r) for r in keep_first.head_mask
+    ]
     shutil.move(tmp_path / "run", tmp_path / "moved")  # a moved folder is the same run: finished
     assert run_finetune(spec, tmp_path / "moved") == first
-    with pytest.raises(UserError, match=r"ticket.head_mask=\[\[0, 1, 1, 1\], \[1, 1, 1, 1\]\], not \[\[1, 1, 1, 1\], \[1, 1, 1, 0\]\]"):
+    with pytest.raises(
+        UserError, match=r"ticket.head_mask=\[\[0, 1, 1, 1\], \[1, 1, 1, 1\]\], not \[\[1, 1, 1, 1\], \[1, 1, 1, 0\]\]"
+    ):
         run_finetune(replace(spec, model=replace(spec.model, ticket=keep_last)), tmp_path / "moved")
 
 
@@ -98,24 +145,46 @@ def test_folders_written_by_release_0_1_0_still_resume(tiny_bert_dir, sentiment_
     sweep's ticket run, a multi-task run) and sweep.json for the same tiny model and data: today's specs
     write exactly that, so those folders resume, and each reads back into the spec that wrote it."""
     from st.pipeline import weights_digest
-    from st.sweep import SweepConfig
+    from st.sweep_config import SweepConfig
 
     text = (Path(__file__).parent / "data" / "settings_0.1.0.json").read_text()
-    for name, value in (("{MODEL}", tiny_bert_dir), ("{DATA}", sentiment_dir), ("{WEIGHTS}", weights_digest(tiny_bert_dir))):
+    for name, value in (
+        ("{MODEL}", tiny_bert_dir),
+        ("{DATA}", sentiment_dir),
+        ("{WEIGHTS}", weights_digest(tiny_bert_dir)),
+    ):
         text = text.replace(name, str(value))
     old = json.loads(text)
     ticket = Ticket(((0, 1, 1, 1), (1, 1, 1, 1)), (1, 0), 0.3, "winning", seed=2)
     common = dict(model=str(tiny_bert_dir), data_dir=str(sentiment_dir))
     plain = resolve_defaults(run_spec("csv", **common, epochs=1, batch_size=16))
-    options = resolve_defaults(run_spec("csv", **common, text_columns="sentence", label_column="label", epochs=2, grad_accum=2,
-                                        train_size=64, report_split="test", seed=3, precision="bf16", head_dropout=0.05))
-    sweep = SweepConfig.create(plain, ratios=(0.3, 0.5), kinds=("winning", "random"), control_ratios=(0.5,), seeds=2,
-                        held_out=HeldOut(0.5, 40))
+    options = resolve_defaults(
+        run_spec(
+            "csv",
+            **common,
+            text_columns="sentence",
+            label_column="label",
+            epochs=2,
+            grad_accum=2,
+            train_size=64,
+            report_split="test",
+            seed=3,
+            precision="bf16",
+            head_dropout=0.05,
+        )
+    )
+    sweep = SweepConfig.create(
+        plain, ratios=(0.3, 0.5), kinds=("winning", "random"), control_ratios=(0.5,), seeds=2, held_out=HeldOut(0.5, 40)
+    )
     shared = resolve_defaults(run_spec("csv", **common, epochs=1))
     assert plain.settings() == old["finetune"] and options.settings() == old["finetune_options"]
     assert sweep.settings() == old["sweep"] and sweep.seed_spec(1, ticket).settings() == old["sweep_ticket_run"]
     assert {"tasks": {"csv": shared.settings()}, "tickets": {"csv": ticket.to_json()}} == old["share"]
-    for spec, key in ((plain, "finetune"), (options, "finetune_options"), (sweep.seed_spec(1, ticket), "sweep_ticket_run")):
+    for spec, key in (
+        (plain, "finetune"),
+        (options, "finetune_options"),
+        (sweep.seed_spec(1, ticket), "sweep_ticket_run"),
+    ):
         assert RunSpec.from_settings(old[key]) == replace(spec, model=replace(spec.model, ticket=None))
     # the folder itself: a run.json of 0.1.0 is this run's, so the same command resumes (here: starts) it
     (tmp_path / "run").mkdir()

@@ -12,7 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import st.pipeline as pipeline
@@ -22,17 +21,20 @@ from st.errors import UserError
 from st.pipeline import dev_parts
 from st.report import render
 from st.select import select_super_ticket
-from st.sweep import SweepConfig, run_sweep
-from st.tickets import Ticket
 from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
-
+from st.sweep import run_sweep
+from st.sweep_config import SweepConfig
+from st.tickets import Ticket
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def config(model, data, *, seeds=2, ratios=(0.2, 0.5), kinds=("winning", "random", "losing"), epochs=2) -> SweepConfig:
-    spec = RunSpec(DataSpec("csv", str(data)), ModelSpec(str(model), dropout=0.0, head_dropout=0.0),
-                   TrainConfig(epochs=epochs, batch_size=8, lr=5e-3))
+    spec = RunSpec(
+        DataSpec("csv", str(data)),
+        ModelSpec(str(model), dropout=0.0, head_dropout=0.0),
+        TrainConfig(epochs=epochs, batch_size=8, lr=5e-3),
+    )
     return SweepConfig.create(spec, ratios=ratios, kinds=kinds, seeds=seeds)
 
 
@@ -72,7 +74,9 @@ def swept(tiny_bert_dir, sentiment_dir, tmp_path_factory):
         run_sweep(cfg, out, on_result=kill_after_five)
     patch.undo()
     partial = json.loads((out / "results.json").read_text())
-    stamps = {r["run"]: (out / r["run"] / "model.safetensors").stat().st_mtime_ns for r in partial["runs"] if not r["error"]}
+    stamps = {
+        r["run"]: (out / r["run"] / "model.safetensors").stat().st_mtime_ns for r in partial["runs"] if not r["error"]
+    }
 
     trained, real_finetune = [], pipeline.finetune
     patch.setattr(pipeline, "finetune", lambda *a, **k: trained.append(a[5].path) or real_finetune(*a, **k))
@@ -95,7 +99,9 @@ def test_killed_sweep_resumes_skipping_finished_runs_and_recording_the_crash(swe
     assert len(finished) == 4 and not finished & set(swept.trained)  # never retrained ...
     for run, stamp in swept.stamps.items():  # ... nor rewritten
         assert (swept.out / run / "model.safetensors").stat().st_mtime_ns == stamp
-    assert len(swept.trained) == 14 - 4 and swept.out / "seed0/random-r0.20/run" in swept.trained  # the crashed one is retried
+    assert (
+        len(swept.trained) == 14 - 4 and swept.out / "seed0/random-r0.20/run" in swept.trained
+    )  # the crashed one is retried
     assert sorted(str(Path(r["run"])) for r in swept.resumed if r["reused"]) == sorted(swept.stamps)
     assert len(swept.doc["runs"]) == 14 and not any(r["error"] for r in swept.doc["runs"])
 
@@ -122,7 +128,10 @@ def test_results_report_plot_and_super_ticket(swept):
 
     selection = select_super_ticket(doc)
     best = max(c["mean"] for c in selection.candidates)
-    assert selection.candidates[0]["mean"] == best and (selection.kind, selection.ratio) == (selection.candidates[0]["kind"], selection.candidates[0]["ratio"])
+    assert selection.candidates[0]["mean"] == best and (selection.kind, selection.ratio) == (
+        selection.candidates[0]["kind"],
+        selection.candidates[0]["ratio"],
+    )
     chosen = json.loads((out / "super_ticket.json").read_text())
     ticket = Ticket.load(out / "super_ticket.json")  # a loadable ticket file (st share takes it)
     assert (ticket.kind, ticket.ratio) == (selection.kind, selection.ratio) and chosen["task"] == "csv"
@@ -132,7 +141,13 @@ def test_results_report_plot_and_super_ticket(swept):
         assert chosen["gain"] == pytest.approx(sum(diffs) / 2)
 
     report = (out / "report.md").read_text()
-    for text in ("## Phase transition: report part", "## Phase transition: selection part", "## Super ticket", "| 0.5 |", "| 0 (full) | 100.0 |"):
+    for text in (
+        "## Phase transition: report part",
+        "## Phase transition: selection part",
+        "## Super ticket",
+        "| 0.5 |",
+        "| 0 (full) | 100.0 |",
+    ):
         assert text in report, text
     assert "**" in report and (selection.p_value is None or f"p = {selection.p_value:.3g}" in report)
     assert (out / "phase.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,7 +165,9 @@ def test_report_command_rerenders_from_results(swept):
 
 
 def test_parallel_jobs_give_the_same_runs(swept, tiny_bert_dir, sentiment_dir, tmp_path):
-    doc = run_sweep(config(tiny_bert_dir, sentiment_dir, seeds=1, ratios=(0.5,), kinds=("winning",)), tmp_path / "par", jobs=2)
+    doc = run_sweep(
+        config(tiny_bert_dir, sentiment_dir, seeds=1, ratios=(0.5,), kinds=("winning",)), tmp_path / "par", jobs=2
+    )
     sequential = {(r["seed"], r["kind"], r["ratio"]): r for r in swept.doc["runs"]}
     assert len(doc["runs"]) == 2
     for r in doc["runs"]:
@@ -184,8 +201,10 @@ def test_report_labels_never_change_the_choice(tiny_bert_dir, sentiment_dir, tmp
     with open(flipped / "dev.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
 
-    docs = [run_sweep(config(tiny_bert_dir, data, seeds=1, kinds=("winning",)), tmp_path / f"sweep-{name}")
-            for name, data in (("original", sentiment_dir), ("flipped", flipped))]
+    docs = [
+        run_sweep(config(tiny_bert_dir, data, seeds=1, kinds=("winning",)), tmp_path / f"sweep-{name}")
+        for name, data in (("original", sentiment_dir), ("flipped", flipped))
+    ]
     for a, b in zip(docs[0]["runs"], docs[1]["runs"]):
         assert (a["selection"], a["best_epoch"]) == (b["selection"], b["best_epoch"])
         assert b["report"]["accuracy"] == pytest.approx(1 - a["report"]["accuracy"])
@@ -198,10 +217,37 @@ def test_report_labels_never_change_the_choice(tiny_bert_dir, sentiment_dir, tmp
 
 def test_crashed_run_is_reported_and_the_exit_code_says_so(tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
     real = sweep.run_finetune
-    monkeypatch.setattr(sweep, "run_finetune", lambda job, folder, **k: (_ for _ in ()).throw(RuntimeError("boom"))
-                        if "winning" in str(folder) else real(job, folder, **k))
-    out = st("sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--epochs", 1, "--batch-size", 8,
-             "--ratios", "0.5", "--kinds", "winning,random", "--seeds", 1, "--device", "cpu", "--out", tmp_path / "s", ok=False)
+    monkeypatch.setattr(
+        sweep,
+        "run_finetune",
+        lambda job, folder, **k: (
+            (_ for _ in ()).throw(RuntimeError("boom")) if "winning" in str(folder) else real(job, folder, **k)
+        ),
+    )
+    out = st(
+        "sweep",
+        "--task",
+        "csv",
+        "--data-dir",
+        sentiment_dir,
+        "--model",
+        tiny_bert_dir,
+        "--epochs",
+        1,
+        "--batch-size",
+        8,
+        "--ratios",
+        "0.5",
+        "--kinds",
+        "winning,random",
+        "--seeds",
+        1,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "s",
+        ok=False,
+    )
     assert "1 of 3 runs failed" in out and "RuntimeError: boom" in out
     runs = json.loads((tmp_path / "s" / "results.json").read_text())["runs"]
     assert [r["error"] is not None for r in runs] == [False, True, False]  # full, winning (crashed), random
@@ -209,30 +255,61 @@ def test_crashed_run_is_reported_and_the_exit_code_says_so(tiny_bert_dir, sentim
     assert json.loads((tmp_path / "s" / "super_ticket.json").read_text())["kind"] == "full"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ratios", ""], "--ratios is empty"),
-    (["--ratios", "0.2,1.0"], "must each be in [0, 1)"),
-    (["--ratios=-0.1"], "must each be in [0, 1)"),
-    (["--ratios", "0.2,x"], "comma-separated numbers"),
-    (["--kinds", "winning,lucky"], "--kinds must be among winning, random, losing"),
-    (["--seeds", "0"], "--seeds must be at least 1"),
-    (["--select-fraction", "1"], "--select-fraction must be in (0, 1)"),
-    (["--jobs", "0"], "--jobs must be at least 1"),
-    (["--train-size", "100000"], "--train-size 100000"),  # found by the full run, but checked before anything is written
-    (["--max-length", "100"], "--max-length 100 is more than the 64 positions"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratios", ""], "--ratios is empty"),
+        (["--ratios", "0.2,1.0"], "must each be in [0, 1)"),
+        (["--ratios=-0.1"], "must each be in [0, 1)"),
+        (["--ratios", "0.2,x"], "comma-separated numbers"),
+        (["--kinds", "winning,lucky"], "--kinds must be among winning, random, losing"),
+        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--select-fraction", "1"], "--select-fraction must be in (0, 1)"),
+        (["--jobs", "0"], "--jobs must be at least 1"),
+        (
+            ["--train-size", "100000"],
+            "--train-size 100000",
+        ),  # found by the full run, but checked before anything is written
+        (["--max-length", "100"], "--max-length 100 is more than the 64 positions"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, message, tiny_bert_dir, sentiment_dir, tmp_path):
-    out = st("sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--device", "cpu",
-             "--out", tmp_path / "s", *args, ok=False)
+    out = st(
+        "sweep",
+        "--task",
+        "csv",
+        "--data-dir",
+        sentiment_dir,
+        "--model",
+        tiny_bert_dir,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "s",
+        *args,
+        ok=False,
+    )
     assert message in out and out.strip().startswith("Error:") and len(out.strip().splitlines()) == 1
     assert not (tmp_path / "s" / "sweep.json").exists()  # so the corrected command may use the same --out
 
 
 def test_folder_of_another_sweep_is_refused_naming_the_setting(swept, tiny_bert_dir, sentiment_dir, tmp_path):
     def args(**changes):  # the fixture's sweep through the CLI, with `changes` to its options
-        options = {"--task": "csv", "--data-dir": sentiment_dir, "--model": tiny_bert_dir, "--epochs": 2, "--batch-size": 8,
-                   "--lr": 5e-3, "--dropout": 0, "--head-dropout": 0, "--seeds": 2, "--ratios": "0.2,0.5",
-                   "--device": "cpu", "--out": swept.out, **{f"--{k.replace('_', '-')}": v for k, v in changes.items()}}
+        options = {
+            "--task": "csv",
+            "--data-dir": sentiment_dir,
+            "--model": tiny_bert_dir,
+            "--epochs": 2,
+            "--batch-size": 8,
+            "--lr": 5e-3,
+            "--dropout": 0,
+            "--head-dropout": 0,
+            "--seeds": 2,
+            "--ratios": "0.2,0.5",
+            "--device": "cpu",
+            "--out": swept.out,
+            **{f"--{k.replace('_', '-')}": v for k, v in changes.items()},
+        }
         return ["sweep", *(x for pair in options.items() for x in pair)]
 
     out = st(*args(lr=1e-3), ok=False)
@@ -272,10 +349,14 @@ def test_weights_are_kept_where_needed(swept, tmp_path):
     chosen = select_super_ticket(swept.doc)
     dropped = sweep.drop_weights(best, swept.doc, "best")
     kept = {(r["kind"], r["ratio"]) for r in swept.doc["runs"] if (best / r["run"] / "model.safetensors").exists()}
-    assert kept == {("full", 0.0), (chosen.kind, chosen.ratio)} and len(dropped) == len(swept.doc["runs"]) - 2 * len(kept)
+    assert kept == {("full", 0.0), (chosen.kind, chosen.ratio)} and len(dropped) == len(swept.doc["runs"]) - 2 * len(
+        kept
+    )
     sweep.drop_weights(none, swept.doc, "none")
     assert not any((none / r["run"] / "model.safetensors").exists() for r in swept.doc["runs"])
-    assert run_sweep(swept.cfg, none, keep_weights="none")["runs"] == swept.doc["runs"]  # finished runs: kept as results
+    assert (
+        run_sweep(swept.cfg, none, keep_weights="none")["runs"] == swept.doc["runs"]
+    )  # finished runs: kept as results
     assert sweep.drop_weights(best, {**swept.doc, "runs": [{**swept.doc["runs"][0], "error": "boom"}]}, "none") == []
 
 
@@ -309,14 +390,43 @@ def test_controls_at_fewer_ratios_and_report_on_test(tiny_bert_dir, sentiment_di
     """--control-ratios runs random and losing tickets only where asked; --report-split test chooses
     each run's epoch on all of dev and evaluates the test split once, on the chosen weights."""
     out = tmp_path / "s"
-    args = ["sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--epochs", 2, "--batch-size", 8,
-            "--lr", 5e-3, "--ratios", "0.2,0.5", "--control-ratios", "0.5", "--seeds", 1, "--report-split", "test",
-            "--device", "cpu", "--out", out]
+    args = [
+        "sweep",
+        "--task",
+        "csv",
+        "--data-dir",
+        sentiment_dir,
+        "--model",
+        tiny_bert_dir,
+        "--epochs",
+        2,
+        "--batch-size",
+        8,
+        "--lr",
+        5e-3,
+        "--ratios",
+        "0.2,0.5",
+        "--control-ratios",
+        "0.5",
+        "--seeds",
+        1,
+        "--report-split",
+        "test",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
     printed = st(*args)
     assert "full model + 4 tickets" in printed
     doc = json.loads((out / "results.json").read_text())
     assert [(r["kind"], r["ratio"]) for r in doc["runs"]] == [
-        ("full", 0.0), ("winning", 0.2), ("winning", 0.5), ("random", 0.5), ("losing", 0.5)]
+        ("full", 0.0),
+        ("winning", 0.2),
+        ("winning", 0.5),
+        ("random", 0.5),
+        ("losing", 0.5),
+    ]
     assert doc["settings"]["control_ratios"] == [0.5] and doc["settings"]["report_split"] == "test"
     metrics = json.loads((out / "seed0" / "full" / "metrics.json").read_text())
     assert (metrics["dev_examples"], metrics["report_examples"]) == (48, 48)  # all of dev chooses; test reports
@@ -325,14 +435,30 @@ def test_controls_at_fewer_ratios_and_report_on_test(tiny_bert_dir, sentiment_di
     assert "report_split" in st(*without, ok=False)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--report-split", "test", "--select-fraction", "0.5"], "give one of them, not both"),
-    (["--report-split", "train2"], "has no split 'train2'"),
-    (["--control-ratios", "0.3,0.3"], "--control-ratios lists a ratio twice"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--report-split", "test", "--select-fraction", "0.5"], "give one of them, not both"),
+        (["--report-split", "train2"], "has no split 'train2'"),
+        (["--control-ratios", "0.3,0.3"], "--control-ratios lists a ratio twice"),
+    ],
+)
 def test_bad_held_out_options_are_one_line(args, message, tiny_bert_dir, sentiment_dir, tmp_path):
-    out = st("sweep", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--device", "cpu",
-             "--out", tmp_path / "s", *args, ok=False)
+    out = st(
+        "sweep",
+        "--task",
+        "csv",
+        "--data-dir",
+        sentiment_dir,
+        "--model",
+        tiny_bert_dir,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "s",
+        *args,
+        ok=False,
+    )
     assert message in out and len(out.strip().splitlines()) == 1
     assert not (tmp_path / "s" / "sweep.json").exists()
 

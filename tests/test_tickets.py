@@ -40,16 +40,19 @@ def test_normalised_rows_have_unit_norm():
         assert sum(x * x for x in row) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("ratio, heads, ffn", [
-    (0.0, set(), set()),
-    (0.1, {(1, 0)}, set()),  # round(1.2) = 1 head, round(0.3) = 0 FFN
-    (0.2, {(1, 0), (1, 3)}, {1}),  # 2.4 -> 2 heads, 0.6 -> 1 FFN (the lowest, layer 1)
-    (0.3, {(1, 0), (1, 3), (2, 0), (2, 1)}, {1}),  # 3.6 -> 4
-    (0.4, {(1, 0), (1, 3), (2, 0), (2, 1), (2, 2)}, {1}),  # 4.8 -> 5; layer 2 keeps only head 3
-    (0.6, {(1, 0), (1, 3), (2, 0), (2, 1), (2, 2), (0, 0), (0, 1)}, {1, 2}),  # 7.2 -> 7; 1.8 -> 2 FFN
-    # 9.6 -> 10 asked, 9 possible; (0,3) would empty layer 0, so the walk skips it and takes (1,1); 2.4 -> 2 FFN
-    (0.8, {(1, 0), (1, 3), (2, 0), (2, 1), (2, 2), (0, 0), (0, 1), (0, 2), (1, 1)}, {1, 2}),
-])
+@pytest.mark.parametrize(
+    "ratio, heads, ffn",
+    [
+        (0.0, set(), set()),
+        (0.1, {(1, 0)}, set()),  # round(1.2) = 1 head, round(0.3) = 0 FFN
+        (0.2, {(1, 0), (1, 3)}, {1}),  # 2.4 -> 2 heads, 0.6 -> 1 FFN (the lowest, layer 1)
+        (0.3, {(1, 0), (1, 3), (2, 0), (2, 1)}, {1}),  # 3.6 -> 4
+        (0.4, {(1, 0), (1, 3), (2, 0), (2, 1), (2, 2)}, {1}),  # 4.8 -> 5; layer 2 keeps only head 3
+        (0.6, {(1, 0), (1, 3), (2, 0), (2, 1), (2, 2), (0, 0), (0, 1)}, {1, 2}),  # 7.2 -> 7; 1.8 -> 2 FFN
+        # 9.6 -> 10 asked, 9 possible; (0,3) would empty layer 0, so the walk skips it and takes (1,1); 2.4 -> 2 FFN
+        (0.8, {(1, 0), (1, 3), (2, 0), (2, 1), (2, 2), (0, 0), (0, 1), (0, 2), (1, 1)}, {1, 2}),
+    ],
+)
 def test_winning_prunes_lowest_normalised_scores_globally(ratio, heads, ffn):
     t = make_ticket(SCORES, ratio)
     assert pruned_heads(t) == heads
@@ -102,8 +105,9 @@ def test_random_is_seeded():
     assert a.head_mask != c.head_mask
     assert a.seed == 7 and a.kind == "random"
     # not the winning ticket in disguise, for at least one of a few seeds
-    assert any(make_ticket(SCORES, 0.5, "random", seed=s).head_mask != make_ticket(SCORES, 0.5).head_mask
-               for s in range(5))
+    assert any(
+        make_ticket(SCORES, 0.5, "random", seed=s).head_mask != make_ticket(SCORES, 0.5).head_mask for s in range(5)
+    )
 
 
 def test_ties_broken_by_layer_then_head():
@@ -137,8 +141,10 @@ def test_percent_remaining_matches_hand_count():
     per_ffn = 2 * D * F0 + F0 + D  # both linear layers with their biases
     t = make_ticket(SCORES, 0.6, config=CONFIG, num_labels=C)  # 7 heads, 2 FFN blocks
     removed = 7 * per_head + 2 * per_ffn
-    assert t.percent_remaining == {"model": 100.0 * (model - removed) / model,
-                                   "encoder": 100.0 * (encoder - removed) / encoder}
+    assert t.percent_remaining == {
+        "model": 100.0 * (model - removed) / model,
+        "encoder": 100.0 * (encoder - removed) / encoder,
+    }
     assert percent_remaining(CONFIG, Ticket.full(CONFIG), C) == {"model": 100.0, "encoder": 100.0}
     assert make_ticket(SCORES, 0.6).percent_remaining is None  # no config, no count
 
@@ -189,20 +195,23 @@ def test_ticket_shape_mismatch(tmp_path):
 GOOD = make_ticket(SCORES, 0.3).to_json()
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{oops", "not a valid ticket"),
-    ("[1, 2]", "JSON object"),
-    (json.dumps({k: v for k, v in GOOD.items() if k != "head_mask"}), "missing keys"),
-    (json.dumps({**GOOD, "head_mask": [[1, 1, 1, 2]] * 3}), "0 or 1"),
-    (json.dumps({**GOOD, "head_mask": [[1, 1, 1, True]] * 3}), "0 or 1"),
-    (json.dumps({**GOOD, "head_mask": [[1, 1, 1, 0.5]] * 3}), "0 or 1"),
-    (json.dumps({**GOOD, "head_mask": "1111"}), "head_mask"),
-    (json.dumps({**GOOD, "head_mask": [[1, 1, 1, 1], [1, 1], [1, 1, 1, 1]]}), "same"),
-    (json.dumps({**GOOD, "ffn_mask": [1, 1]}), "ffn_mask has 2"),
-    (json.dumps({**GOOD, "head_mask": [[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 1]]}), r"layer\(s\) \[1\]"),
-    (json.dumps({**GOOD, "ratio": 1.0}), "ratio"),
-    (json.dumps({**GOOD, "kind": "best"}), "kind"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{oops", "not a valid ticket"),
+        ("[1, 2]", "JSON object"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "head_mask"}), "missing keys"),
+        (json.dumps({**GOOD, "head_mask": [[1, 1, 1, 2]] * 3}), "0 or 1"),
+        (json.dumps({**GOOD, "head_mask": [[1, 1, 1, True]] * 3}), "0 or 1"),
+        (json.dumps({**GOOD, "head_mask": [[1, 1, 1, 0.5]] * 3}), "0 or 1"),
+        (json.dumps({**GOOD, "head_mask": "1111"}), "head_mask"),
+        (json.dumps({**GOOD, "head_mask": [[1, 1, 1, 1], [1, 1], [1, 1, 1, 1]]}), "same"),
+        (json.dumps({**GOOD, "ffn_mask": [1, 1]}), "ffn_mask has 2"),
+        (json.dumps({**GOOD, "head_mask": [[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 1]]}), r"layer\(s\) \[1\]"),
+        (json.dumps({**GOOD, "ratio": 1.0}), "ratio"),
+        (json.dumps({**GOOD, "kind": "best"}), "kind"),
+    ],
+)
 def test_malformed_ticket_file(tmp_path, content, message):
     path = tmp_path / "bad_ticket.json"
     path.write_text(content)

@@ -93,8 +93,8 @@ def test_output_folder_with_other_files_is_refused(tiny_bert_dir, sentiment_dir,
 
 def test_ticket_finetune_trains_a_physically_pruned_model(tiny_bert_dir, sentiment_dir, tmp_path):
     from st.importance import Scores
-    from st.tickets import make_ticket
     from st.models import load_pretrained
+    from st.tickets import make_ticket
 
     config = load_pretrained(tiny_bert_dir).config
     L, H = config.num_layers, config.num_heads
@@ -124,14 +124,24 @@ def _ddp_worker(rank, world, port, job, out, result_dir):
     from st.pipeline import build_model, load_train
     from st.train import finetune
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     with dist.session():
         task, tokenizer = build_task(job.data), build_tokenizer(job)
         model = build_model(job, task)
         _, dev = load_split(task, tokenizer, "dev")
-        result = finetune(model, load_train(job, task, tokenizer), dev, task, job.train, RunFolder(out), tokenizer.pad_id,
-                          seed=job.seed)
+        result = finetune(
+            model,
+            load_train(job, task, tokenizer),
+            dev,
+            task,
+            job.train,
+            RunFolder(out),
+            tokenizer.pad_id,
+            seed=job.seed,
+        )
         torch.save({"result": result, "weights": model.state_dict()}, result_dir / f"rank{rank}.pt")
 
 
@@ -165,7 +175,9 @@ def test_two_process_ddp_matches_one_process(tiny_bert_dir, sentiment_dir, tmp_p
 
 
 def test_a_diverged_run_stops_with_one_line_and_keeps_no_weights(tiny_bert_dir, sentiment_dir, tmp_path):
-    with pytest.raises(UserError, match=r"epoch 1, step \d+: the (loss|gradient norm) is (nan|inf).*lower --lr \(now 1e\+30\)"):
+    with pytest.raises(
+        UserError, match=r"epoch 1, step \d+: the (loss|gradient norm) is (nan|inf).*lower --lr \(now 1e\+30\)"
+    ):
         run_finetune(make_job(tiny_bert_dir, sentiment_dir, lr=1e30, clip=1e30), tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "model.safetensors").exists()
 
@@ -189,5 +201,7 @@ def test_a_short_last_accumulation_group_still_makes_a_step(tiny_bert_dir, senti
     start = load_pretrained(tiny_bert_dir).state_dict()
     assert any(not torch.equal(tuned.encoder.state_dict()[k], v) for k, v in start.items())
     # a group of 3 micro-batches is the mean over 3, as a full group of 3 would be
-    same = run_finetune(make_job(tiny_bert_dir, sentiment_dir, epochs=1, batch_size=64, grad_accum=3), tmp_path / "three")
+    same = run_finetune(
+        make_job(tiny_bert_dir, sentiment_dir, epochs=1, batch_size=64, grad_accum=3), tmp_path / "three"
+    )
     assert same["dev"] == json.loads((tmp_path / "run" / "metrics.json").read_text())["dev"]

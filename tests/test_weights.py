@@ -44,7 +44,10 @@ def minilm():
     pairs = [
         ("A man is playing a guitar.", "Someone plays an instrument on a stage in front of a large crowd."),
         ("The cat sat.", "No."),
-        ("Super tickets win.", "Pruning heads and feed-forward blocks of BERT before fine-tuning improves generalisation."),
+        (
+            "Super tickets win.",
+            "Pruning heads and feed-forward blocks of BERT before fine-tuning improves generalisation.",
+        ),
     ]
     batch = tok([a for a, _ in pairs], [b for _, b in pairs], padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any() and (batch["token_type_ids"] == 1).any()
@@ -105,7 +108,9 @@ def test_minilm_head_mask_gradient_matches_hf_eager(minilm):
     theirs_mask = torch.ones(6, 12, requires_grad=True)
     (ref(**batch, head_mask=theirs_mask).last_hidden_state[real] @ proj).sum().backward()
     mine_mask = torch.ones(6, 12, requires_grad=True)
-    (ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], head_mask=mine_mask)[real] @ proj).sum().backward()
+    (
+        ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], head_mask=mine_mask)[real] @ proj
+    ).sum().backward()
     scale = theirs_mask.grad.abs().max()
     assert ((mine_mask.grad - theirs_mask.grad).abs().max() / scale).item() <= 1e-4
 
@@ -189,7 +194,10 @@ def test_pretraining_checkpoint_with_bert_prefix_and_cls_heads(tmp_path):
 
 def test_tf_era_gamma_beta_names(tmp_path, tiny_hf):
     _, ref, state = tiny_hf
-    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in state.items()}
+    old = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in state.items()
+    }
     old["embeddings.position_ids"] = torch.arange(64)[None]  # older checkpoints stored this buffer
     assert any(k.endswith("gamma") for k in old)
     assert_same_as_hf(write_hf_folder(tmp_path / "old", tiny_hf_config(), old), ref)
@@ -225,7 +233,9 @@ def test_pytorch_model_bin_with_code_is_refused(tmp_path, tiny_hf):
 
 def test_fp16_checkpoint_loads_as_fp32(tmp_path, tiny_hf):
     _, _, state = tiny_hf
-    folder = write_hf_folder(tmp_path / "half", tiny_hf_config(), {k: v.half() if v.is_floating_point() else v for k, v in state.items()})
+    folder = write_hf_folder(
+        tmp_path / "half", tiny_hf_config(), {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    )
     model = load_pretrained(folder)
     assert model.layers[0].attention.qkv.weight.dtype == torch.float32
 
@@ -257,7 +267,10 @@ def test_unsupported_model_type_names_the_supported_families(tiny_hf, model_type
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_type"] = model_type
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=f"model_type '{model_type}'; st supports 'bert', 'roberta', 'xlm-roberta', 'electra', 'distilbert'") as e:
+    with pytest.raises(
+        UserError,
+        match=f"model_type '{model_type}'; st supports 'bert', 'roberta', 'xlm-roberta', 'electra', 'distilbert'",
+    ) as e:
         load_pretrained(folder)
     assert "\n" not in str(e.value)
 
@@ -295,7 +308,9 @@ def rewrite(folder, state):
 def test_unknown_key_is_named(tiny_hf):
     folder, _, state = tiny_hf
     rewrite(folder, {**state, "encoder.layer.0.attention.self.rotary.weight": torch.zeros(4)})
-    with pytest.raises(UserError, match=r"model.safetensors: unknown key 'encoder.layer.0.attention.self.rotary.weight'"):
+    with pytest.raises(
+        UserError, match=r"model.safetensors: unknown key 'encoder.layer.0.attention.self.rotary.weight'"
+    ):
         load_pretrained(folder)
 
 
@@ -331,7 +346,9 @@ def test_wrong_shape_is_named(tiny_hf, key, shape):
     folder, _, state = tiny_hf
     state[key] = torch.zeros(shape)
     rewrite(folder, state)
-    with pytest.raises(UserError, match=rf"model.safetensors: {key} has shape {tuple(shape)}".replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        UserError, match=rf"model.safetensors: {key} has shape {tuple(shape)}".replace("(", r"\(").replace(")", r"\)")
+    ):
         load_pretrained_parts(folder)
 
 
@@ -347,16 +364,20 @@ def test_model_pruned_by_transformers_loads_at_its_size(tmp_path):
     ours = load_pretrained(tmp_path / "pruned")
     assert ours.config.kept_heads == ((0, 2), (3,))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.embeddings.parameters()) + sum(
-        p.numel() for p in ref.encoder.parameters())
+        p.numel() for p in ref.encoder.parameters()
+    )
     assert_same_as_hf(tmp_path / "pruned", ref)
 
 
-@pytest.mark.parametrize("pruned, message", [
-    ({"2": [0]}, "layer indices 0..1"),
-    ({"0": [0, 1, 2, 3]}, "keeping one head per layer"),
-    ({"0": [4]}, "head indices 0..3"),
-    ([[0]], "pruned_heads must map"),
-])
+@pytest.mark.parametrize(
+    "pruned, message",
+    [
+        ({"2": [0]}, "layer indices 0..1"),
+        ({"0": [0, 1, 2, 3]}, "keeping one head per layer"),
+        ({"0": [4]}, "head indices 0..3"),
+        ([[0]], "pruned_heads must map"),
+    ],
+)
 def test_bad_pruned_heads_are_refused(tiny_hf, pruned, message):
     folder, _, _ = tiny_hf
     cfg = json.loads((folder / "config.json").read_text())
@@ -401,7 +422,9 @@ def test_zero_heads_and_ffn_blocks_are_removed_on_request(tmp_path, tiny_hf):
         theirs = ref.eval()(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state
         assert max_diff_on_real_tokens(slim.eval()(ids, types, mask), theirs, mask) <= 1e-5
     # Our own checkpoints take the option too, and a model with nothing silent is left as it is.
-    assert load_pretrained(resolve_model_dir("minilm-l6"), remove_zeros=True).config == load_pretrained("minilm-l6").config
+    assert (
+        load_pretrained(resolve_model_dir("minilm-l6"), remove_zeros=True).config == load_pretrained("minilm-l6").config
+    )
 
 
 # ---- our own checkpoints ---------------------------------------------------------------------
@@ -409,8 +432,18 @@ def test_zero_heads_and_ffn_blocks_are_removed_on_request(tmp_path, tiny_hf):
 
 def tiny_classifier(seed=0):
     torch.manual_seed(seed)
-    encoder = Bert(BertConfig(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
-                              max_position_embeddings=64, kept_heads=((0, 3), (0, 1, 2, 3)), ffn_sizes=(48, 0)))
+    encoder = Bert(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            kept_heads=((0, 3), (0, 1, 2, 3)),
+            ffn_sizes=(48, 0),
+        )
+    )
     return BertClassifier(encoder, num_labels=3, head_dropout=0.2).eval()
 
 

@@ -33,8 +33,12 @@ def collect(runs: Path) -> None:
     for log in sorted((runs / "pilot").glob("*.log")):  # the logs hold every epoch, also of a stopped run
         epochs = [float(x) for x in re.findall(r"epoch \d+: dev accuracy ([0-9.]+)", log.read_text())]
         settings = json.loads((runs / "pilot" / log.stem / "run.json").read_text())
-        pilot[log.stem] = {"task": settings["task"], "train_size": settings["train_size"],
-                           "batch_size": settings["train"]["batch_size"], "dev_accuracy_by_epoch": epochs}
+        pilot[log.stem] = {
+            "task": settings["task"],
+            "train_size": settings["train_size"],
+            "batch_size": settings["train"]["batch_size"],
+            "dev_accuracy_by_epoch": epochs,
+        }
     write(RESULTS / "pilot.json", pilot)
     for part in SWEEPS:
         if (runs / part / "results.json").exists():
@@ -45,17 +49,29 @@ def collect(runs: Path) -> None:
             continue
         method, seed, tuned = re.fullmatch(r"(mtdnn|shared)-seed(\d+)(?:-ft-(\w+))?", folder.name).groups()
         m = json.loads((folder / "metrics.json").read_text())
-        for task in ([tuned] if tuned else MTL_TASKS):
+        for task in [tuned] if tuned else MTL_TASKS:
             dev = m["dev"] if tuned else m["dev"][task]
             # st share writes the report split under "report" (runs before that, under "extra_dev")
             test = m["report"] if tuned else m.get("report", {}).get(task) or m["extra_dev"][task]["test"]
-            rows.append({"method": method, "fine_tuned": bool(tuned), "seed": int(seed), "task": task,
-                         "dev": dev, "test": test, **({} if tuned else {"percent_remaining": m["percent_remaining"]})})
+            rows.append(
+                {
+                    "method": method,
+                    "fine_tuned": bool(tuned),
+                    "seed": int(seed),
+                    "task": task,
+                    "dev": dev,
+                    "test": test,
+                    **({} if tuned else {"percent_remaining": m["percent_remaining"]}),
+                }
+            )
     if rows:
         write(RESULTS / "mtl.json", {"rows": rows})
     adapt = []
     for result in sorted((runs / "adapt").glob("seed*/results.json")):
-        adapt += [{k: r[k] for k in ("source", "fraction", "seed", "dev", "report")} for r in json.loads(result.read_text())["rows"]]
+        adapt += [
+            {k: r[k] for k in ("source", "fraction", "seed", "dev", "report")}
+            for r in json.loads(result.read_text())["rows"]
+        ]
     if adapt:
         write(RESULTS / "adapt.json", {"task": "presidential_debates", "rows": adapt})
 
@@ -76,67 +92,131 @@ def sweep_section(part: str, doc: dict) -> list[str]:
     runs, metric = doc["runs"], doc["main_metric"]
     s = doc["settings"]
     seeds = sorted({r["seed"] for r in runs if r["kind"] == FULL and r["error"] is None})
-    test = lambda kind, ratio: {r["seed"]: r["report"][metric] for r in runs  # noqa: E731
-                                if (r["kind"], r["ratio"]) == (kind, ratio) and r["error"] is None}
+
+    def test(kind, ratio):
+        return {
+            r["seed"]: r["report"][metric]
+            for r in runs
+            if (r["kind"], r["ratio"]) == (kind, ratio) and r["error"] is None
+        }
+
     sel = select_super_ticket(doc)
     plot_phase(doc, sel, HERE / f"{part}_phase.png")
     job = s["job"]
-    lines = [f"## {doc['task']}: the phase transition", "",
-             f"{job['train_size']} training examples, {job['train']['epochs']} epochs, batch {job['train']['batch_size']}, "
-             f"lr {job['train']['lr']:g}, max length {job['max_length']}; seeds {', '.join(map(str, seeds))} "
-             f"({len(seeds)} of {s['seeds']} finished). Test {metric} ×100, mean ± std over seeds; "
-             "epochs and the super ticket chosen on all of dev.", "",
-             "| r | % encoder weights | winning | random | losing | winning − full (paired) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"## {doc['task']}: the phase transition",
+        "",
+        f"{job['train_size']} training examples, {job['train']['epochs']} epochs, batch {job['train']['batch_size']}, "
+        f"lr {job['train']['lr']:g}, max length {job['max_length']}; seeds {', '.join(map(str, seeds))} "
+        f"({len(seeds)} of {s['seeds']} finished). Test {metric} ×100, mean ± std over seeds; "
+        "epochs and the super ticket chosen on all of dev.",
+        "",
+        "| r | % encoder weights | winning | random | losing | winning − full (paired) |",
+        "|---|---|---|---|---|---|",
+    ]
     full = test(FULL, 0.0)
     lines.append(f"| 0 (full) | 100.0 | {fmt(stats(list(full.values())), s['seeds'])} | | | |")
     for ratio in s["ratios"]:
-        kept = next((r["percent_remaining"]["encoder"] for r in runs
-                     if (r["kind"], r["ratio"]) == ("winning", ratio) and r["percent_remaining"]), None)
+        kept = next(
+            (
+                r["percent_remaining"]["encoder"]
+                for r in runs
+                if (r["kind"], r["ratio"]) == ("winning", ratio) and r["percent_remaining"]
+            ),
+            None,
+        )
         if kept is None:  # not run yet
             continue
-        cells = [fmt(stats(list(test(kind, ratio).values())), s["seeds"]) if test(kind, ratio) else "" for kind in ("winning", "random", "losing")]
+        cells = [
+            fmt(stats(list(test(kind, ratio).values())), s["seeds"]) if test(kind, ratio) else ""
+            for kind in ("winning", "random", "losing")
+        ]
         bold = "**" if (sel.kind, sel.ratio) == ("winning", ratio) else ""
-        lines.append(f"| {bold}{ratio:g}{bold} | {kept:.1f} | " + " | ".join(cells) + f" | {compare(test('winning', ratio), full)} |")
+        lines.append(
+            f"| {bold}{ratio:g}{bold} | {kept:.1f} | "
+            + " | ".join(cells)
+            + f" | {compare(test('winning', ratio), full)} |"
+        )
     lines += ["", f"![phase transition]({part}_phase.png)", ""]
     if sel.kind == FULL:
         best = next(c for c in sel.candidates if c["kind"] != FULL)
-        lines.append(f"**H1, super ticket.** No winning ticket beat the full model on dev ({fmt(stats(list(sel.selection.values())))}; "
-                     f"the best, r = {best['ratio']:g}, scored {fmt(best)}): the super ticket is the full model itself.")
+        lines.append(
+            "**H1, super ticket.** No winning ticket beat the full model on dev "
+            f"({fmt(stats(list(sel.selection.values())))}; "
+            f"the best, r = {best['ratio']:g}, scored {fmt(best)}): the super ticket is the full model itself."
+        )
     else:
-        lines.append(f"**H1, super ticket.** Chosen on dev: the winning ticket at r = {sel.ratio:g} (dev "
-                     f"{fmt(stats(list(sel.selection.values())))} vs the full model's {fmt(stats(list(sel.full_selection.values())))}).")
+        lines.append(
+            f"**H1, super ticket.** Chosen on dev: the winning ticket at r = {sel.ratio:g} (dev "
+            f"{fmt(stats(list(sel.selection.values())))} vs the full model's "
+            f"{fmt(stats(list(sel.full_selection.values())))})."
+        )
     if sel.kind != FULL:
-        lines.append(f"On test it scores {fmt(stats(list(sel.report.values())))} vs {fmt(stats(list(sel.full_report.values())))}: "
-                     f"{fmt_paired(sel.gain, sel.ci, sel.n_paired, sel.p_value)}.")
+        lines.append(
+            f"On test it scores {fmt(stats(list(sel.report.values())))} vs "
+            f"{fmt(stats(list(sel.full_report.values())))}: "
+            f"{fmt_paired(sel.gain, sel.ci, sel.n_paired, sel.p_value)}."
+        )
     lines += ["", "**H3, importance matters** (test, paired over seeds):", ""]
     for ratio in s.get("control_ratios", s["ratios"]):
         for control in ("random", "losing"):
-            lines.append(f"- r = {ratio:g}, winning − {control}: {compare(test('winning', ratio), test(control, ratio))}")
+            lines.append(
+                f"- r = {ratio:g}, winning − {control}: {compare(test('winning', ratio), test(control, ratio))}"
+            )
     return lines + [""]
 
 
 def mtl_section(doc: dict) -> list[str]:
     rows = doc["rows"]
-    score = lambda method, tuned, task: {r["seed"]: r["test"]["accuracy"] for r in rows  # noqa: E731
-                                         if (r["method"], r["fine_tuned"], r["task"]) == (method, tuned, task)}
-    average = lambda method, tuned: {s: sum(score(method, tuned, t)[s] for t in MTL_TASKS) / len(MTL_TASKS)  # noqa: E731
-                                     for s in set.intersection(*(set(score(method, tuned, t)) for t in MTL_TASKS))}
-    lines = ["## Multi-task learning: MT-DNN vs ticket sharing", "",
-             "Test accuracy ×100, mean ± std over seeds; each task's ticket is its sweep's super ticket (the full "
-             "model's all-ones ticket where no pruned ticket won). Ticket sharing keeps "
-             + ", ".join(sorted({f"{r['percent_remaining']['encoder']:.1f}%" for r in rows if r["method"] == "shared" and not r["fine_tuned"]}))
-             + " of the encoder's weights (the union of the tickets).", "",
-             "| method | " + " | ".join(MTL_TASKS) + " | average |", "|---|---|---|---|"]
+
+    def score(method, tuned, task):
+        return {
+            r["seed"]: r["test"]["accuracy"]
+            for r in rows
+            if (r["method"], r["fine_tuned"], r["task"]) == (method, tuned, task)
+        }
+
+    def average(method, tuned):
+        return {
+            s: sum(score(method, tuned, t)[s] for t in MTL_TASKS) / len(MTL_TASKS)
+            for s in set.intersection(*(set(score(method, tuned, t)) for t in MTL_TASKS))
+        }
+
+    lines = [
+        "## Multi-task learning: MT-DNN vs ticket sharing",
+        "",
+        "Test accuracy ×100, mean ± std over seeds; each task's ticket is its sweep's super ticket (the full "
+        "model's all-ones ticket where no pruned ticket won). Ticket sharing keeps "
+        + ", ".join(
+            sorted(
+                {
+                    f"{r['percent_remaining']['encoder']:.1f}%"
+                    for r in rows
+                    if r["method"] == "shared" and not r["fine_tuned"]
+                }
+            )
+        )
+        + " of the encoder's weights (the union of the tickets).",
+        "",
+        "| method | " + " | ".join(MTL_TASKS) + " | average |",
+        "|---|---|---|---|",
+    ]
     for method, label in (("mtdnn", "MT-DNN"), ("shared", "Ticket sharing")):
         for tuned in (False, True):
             cells = [fmt(stats(list(score(method, tuned, t).values()))) for t in MTL_TASKS]
-            lines.append(f"| {label}{' + fine-tuning' if tuned else ''} | " + " | ".join(cells)
-                         + f" | {fmt(stats(list(average(method, tuned).values())))} |")
+            lines.append(
+                f"| {label}{' + fine-tuning' if tuned else ''} | "
+                + " | ".join(cells)
+                + f" | {fmt(stats(list(average(method, tuned).values())))} |"
+            )
     lines += ["", "**H4** (ticket sharing − MT-DNN, test, paired over seeds):", ""]
     for tuned in (False, True):
         for task in (*MTL_TASKS, "average"):
-            a, b = ((average("shared", tuned), average("mtdnn", tuned)) if task == "average"
-                    else (score("shared", tuned, task), score("mtdnn", tuned, task)))
+            a, b = (
+                (average("shared", tuned), average("mtdnn", tuned))
+                if task == "average"
+                else (score("shared", tuned, task), score("mtdnn", tuned, task))
+            )
             lines.append(f"- {task}{' after fine-tuning' if tuned else ''}: {compare(a, b)}")
     return lines + [""]
 
@@ -144,12 +224,22 @@ def mtl_section(doc: dict) -> list[str]:
 def adapt_section(doc: dict) -> list[str]:
     rows = doc["rows"]
     fractions = sorted({r["fraction"] for r in rows})
-    score = lambda source, f: {r["seed"]: r["report"]["accuracy"] for r in rows if (r["source"], r["fraction"]) == (source, f)}  # noqa: E731
-    lines = [f"## Domain adaptation to {doc['task']}", "",
-             "Test accuracy ×100, mean ± std over seeds, starting from each seed's multi-task model.", "",
-             "| start | " + " | ".join(f"{f:.0%}" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
+
+    def score(source, f):
+        return {r["seed"]: r["report"]["accuracy"] for r in rows if (r["source"], r["fraction"]) == (source, f)}
+
+    lines = [
+        f"## Domain adaptation to {doc['task']}",
+        "",
+        "Test accuracy ×100, mean ± std over seeds, starting from each seed's multi-task model.",
+        "",
+        "| start | " + " | ".join(f"{f:.0%}" for f in fractions) + " |",
+        "|---|" + "---|" * len(fractions),
+    ]
     for source, label in (("mtdnn", "MT-DNN"), ("shared", "Ticket sharing")):
-        lines.append(f"| {label} | " + " | ".join(fmt(stats(list(score(source, f).values()))) for f in fractions) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(fmt(stats(list(score(source, f).values()))) for f in fractions) + " |"
+        )
     lines += ["", "**H5** (ticket sharing − MT-DNN, test, paired over seeds):", ""]
     for f in fractions:
         lines.append(f"- {f:.0%} of the training data: {compare(score('shared', f), score('mtdnn', f))}")
@@ -157,28 +247,53 @@ def adapt_section(doc: dict) -> list[str]:
 
 
 def pilot_section(doc: dict) -> list[str]:
-    lines = ["## Pilot (dev accuracy ×100 by epoch, seed 100)", "", "| run | task | train | batch | by epoch |", "|---|---|---|---|---|"]
+    lines = [
+        "## Pilot (dev accuracy ×100 by epoch, seed 100)",
+        "",
+        "| run | task | train | batch | by epoch |",
+        "|---|---|---|---|---|",
+    ]
     for name, p in doc.items():
-        lines.append(f"| {name} | {p['task']} | {p['train_size'] or 'all'} | {p['batch_size']} | "
-                     + ", ".join(f"{100 * a:.1f}" for a in p["dev_accuracy_by_epoch"]) + " |")
+        lines.append(
+            f"| {name} | {p['task']} | {p['train_size'] or 'all'} | {p['batch_size']} | "
+            + ", ".join(f"{100 * a:.1f}" for a in p["dev_accuracy_by_epoch"])
+            + " |"
+        )
     return lines + [""]
 
 
 def render() -> str:
-    load = lambda name: json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else None  # noqa: E731
-    lines = ["# Study report: super tickets on real data", "",
-             "Plan: [PLAN.md](PLAN.md). Rendered by `python docs/study/summarize.py` from `results/*.json`; "
-             "comparisons: paired difference A − B over seeds with a 95% percentile-bootstrap interval and the "
-             "two-sided paired t-test (`st.select.paired`).", ""]
-    for part, section in (*((p, sweep_section) for p in SWEEPS), ("mtl", mtl_section), ("adapt", adapt_section), ("pilot", pilot_section)):
+    def load(name):
+        return json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else None
+
+    lines = [
+        "# Study report: super tickets on real data",
+        "",
+        "Plan: [PLAN.md](PLAN.md). Rendered by `python docs/study/summarize.py` from `results/*.json`; "
+        "comparisons: paired difference A − B over seeds with a 95% percentile-bootstrap interval and the "
+        "two-sided paired t-test (`st.select.paired`).",
+        "",
+    ]
+    for part, section in (
+        *((p, sweep_section) for p in SWEEPS),
+        ("mtl", mtl_section),
+        ("adapt", adapt_section),
+        ("pilot", pilot_section),
+    ):
         doc = load(part)
-        lines += [*(section(part, doc) if section is sweep_section else section(doc))] if doc else [f"## {part}: not run", ""]
+        lines += (
+            [*(section(part, doc) if section is sweep_section else section(doc))]
+            if doc
+            else [f"## {part}: not run", ""]
+        )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--collect", type=Path, metavar="RUNS", help="gather the JSON of the study's runs (runs/study) first")
+    parser.add_argument(
+        "--collect", type=Path, metavar="RUNS", help="gather the JSON of the study's runs (runs/study) first"
+    )
     args = parser.parse_args()
     if args.collect:
         collect(args.collect)

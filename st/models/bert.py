@@ -49,12 +49,21 @@ class BertConfig:
     ffn_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if type(value) is not int or value < 1:  # a hand-edited config.json: strings, negatives, floats
                 raise UserError(f"the model config's {name} must be a positive whole number, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise UserError(f"the model config's hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+            raise UserError(
+                f"the model config's hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
+            )
         for name, per_layer in (("kept_heads", self.kept_heads), ("ffn_sizes", self.ffn_sizes)):
             if per_layer is not None and len(per_layer) != self.num_layers:
                 raise ValueError(f"{name} has {len(per_layer)} entries for {self.num_layers} layers")
@@ -118,7 +127,9 @@ class Embeddings(nn.Module):
         self.pad, self.after_padding = c.pad_token_id, c.positions_after_padding
         self.word = nn.Embedding(c.vocab_size, E, padding_idx=c.pad_token_id)
         # RoBERTa's position row pad_token_id belongs to pad tokens only; HF keeps it zero and untrained.
-        self.position = nn.Embedding(c.max_position_embeddings, E, padding_idx=c.pad_token_id if self.after_padding else None)
+        self.position = nn.Embedding(
+            c.max_position_embeddings, E, padding_idx=c.pad_token_id if self.after_padding else None
+        )
         if c.sinusoidal_positions:  # HF DistilBERT freezes the table; so do we (the optimizer skips it)
             self.position.weight.requires_grad_(False)
         self.token_type = nn.Embedding(c.type_vocab_size, E) if c.type_vocab_size else None
@@ -261,7 +272,9 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 def sinusoidal_table(positions: int, dim: int) -> Tensor:  # P,E
     """DistilBERT's fixed position table: sin on even columns, cos on odd ones (Vaswani et al. 2017)."""
-    angle = torch.arange(positions, dtype=torch.float64)[:, None] / torch.pow(10000.0, 2 * (torch.arange(dim) // 2) / dim)
+    angle = torch.arange(positions, dtype=torch.float64)[:, None] / torch.pow(
+        10000.0, 2 * (torch.arange(dim) // 2) / dim
+    )
     table = torch.empty(positions, dim, dtype=torch.float64)
     table[:, 0::2], table[:, 1::2] = torch.sin(angle[:, 0::2]), torch.cos(angle[:, 1::2])
     return table.float()

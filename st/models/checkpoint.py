@@ -41,7 +41,10 @@ def load_checkpoint(folder: str | Path, config: dict | None = None) -> tuple[Ber
         raise UserError(f"{source} does not match its config.json: {first.strip()}") from None
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise UserError(f"{source}: {'missing' if missing else 'unknown'} key {key!r}; the checkpoint does not match its config.json")
+        raise UserError(
+            f"{source}: {'missing' if missing else 'unknown'} key {key!r}; the checkpoint does not match its "
+            "config.json"
+        )
     return model, cfg
 
 
@@ -54,10 +57,15 @@ def read_checkpoint_config(folder: str | Path) -> tuple[BertConfig, int]:
 def _read_checked(folder: Path, cfg: dict | None = None) -> tuple[BertConfig, int, dict]:
     cfg = read_config(folder) if cfg is None else cfg
     if cfg.get("format") != ST_FORMAT or "head" not in cfg:
-        raise UserError(f"{folder} is not an st fine-tuned checkpoint (its config.json lacks \"format\": \"st\"); run `st finetune` first")
+        raise UserError(
+            f'{folder} is not an st fine-tuned checkpoint (its config.json lacks "format": "st"); '
+            "run `st finetune` first"
+        )
     try:
         cfg["head"]["dropout"]
         return BertConfig.from_dict(cfg["encoder"]), cfg["head"]["num_labels"], cfg
     except (KeyError, TypeError) as e:  # a hand-edited config.json
-        raise UserError(f"{folder}/config.json has a broken encoder or head entry ({type(e).__name__}: {e}); "
-                        "restore it from the run that made it") from None
+        raise UserError(
+            f"{folder}/config.json has a broken encoder or head entry ({type(e).__name__}: {e}); "
+            "restore it from the run that made it"
+        ) from None

@@ -32,18 +32,32 @@ class Family:
 
 
 # Each layer's tensors (ours -> the HF modules they are made of; Q, K and V are concatenated, in that order).
-_BERT_LAYER = {"attention.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
-               "attention.out": ("attention.output.dense",), "attention_norm": ("attention.output.LayerNorm",),
-               "ffn.up": ("intermediate.dense",), "ffn.down": ("output.dense",), "ffn_norm": ("output.LayerNorm",)}
-_DISTILBERT_LAYER = {"attention.qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
-                     "attention.out": ("attention.out_lin",), "attention_norm": ("sa_layer_norm",),
-                     "ffn.up": ("ffn.lin1",), "ffn.down": ("ffn.lin2",), "ffn_norm": ("output_layer_norm",)}
+_BERT_LAYER = {
+    "attention.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+    "attention.out": ("attention.output.dense",),
+    "attention_norm": ("attention.output.LayerNorm",),
+    "ffn.up": ("intermediate.dense",),
+    "ffn.down": ("output.dense",),
+    "ffn_norm": ("output.LayerNorm",),
+}
+_DISTILBERT_LAYER = {
+    "attention.qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+    "attention.out": ("attention.out_lin",),
+    "attention_norm": ("sa_layer_norm",),
+    "ffn.up": ("ffn.lin1",),
+    "ffn.down": ("ffn.lin2",),
+    "ffn_norm": ("output_layer_norm",),
+}
 
 
 def _layer_table(c: BertConfig, hf_layers: str, layer: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
     """`layer`'s names for every layer: layers.{i}.<ours>.{weight,bias} -> <hf_layers>{i}.<HF module>.{weight,bias}."""
-    return {f"layers.{i}.{ours}.{p}": tuple(f"{hf_layers}{i}.{module}.{p}" for module in modules)
-            for i in range(c.num_layers) for p in ("weight", "bias") for ours, modules in layer.items()}
+    return {
+        f"layers.{i}.{ours}.{p}": tuple(f"{hf_layers}{i}.{module}.{p}" for module in modules)
+        for i in range(c.num_layers)
+        for p in ("weight", "bias")
+        for ours, modules in layer.items()
+    }
 
 
 def bert_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
@@ -123,14 +137,30 @@ def read_electra_config(hf: dict) -> dict:
 def read_distilbert_config(hf: dict) -> dict:
     if hf.get("activation", "gelu") != "gelu":
         raise UserError("st supports activation 'gelu'")
-    renamed = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "hidden_dim": "intermediate_size"}
+    renamed = {
+        "dim": "hidden_size",
+        "n_layers": "num_hidden_layers",
+        "n_heads": "num_attention_heads",
+        "hidden_dim": "intermediate_size",
+    }
     missing = [k for k in ("vocab_size", *renamed) if k not in hf]
     if missing:
         raise UserError(f"it lacks {missing[0]}; it is not a complete distilbert config")
     bert_like = {renamed.get(k, k): v for k, v in hf.items() if k not in ("hidden_act", "position_embedding_type")}
-    fields = read_bert_config({**bert_like, "hidden_dropout_prob": hf.get("dropout", 0.1), "attention_probs_dropout_prob": hf.get("attention_dropout", 0.1)})
+    fields = read_bert_config(
+        {
+            **bert_like,
+            "hidden_dropout_prob": hf.get("dropout", 0.1),
+            "attention_probs_dropout_prob": hf.get("attention_dropout", 0.1),
+        }
+    )
     # DistilBERT has no token types, and its LayerNorm eps is fixed at 1e-12 in HF's code, not in the config.
-    return {**fields, "type_vocab_size": 0, "layer_norm_eps": 1e-12, "sinusoidal_positions": bool(hf.get("sinusoidal_pos_embds", False))}
+    return {
+        **fields,
+        "type_vocab_size": 0,
+        "layer_norm_eps": 1e-12,
+        "sinusoidal_positions": bool(hf.get("sinusoidal_pos_embds", False)),
+    }
 
 
 def bert_config_fields(c: BertConfig) -> dict:
@@ -180,51 +210,93 @@ _POOLER = {"dense.weight": ("pooler.dense.weight",), "dense.bias": ("pooler.dens
 _TASK_HEADS = ("classifier.", "qa_outputs.")
 # RoBERTa, XLM-R and ELECTRA share one head: dense, activation, out_proj on the first token
 # (HF also applies dropout before dense; in eval the outputs are the same).
-_CLASSIFICATION_HEAD = {"pooler.dense.weight": "classifier.dense.weight", "pooler.dense.bias": "classifier.dense.bias",
-                        "classifier.out.weight": "classifier.out_proj.weight", "classifier.out.bias": "classifier.out_proj.bias"}
+_CLASSIFICATION_HEAD = {
+    "pooler.dense.weight": "classifier.dense.weight",
+    "pooler.dense.bias": "classifier.dense.bias",
+    "classifier.out.weight": "classifier.out_proj.weight",
+    "classifier.out.bias": "classifier.out_proj.bias",
+}
 
 
 def _roberta_like(model_type: str, classifier_class: str) -> Family:
     return Family(
-        model_type=model_type, prefix="roberta.", classifier_class=classifier_class, encoder_table=bert_key_table,
+        model_type=model_type,
+        prefix="roberta.",
+        classifier_class=classifier_class,
+        encoder_table=bert_key_table,
         # RobertaForSequenceClassification drops the pre-trained pooler; its head's dense layer starts fresh.
-        pooler_table={}, head_table=_CLASSIFICATION_HEAD, pooler_activation="tanh", head_dropout_field="classifier_dropout",
-        skipped_prefixes=("lm_head.", "pooler.", *_TASK_HEADS), read_config=read_roberta_config, config_fields=bert_config_fields,
+        pooler_table={},
+        head_table=_CLASSIFICATION_HEAD,
+        pooler_activation="tanh",
+        head_dropout_field="classifier_dropout",
+        skipped_prefixes=("lm_head.", "pooler.", *_TASK_HEADS),
+        read_config=read_roberta_config,
+        config_fields=bert_config_fields,
     )
 
 
 BERT = Family(
-    model_type="bert", prefix="bert.", classifier_class="BertForSequenceClassification", encoder_table=bert_key_table,
+    model_type="bert",
+    prefix="bert.",
+    classifier_class="BertForSequenceClassification",
+    encoder_table=bert_key_table,
     pooler_table=_POOLER,
-    head_table={"pooler.dense.weight": "bert.pooler.dense.weight", "pooler.dense.bias": "bert.pooler.dense.bias",
-                "classifier.out.weight": "classifier.weight", "classifier.out.bias": "classifier.bias"},
-    pooler_activation="tanh", head_dropout_field="classifier_dropout", skipped_prefixes=("cls.", *_TASK_HEADS),
-    read_config=read_bert_config, config_fields=bert_config_fields,
+    head_table={
+        "pooler.dense.weight": "bert.pooler.dense.weight",
+        "pooler.dense.bias": "bert.pooler.dense.bias",
+        "classifier.out.weight": "classifier.weight",
+        "classifier.out.bias": "classifier.bias",
+    },
+    pooler_activation="tanh",
+    head_dropout_field="classifier_dropout",
+    skipped_prefixes=("cls.", *_TASK_HEADS),
+    read_config=read_bert_config,
+    config_fields=bert_config_fields,
 )
 ROBERTA = _roberta_like("roberta", "RobertaForSequenceClassification")
 XLM_ROBERTA = _roberta_like("xlm-roberta", "XLMRobertaForSequenceClassification")
 ELECTRA = Family(
-    model_type="electra", prefix="electra.", classifier_class="ElectraForSequenceClassification", encoder_table=electra_key_table,
-    pooler_table={}, head_table=_CLASSIFICATION_HEAD, pooler_activation="gelu", head_dropout_field="classifier_dropout",
+    model_type="electra",
+    prefix="electra.",
+    classifier_class="ElectraForSequenceClassification",
+    encoder_table=electra_key_table,
+    pooler_table={},
+    head_table=_CLASSIFICATION_HEAD,
+    pooler_activation="gelu",
+    head_dropout_field="classifier_dropout",
     skipped_prefixes=("discriminator_predictions.", "generator_predictions.", "generator_lm_head.", *_TASK_HEADS),
-    read_config=read_electra_config, config_fields=bert_config_fields,
+    read_config=read_electra_config,
+    config_fields=bert_config_fields,
 )
 DISTILBERT = Family(
-    model_type="distilbert", prefix="distilbert.", classifier_class="DistilBertForSequenceClassification",
-    encoder_table=distilbert_key_table, pooler_table={},
-    head_table={"pooler.dense.weight": "pre_classifier.weight", "pooler.dense.bias": "pre_classifier.bias",
-                "classifier.out.weight": "classifier.weight", "classifier.out.bias": "classifier.bias"},
-    pooler_activation="relu", head_dropout_field="seq_classif_dropout",
+    model_type="distilbert",
+    prefix="distilbert.",
+    classifier_class="DistilBertForSequenceClassification",
+    encoder_table=distilbert_key_table,
+    pooler_table={},
+    head_table={
+        "pooler.dense.weight": "pre_classifier.weight",
+        "pooler.dense.bias": "pre_classifier.bias",
+        "classifier.out.weight": "classifier.weight",
+        "classifier.out.bias": "classifier.bias",
+    },
+    pooler_activation="relu",
+    head_dropout_field="seq_classif_dropout",
     skipped_prefixes=("vocab_transform.", "vocab_layer_norm.", "vocab_projector.", "pre_classifier.", *_TASK_HEADS),
-    read_config=read_distilbert_config, config_fields=distilbert_config_fields,
+    read_config=read_distilbert_config,
+    config_fields=distilbert_config_fields,
 )
 
-FAMILIES = {f.model_type: f for f in (BERT, ROBERTA, XLM_ROBERTA, ELECTRA, DISTILBERT)}  # config.json model_type -> its family
+FAMILIES = {
+    f.model_type: f for f in (BERT, ROBERTA, XLM_ROBERTA, ELECTRA, DISTILBERT)
+}  # config.json model_type -> its family
 
 
 def family_of(model_type: str | None, where: str) -> Family:
     """The family of a config.json model_type; anything else is one line naming what is supported."""
     if model_type not in FAMILIES:
-        raise UserError(f"{where} has model_type {model_type!r}; st supports {', '.join(repr(k) for k in FAMILIES)} "
-                        f"(BERT, RoBERTa, XLM-RoBERTa, ELECTRA discriminator, DistilBERT): use a checkpoint of one of these")
+        raise UserError(
+            f"{where} has model_type {model_type!r}; st supports {', '.join(repr(k) for k in FAMILIES)} "
+            f"(BERT, RoBERTa, XLM-RoBERTa, ELECTRA discriminator, DistilBERT): use a checkpoint of one of these"
+        )
     return FAMILIES[model_type]

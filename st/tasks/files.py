@@ -94,13 +94,21 @@ class FileTask:
     def __init__(self, fmt: str, data_dir, text_columns: str, label_column: str, regression: bool, labels: str | None):
         self.name = self.fmt = fmt
         if data_dir is None:
-            raise UserError(f"the {fmt} task reads your own data: pass --data-dir, a folder with train.{fmt}, dev.{fmt} and test.{fmt}")
+            raise UserError(
+                f"the {fmt} task reads your own data: pass --data-dir, a folder with train.{fmt}, dev.{fmt} "
+                f"and test.{fmt}"
+            )
         self.data_dir = Path(data_dir)
         if not self.data_dir.is_dir():
-            raise UserError(f"data dir {self.data_dir} does not exist; pass a folder with train.{fmt}, dev.{fmt} and test.{fmt}")
+            raise UserError(
+                f"data dir {self.data_dir} does not exist; pass a folder with train.{fmt}, dev.{fmt} and test.{fmt}"
+            )
         self.text_columns = tuple(c.strip() for c in text_columns.split(",") if c.strip())
         if not 1 <= len(self.text_columns) <= 2:
-            raise UserError(f"--text-columns takes one column or two for sentence pairs (e.g. premise,hypothesis), got {text_columns!r}")
+            raise UserError(
+                "--text-columns takes one column or two for sentence pairs (e.g. premise,hypothesis), got "
+                f"{text_columns!r}"
+            )
         self.label_column = label_column
         self.regression = regression
         self._cache: dict[str, list[Example]] = {}
@@ -120,7 +128,8 @@ class FileTask:
                 self.labels = _label_order(label for *_, label in self._fields("train"))
             if len(self.labels) < 2:
                 raise UserError(
-                    f"the {fmt} task found the single label {self.labels[0] if self.labels else None!r} in {self._path('train')}; "
+                    f"the {fmt} task found the single label {self.labels[0] if self.labels else None!r} in "
+                    f"{self._path('train')}; "
                     "a classifier needs at least two (pass --labels a,b, or --regression for a score)"
                 )
             self.metrics = ("accuracy", "f1") if len(self.labels) == 2 else ("accuracy", "macro_f1")
@@ -151,7 +160,9 @@ class FileTask:
             label = _as_text(row.get(self.label_column))
             if label == "":
                 if not label_optional:
-                    raise UserError(f"{path}, line {line}: the {self.label_column!r} field is empty; fill it in or drop the row")
+                    raise UserError(
+                        f"{path}, line {line}: the {self.label_column!r} field is empty; fill it in or drop the row"
+                    )
                 label = None  # an unlabelled test row
             yield line, guid, texts, label
 
@@ -175,7 +186,9 @@ class FileTask:
                 except ValueError:
                     value = math.nan
                 if not math.isfinite(value):
-                    raise UserError(f"{path}, line {line}: regression label {label!r} is not a finite number; fix the row")
+                    raise UserError(
+                        f"{path}, line {line}: regression label {label!r} is not a finite number; fix the row"
+                    )
                 label = value
             elif label in self.labels:
                 label = self.labels.index(label)
@@ -191,7 +204,9 @@ class FileTask:
         check_split(self.name, split, SPLITS)
         if split not in self._cache:
             path = self._path(split)
-            self._cache[split] = [self._example(path, line, guid, texts, label) for line, guid, texts, label in self._fields(split)]
+            self._cache[split] = [
+                self._example(path, line, guid, texts, label) for line, guid, texts, label in self._fields(split)
+            ]
         return list(self._cache[split])
 
     def compute_metrics(self, predictions: Sequence, labels: Sequence) -> dict[str, float]:
@@ -209,5 +224,6 @@ def csv_task(data_dir=None, text_columns="sentence", label_column="label", regre
 
 @register_task("jsonl")
 def jsonl_task(data_dir=None, text_columns="sentence", label_column="label", regression=False, labels=None) -> FileTask:
-    """Your own data as data_dir/{train,dev,test}.jsonl, one JSON object per line (text key(s), label key, optional id)."""
+    """Your own data as data_dir/{train,dev,test}.jsonl, one JSON object per line (text key(s), label key,
+    optional id)."""
     return FileTask("jsonl", data_dir, text_columns, label_column, regression, labels)

