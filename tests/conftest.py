@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for the rendezvous of processes a test spawns."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives rank `rank` of `world` processes on this machine (`st.dist.session` reads it)."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from st.importance import Scores, compute_importance, fingerprint, per_example_l
 from st.models.bert import Bert, BertConfig
 from st.models.heads import BertClassifier
 from st.tickets import make_ticket
+from tests.conftest import free_port
 
 L, H0, D, F0, V = 3, 4, 16, 32, 50
 
@@ -227,12 +227,6 @@ def test_plot_heatmap_writes_png(tmp_path):
 # ---- two processes (gloo): every rank derives the same ticket as one process over all the data ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as td
 
@@ -251,7 +245,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_process_gloo_gives_identical_tickets(tmp_path):
     from st.tickets import Ticket
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single = compute_importance(tiny_model(), make_batches(6))
     s0, s1 = Scores.load(tmp_path / "scores0.json"), Scores.load(tmp_path / "scores1.json")
     assert s0 == s1  # bit-identical on both ranks

@@ -5,8 +5,6 @@ it gets what single-task training has: --grad-accum, the fp16 scaler, DDP throug
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from st.pipeline import run_finetune
 from st.share_run import run_share
 from st.specs import DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig
 from st.train import Group, TrainingStep
+from tests.conftest import as_torchrun_rank, free_port
 from tests.test_share import TA, TB, batch, make_sharer, outside, write_topic_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,18 +119,10 @@ def test_dev_size_and_select_fraction_mean_what_they_mean_in_finetune(tiny_bert_
 # ---- DDP: two gloo processes train the multi-task model as one does ------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, specs, out, result_dir):
     import st.dist as dist
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    as_torchrun_rank(rank, world, port)
     torch.set_num_threads(1)
     with dist.session():
         result = run_share(specs, {"csv": TA, "jsonl": TB}, out)
@@ -143,7 +134,7 @@ def _ddp_worker(rank, world, port, specs, out, result_dir):
 def test_two_process_ddp_multitask_matches_one_process(tiny_bert_dir, sentiment_dir, tmp_path):
     topic = write_topic_jsonl(tmp_path / "topic")
     specs = jobs(tiny_bert_dir, sentiment_dir, topic, grad_accum=2)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), specs, tmp_path / "ddp", tmp_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), specs, tmp_path / "ddp", tmp_path), nprocs=2, join=True)
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, w in saved[0]["weights"].items():  # DDP keeps the replicas bit-identical
         assert torch.equal(w, saved[1]["weights"][name]), name

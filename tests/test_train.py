@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import replace
 
 import pytest
@@ -17,6 +15,7 @@ from st.pipeline import build_task, build_tokenizer, load_split, run_finetune
 from st.runs import PROGRESS, RunFolder
 from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
 from st.train import evaluate
+from tests.conftest import as_torchrun_rank, free_port
 
 
 def make_job(model_dir, data_dir, seed: int = 0, **train) -> RunSpec:
@@ -113,20 +112,12 @@ def test_ticket_finetune_trains_a_physically_pruned_model(tiny_bert_dir, sentime
 # ---- DDP: two gloo processes behave as one -----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, job, out, result_dir):
     import st.dist as dist
     from st.pipeline import build_model, load_train
     from st.train import finetune
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    as_torchrun_rank(rank, world, port)
     torch.set_num_threads(1)
     with dist.session():
         task, tokenizer = build_task(job.data), build_tokenizer(job)
@@ -147,7 +138,7 @@ def _ddp_worker(rank, world, port, job, out, result_dir):
 
 def test_two_process_ddp_matches_one_process(tiny_bert_dir, sentiment_dir, tmp_path):
     job = make_job(tiny_bert_dir, sentiment_dir, epochs=2)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), job, tmp_path / "ddp", tmp_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), job, tmp_path / "ddp", tmp_path), nprocs=2, join=True)
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, w in saved[0]["weights"].items():  # DDP keeps the replicas bit-identical
         assert torch.equal(w, saved[1]["weights"][name]), name
