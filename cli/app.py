@@ -111,7 +111,12 @@ train_options = _options(
     click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Default: 0."),
     click.option("--train-size", type=click.IntRange(1), help="Use N training examples, sampled with the seed."),
     click.option("--train-fraction", type=float, help="Use this fraction (0, 1] of the training set."),
-    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast on CUDA. Default: fp32."),
+    click.option(
+        "--precision",
+        type=click.Choice(["fp32", "bf16", "fp16"]),
+        help="Compute precision, on CPU and GPU alike, with fp32 master weights and optimizer state "
+        "(fp16 adds a gradient scaler). Default: fp32.",
+    ),
     click.option(
         "--report-split",
         help="Also evaluate this labelled split (e.g. test) once, on the weights dev chose; "
@@ -136,7 +141,6 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an ex
 precision_option = click.option(
     "--precision",
     type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="Autocast on CUDA.",
+    default=None,
+    help="Compute precision (bf16/fp16 on CPU and GPU alike). Default: the one the checkpoint was fine-tuned in.",
 )

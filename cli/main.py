@@ -65,7 +65,7 @@ def finetune_command(out, device, **options):
                 else ""
             )
             console.print(
-                f"[bold]{result['task']}[/]: best epoch {result['best_epoch']}, dev "
+                f"[bold]{result['task']}[/] ({spec.train.precision}): best epoch {result['best_epoch']}, dev "
                 f"{shown(result['dev'])}{report} -> {out}"
             )
 
@@ -123,8 +123,9 @@ def eval_command(checkpoint, task, data_dir, split, predictions, batch_size, dev
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
 @device_option
+@precision_option
 @overwrite_option
-def score_command(checkpoint, out, num_examples, batch_size, seed, device, overwrite):
+def score_command(checkpoint, out, num_examples, batch_size, seed, device, precision, overwrite):
     """Importance of every head and FFN block: E_x |dL/d mask| over the training set."""
     from st import dist
     from st.importance import plot_heatmap
@@ -134,13 +135,15 @@ def score_command(checkpoint, out, num_examples, batch_size, seed, device, overw
     check_output(out, "importance scores", (".json",), is_json_with("head_raw"), overwrite)
     check_output(Path(out).with_suffix(".png"), "an importance heatmap", (".png",), is_png, overwrite)
     with dist.session():
+        device = dist.pick_device(device)
         scores = score_checkpoint(
-            checkpoint, num_examples=num_examples, batch_size=batch_size, device=dist.pick_device(device), seed=seed
+            checkpoint, num_examples=num_examples, batch_size=batch_size, device=device, seed=seed, precision=precision
         )
         if dist.is_main():
             scores.save(out)
             plot_heatmap(scores, Path(out).with_suffix(".png"))
-            console.print(f"scored {scores.num_examples} examples -> {out} (+ {Path(out).with_suffix('.png').name})")
+            png = Path(out).with_suffix(".png").name
+            console.print(f"scored {scores.num_examples} examples in {scores.precision} -> {out} (+ {png})")
 
 
 @cli.command("prune")

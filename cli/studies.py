@@ -92,7 +92,8 @@ def share_command(names, data_dirs, tickets, ratios, no_tickets, train_sizes, ou
             result = run_share(specs, chosen, out, device=device, on_step=on_step, on_epoch=on_epoch)
         if dist.is_main():
             Console().print(multitask_table(result))
-            console.print(f"average dev {result['average']:.4f}, report -> {Path(out) / 'report.md'}")
+            precision = specs[0].train.precision
+            console.print(f"average dev {result['average']:.4f} ({precision}), report -> {Path(out) / 'report.md'}")
 
 
 # ---- sweep and report -------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def sweep_command(ctx, out, device, ray, keep_weights, **options):
     with dist.session(), log_level(logging.WARNING if quiet else None):
         cfg, jobs = plan(ray=ray, **options)
         grid = f"{cfg.seeds} seed(s) x (full model + {len(cfg.grid)} tickets)"
-        what = f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name}: {grid}"
+        what = f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name} in {cfg.spec.train.precision}: {grid}"
         printer = RunPrinter(console, build_task(cfg.spec.data).main_metric, cfg.run_ratios)
         device = device if ray else dist.pick_device(device)  # a Ray cluster's GPUs are on its nodes, not here
         doc = run_sweep(

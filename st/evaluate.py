@@ -18,7 +18,8 @@ def evaluate_checkpoint(
     """{split: metrics} for `split` ("dev", "test" or an exact split name); metrics are empty for
     unlabelled test splits, whose predictions go to `predictions` (one file per split). Existing
     prediction files are refused before any work, unless `overwrite` (and they are predictions)."""
-    model, _, task, tokenizer = checkpoint_spec(checkpoint, task_name, data_dir)
+    model, spec, task, tokenizer = checkpoint_spec(checkpoint, task_name, data_dir)
+    precision = precision or spec.train.precision  # None: the precision it was fine-tuned in
     if model.num_labels != task.num_labels:
         raise UserError(
             f"{checkpoint} has {model.num_labels} outputs but task {task.name} needs {task.num_labels}; pass "

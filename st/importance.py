@@ -29,6 +29,7 @@ from st.io import atomic_path, read_json, write_json
 from st.layout import FINGERPRINT_KEYS
 from st.models.bert import BertConfig
 from st.models.heads import BertClassifier, per_example_loss  # noqa: F401  (re-exported: the default loss)
+from st.precision import check_precision, compute_copy
 
 
 def fingerprint(config: BertConfig) -> dict:
@@ -66,6 +67,7 @@ class Scores:
     ffn_raw: tuple[float, ...]  # L: E_x |∂L/∂ν|
     num_examples: int
     model_fingerprint: dict = field(default_factory=dict)
+    precision: str = "fp32"  # the compute dtype of the pass that made them (st.precision)
     head: tuple[tuple[float, ...], ...] = field(init=False)  # L,H0: each row / its L2 norm
     ffn: tuple[float, ...] = field(init=False)  # L: = ffn_raw (the paper ranks FFN scores as they are)
 
@@ -115,6 +117,7 @@ class Scores:
         return {
             "num_examples": self.num_examples,
             "model_fingerprint": self.model_fingerprint,
+            "precision": self.precision,
             "head": [list(r) for r in self.head],
             "ffn": list(self.ffn),
             "head_raw": [list(r) for r in self.head_raw],
@@ -130,7 +133,7 @@ class Scores:
             raise UserError(f"missing keys {missing}")
         if not isinstance(d["model_fingerprint"], dict):
             raise UserError("model_fingerprint must be an object")
-        return cls(d["head_raw"], d["ffn_raw"], d["num_examples"], d["model_fingerprint"])
+        return cls(d["head_raw"], d["ffn_raw"], d["num_examples"], d["model_fingerprint"], d.get("precision", "fp32"))
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_json())
@@ -174,20 +177,22 @@ def compute_importance(
     *,
     device: str | torch.device = "cpu",
     max_examples: int | None = None,
+    precision: str = "fp32",
 ) -> Scores:
     """Average |∂L(x)/∂mask| over the examples in `batches` (this process's share under DDP).
 
     `batches` yield dicts with input_ids, attention_mask, labels and optionally token_type_ids.
     `loss_fn(logits, labels)` returns one loss per example. `max_examples` caps the examples this
-    process scores. The model is moved to `device` and left there; its train/eval mode and its
+    process scores. `precision`: the compute dtype (`st.precision`); masks, their gradients and the
+    sums stay fp32. The model is moved to `device` and left there; its train/eval mode and its
     parameters' requires_grad flags are restored.
     """
     config = model.encoder.config
     if config.kept_heads is not None or config.ffn_sizes is not None:
         raise UserError("this model is physically pruned: score the full fine-tuned model")
     device = torch.device(device)
+    check_precision(precision, device)
     model.to(device)
-    dtype = next(model.parameters()).dtype
     L, H0 = config.num_layers, config.num_heads
     head_sum = torch.zeros(L, H0, dtype=torch.float64, device=device)
     ffn_sum = torch.zeros(L, dtype=torch.float64, device=device)
@@ -198,6 +203,7 @@ def compute_importance(
     model.eval()  # dropout off: the scores describe the deterministic fine-tuned network
     for p, _ in flags:  # only mask gradients are needed; frozen weights save their backward matmuls
         p.requires_grad_(False)
+    compute = compute_copy(model, precision)  # frozen too
     try:
         for batch in batches:
             if max_examples is not None and count >= max_examples:
@@ -207,9 +213,9 @@ def compute_importance(
                 B = max_examples - count
                 batch = {k: v[:B] for k, v in batch.items()}
             batch = {k: v.to(device) for k, v in batch.items()}
-            head_mask = torch.ones(B, L, H0, dtype=dtype, device=device, requires_grad=True)
-            ffn_mask = torch.ones(B, L, dtype=dtype, device=device, requires_grad=True)
-            logits = model(
+            head_mask = torch.ones(B, L, H0, device=device, requires_grad=True)
+            ffn_mask = torch.ones(B, L, device=device, requires_grad=True)
+            logits = compute(
                 batch["input_ids"],
                 batch.get("token_type_ids"),
                 batch.get("attention_mask"),
@@ -236,7 +242,7 @@ def compute_importance(
         raise UserError("no examples to score: the training data is empty")
     head = (packed[: L * H0] / total).view(L, H0)
     ffn = packed[L * H0 : L * H0 + L] / total
-    return Scores(head.cpu(), ffn.cpu(), total, fingerprint(config))
+    return Scores(head.cpu(), ffn.cpu(), total, fingerprint(config), precision)
 
 
 def plot_heatmap(scores: Scores, path: str | Path) -> None:

@@ -290,10 +290,17 @@ def checkpoint_spec(
 
 
 def score_checkpoint(
-    checkpoint: str | Path, *, num_examples: int | None = None, batch_size: int = 32, device: str = "cpu", seed: int = 0
+    checkpoint: str | Path,
+    *,
+    num_examples: int | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    seed: int = 0,
+    precision: str | None = None,
 ) -> Scores:
     """Importance of every head and FFN block of a fine-tuned checkpoint over its training set
-    (the examples it was fine-tuned on; `num_examples` samples fewer, with the seed)."""
+    (the examples it was fine-tuned on; `num_examples` samples fewer, with the seed), computed in
+    `precision` (None: the one it was fine-tuned in)."""
     model, spec, task, tokenizer = checkpoint_spec(checkpoint)
     if model.encoder.config.kept_heads is not None or model.encoder.config.ffn_sizes is not None:
         raise UserError(f"{checkpoint} is physically pruned; score the full fine-tuned model")
@@ -303,7 +310,7 @@ def score_checkpoint(
         order = sorted(random.Random(seed).sample(order, num_examples))
     mine = order[dist.rank() :: dist.world_size()]
     batches = (make_batch(train, mine[i : i + batch_size], tokenizer.pad_id) for i in range(0, len(mine), batch_size))
-    return compute_importance(model, batches, device=device)
+    return compute_importance(model, batches, device=device, precision=precision or spec.train.precision)
 
 
 def ticket_from_scores(

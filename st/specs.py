@@ -65,7 +65,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     grad_accum: int = 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the compute dtype, with fp32 master weights (st.precision)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from st.errors import UserError
 from st.models.checkpoint import save_checkpoint
 from st.models.heads import BertClassifier, per_example_loss, predict
 from st.models.weights import read_tensors
+from st.precision import accumulate_grads, check_precision, compute_copy, sync_weights
 from st.runs import RunFolder
 from st.specs import TrainConfig
 from st.tasks import Task
@@ -54,12 +55,6 @@ def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast(precision: str, device: str | torch.device):
-    if precision == "fp32" or torch.device(device).type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 @torch.no_grad()
 def predict_set(
     model: nn.Module,
@@ -70,15 +65,16 @@ def predict_set(
     precision: str = "fp32",
     batch_size: int = 128,
 ) -> list:
-    """Predictions for every row of `data`, in order; under DDP each rank does a share, then all gather."""
+    """Predictions for every row of `data`, in order, computed in `precision` (`st.precision`); under
+    DDP each rank does a share, then all gather."""
+    check_precision(precision, device)
     was_training = model.training
     model.eval()
+    compute = compute_copy(model, precision)
     mine: dict[int, float | int] = {}
     for indices, batch in eval_shards(data, batch_size, pad_id):
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with autocast(precision, device):
-            logits = model(**batch)
-        mine.update(zip(indices, predict(logits.float()).tolist()))
+        mine.update(zip(indices, predict(compute(**batch).float()).tolist()))
     model.train(was_training)
     merged = dist.gather_dicts(mine)
     return [merged[i] for i in range(len(data))]
@@ -146,9 +142,10 @@ def groups(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
 
 
 class TrainingStep:
-    """The training step of every run: forward and backward of a group's micro-batches (DDP averages
-    gradients on the last one only), the fp16 gradient scaler, clipping, the finiteness check, the
-    optimizer step (through the group's update) and zero_grad."""
+    """The training step of every run: forward and backward of a group's micro-batches in the run's
+    precision (on `st.precision`'s compute copy; DDP averages gradients on the last micro-batch only),
+    the fp16 gradient scaler, clipping, the finiteness check, the optimizer step on the fp32 master
+    weights (through the group's update), zero_grad, and the weights cast back into the copy."""
 
     def __init__(
         self,
@@ -160,20 +157,24 @@ class TrainingStep:
         find_unused: bool = False,
     ):
         self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, torch.device(device)
+        check_precision(cfg.precision, self.device)
+        self.compute = compute_copy(model, cfg.precision)  # the model itself in fp32
         # find_unused: a multi-task step leaves the other tasks' heads out of its graph
-        self.ddp = dist.wrap(model, find_unused=find_unused)
+        self.ddp = dist.wrap(self.compute, find_unused=find_unused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
 
     def __call__(self, group: Group) -> float:
         """One optimizer step; returns the loss of its last micro-batch."""
         size = len(group.batches)
+        self.compute.train(self.model.training)
         for i, batch in enumerate(group.batches):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            sync = i == size - 1 or self.ddp is self.model
-            with nullcontext() if sync else self.ddp.no_sync(), autocast(self.cfg.precision, self.device):
-                loss = per_example_loss(group.forward(self.ddp, batch).float(), labels).mean() / size
+            sync = i == size - 1 or self.ddp is self.compute
+            with nullcontext() if sync else self.ddp.no_sync():
+                loss = per_example_loss(group.forward(self.ddp, batch).float(), labels).mean() / size  # fp32
                 self.scaler.scale(loss).backward()
+            accumulate_grads(self.model, self.compute)  # into the fp32 master gradients
         self.scaler.unscale_(self.optimizer)
         if group.update is None:
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -188,6 +189,7 @@ class TrainingStep:
             group.update.apply(self.optimizer, lambda: self.scaler.step(self.optimizer))
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        sync_weights(self.model, self.compute)
         return loss.item() * size
 
 
@@ -232,9 +234,9 @@ def train(
     the metrics. `shown(record)`: the metrics `on_epoch` gets."""
     model = learner.model.to(device)
     optimizer = make_optimizer(model, cfg)
-    step = TrainingStep(model, optimizer, cfg, device, find_unused=learner.find_unused)
     schedule = make_schedule(optimizer, learner.steps * cfg.epochs, cfg.warmup)
     history = run.load_progress(model, optimizer, schedule, device)
+    step = TrainingStep(model, optimizer, cfg, device, find_unused=learner.find_unused)  # from the resumed weights
     if not history:
         torch.manual_seed(seed)  # dropout masks depend on the seed only
     for epoch in range(len(history), cfg.epochs):

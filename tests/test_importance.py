@@ -180,7 +180,7 @@ def test_scores_save_load_round_trip(tmp_path):
     scores.save(path)
     assert Scores.load(path) == scores
     d = json.loads(path.read_text())
-    assert set(d) == {"num_examples", "model_fingerprint", "head", "ffn", "head_raw", "ffn_raw"}
+    assert set(d) == {"num_examples", "model_fingerprint", "precision", "head", "ffn", "head_raw", "ffn_raw"}
 
 
 @pytest.mark.parametrize(

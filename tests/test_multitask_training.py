@@ -68,7 +68,9 @@ def test_fp16_skips_a_non_finite_step_instead_of_applying_it(task):
         if task
         else (lambda: Group([batch(3, 2)], "a step", lambda m, b: m(0, **b)))
     )
-    poison = model.encoder.layers[0].attention.qkv.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    assert next(step.compute.parameters()).dtype == torch.float16  # fp16 compute, fp32 master weights
+    weight = step.compute.encoder.layers[0].attention.qkv.weight
+    poison = weight.register_hook(lambda g: torch.full_like(g, float("inf")))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scale = step.scaler.get_scale()
     step(group())

@@ -6,7 +6,8 @@ L layers, H0 heads per layer in the pre-trained model (masks are always indexed 
 Masks are forward arguments, never module state (Michel et al. 2019; Liang et al. 2021):
   head_mask (L, H0) or (B, L, H0) multiplies each head's context before the output projection;
   ffn_mask  (L,)    or (B, L)     multiplies the FFN output before residual + LayerNorm.
-Attention runs through F.scaled_dot_product_attention, so a mask never forces a slow path.
+Attention runs through F.scaled_dot_product_attention, so a mask never forces a slow path (the one
+exception, bf16/fp16 training on CPU, is `attend`'s).
 A padded batch is packed to its N real tokens for everything but attention (projections, FFN,
 LayerNorm): padding then costs no matmul work; outputs at padding positions are zeros.
 A physically pruned model keeps, per layer, the original indices of its surviving heads, so a
@@ -105,6 +106,15 @@ class Packing:
         self.index = attention_mask.flatten().nonzero().squeeze(1)  # N: flat positions of real tokens
         self.example = self.index // self.T  # N: the example each real token belongs to
         self.key_padding = attention_mask.bool()[:, None, None, :]  # B,1,1,T: True = attend
+        self._offsets: tuple[Tensor, int] | None = None
+
+    def offsets(self) -> tuple[Tensor, int]:
+        """(cumulative token offsets of the examples, B+1 int32; the longest example): varlen attention's input."""
+        if self._offsets is None:
+            lengths = self.key_padding.flatten(1).sum(1, dtype=torch.int32)  # B
+            cumulative = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))  # B+1
+            self._offsets = cumulative, int(lengths.max())
+        return self._offsets
 
     def pack(self, x: Tensor) -> Tensor:  # B,T,... -> N,...
         return x.flatten(0, 1)[self.index]  # backward: index_put, far cheaper than index_select's index_add
@@ -134,7 +144,7 @@ class Embeddings(nn.Module):
             self.position.weight.requires_grad_(False)
         self.token_type = nn.Embedding(c.type_vocab_size, E) if c.type_vocab_size else None
         self.norm = nn.LayerNorm(E, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout)
         self.project = nn.Linear(E, c.hidden_size) if E != c.hidden_size else None
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:  # B,T -> B,T,D
@@ -170,21 +180,38 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, pack: Packing | None, head_mask: Tensor | None) -> Tensor:
         qkv = self.qkv(x)  # B,T,3·H·Dh or, packed, N,3·H·Dh
+        dropout = self.dropout_p if self.training else 0.0
+        if pack is not None and use_varlen(qkv, dropout):
+            return self.out(self.varlen(qkv, pack, head_mask))  # N,D
         if pack is not None:
             qkv = pack.unpack(qkv)  # B,T,3·H·Dh
         B, T, _ = qkv.shape
         # Unbind along the Q/K/V axis, then transpose: in backward the three gradients stack straight
         # into qkv's layout (a permute first would cost an extra copy of the whole tensor).
         q, k, v = (t.transpose(1, 2) for t in qkv.view(B, T, 3, self.n_heads, self.head_dim).unbind(2))  # 3 × B,H,T,Dh
-        dropout = self.dropout_p if self.training else 0.0
         key_padding = None if pack is None else pack.key_padding
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding, dropout_p=dropout)  # B,H,T,Dh
+        ctx = attend(q, k, v, key_padding, dropout)  # B,H,T,Dh
         if head_mask is not None:  # (H0,) or (B, H0)
             if self.kept is not None:
                 head_mask = head_mask[..., self.kept]
             ctx = ctx * head_mask.reshape(-1, self.n_heads, 1, 1).to(ctx.dtype)
         ctx = ctx.transpose(1, 2).reshape(B, T, -1)  # B,T,H·Dh
         return self.out(ctx if pack is None else pack.pack(ctx))  # B,T,D or N,D
+
+    def varlen(self, qkv: Tensor, pack: Packing, head_mask: Tensor | None) -> Tensor:  # N,3·H·Dh -> N,H·Dh
+        """Flash attention over the N real tokens (CUDA): padding costs nothing, in attention too."""
+        from torch.nn.attention.varlen import varlen_attn
+
+        N = qkv.shape[0]
+        q, k, v = qkv.view(N, 3, self.n_heads, self.head_dim).unbind(1)  # 3 × N,H,Dh
+        offsets, longest = pack.offsets()
+        ctx = varlen_attn(q, k, v, offsets, offsets, longest, longest)  # N,H,Dh
+        if head_mask is not None:  # (H0,) or (B, H0)
+            if self.kept is not None:
+                head_mask = head_mask[..., self.kept]
+            per_token = head_mask if head_mask.dim() == 1 else pack.per_token(head_mask)  # H or N,H
+            ctx = ctx * per_token.reshape(-1, self.n_heads, 1).to(ctx.dtype)
+        return ctx.reshape(N, -1)
 
 
 class FeedForward(nn.Module):
@@ -206,7 +233,7 @@ class Layer(nn.Module):
         # A removed FFN block keeps its LayerNorm: the layer then computes LayerNorm(attention_out).
         self.ffn = FeedForward(c, width) if width > 0 else None
         self.ffn_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout)
 
     def forward(self, x, pack, head_mask, ffn_mask):
         a = self.attention_norm(x + self.dropout(self.attention(x, pack, head_mask)))  # B,T,D or N,D
@@ -247,6 +274,48 @@ class Bert(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, pack, _layer_slice(head_mask, i, 2), _layer_slice(ffn_mask, i, 1))
         return x if pack is None else pack.unpack(x)  # B,T,D, zeros at padding
+
+
+VARLEN = True  # tests switch it off to compare against the padded path
+
+
+def use_varlen(qkv: Tensor, dropout: float) -> bool:
+    """Varlen flash attention runs on CUDA, in bf16/fp16, without dropout (it has none): evaluation,
+    importance scoring; training and everything else take SDPA over the padded batch."""
+    return VARLEN and dropout == 0 and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, dropout: float) -> Tensor:  # 3 × B,H,T,Dh
+    """softmax(q·kᵀ/√Dh) · v, padding keys masked (key_padding B,1,1,T: True = attend), probabilities
+    dropped out with probability `dropout`. SDPA's fused kernels, except in bf16/fp16 training on CPU:
+    there SDPA takes its math path anyway (no fused CPU kernel has dropout), and its bernoulli_ draw
+    over B·H·T² probabilities took a third of a bf16 training step; this is that math path, with the
+    softmax in fp32 and the cheaper mask of `drop`."""
+    if dropout == 0 or q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding, dropout_p=dropout)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # B,H,T,T
+    if key_padding is not None:
+        scores = scores.masked_fill(~key_padding, float("-inf"))
+    return drop(scores.softmax(-1).to(q.dtype), dropout) @ v  # B,H,T,Dh
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with `drop`'s cheaper mask in bf16/fp16 on CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop(x, self.p) if self.training and self.p > 0 else x
+
+
+def drop(x: Tensor, p: float) -> Tensor:
+    """Dropout (training): F.dropout, except in bf16/fp16 on CPU, where the keep mask comes from 16-bit
+    slices of 64-bit random integers: one draw per four elements, 6× cheaper than bernoulli_. The
+    drop probability is p rounded to a multiple of 1/65536, and the kept values are scaled to match."""
+    if x.device.type != "cpu" or x.dtype == torch.float32:
+        return F.dropout(x, p, training=True)
+    cut = round(p * 65536)  # P(drop) = cut / 65536
+    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
+    bits = draws.random_(-(2**63), 2**63 - 1).view(torch.int16)[: x.numel()].view(x.shape)  # uniform over int16
+    return x * (bits >= cut - 32768) * (65536 / (65536 - cut))
 
 
 def _layer_slice(mask: Tensor | None, i: int, unbatched_dims: int) -> Tensor | None:
