@@ -72,6 +72,21 @@ def write_sentiment_csv(folder: Path, n_train: int = 192, n_dev: int = 48, seed:
     return folder
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default="cpu", help="where tests/test_device.py runs: cpu (CI) or cuda (docs/gpu/check.sh)"
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of tests/test_device.py: `pytest --device cuda` runs its checks on a GPU."""
+    name = request.config.getoption("--device")
+    if torch.device(name).type == "cuda" and not torch.cuda.is_available():
+        pytest.fail("--device cuda, but torch sees no CUDA device")
+    return torch.device(name)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
