@@ -94,14 +94,20 @@ def race(contenders: dict, warmup: int, repeats: int) -> dict[str, tuple[float, 
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in contenders}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every CPU benchmark of the encoder takes."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default="minilm-l6", help="folder, alias or cached hub id of a BERT checkpoint")
+    return p
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.splitlines()[0])
     p.add_argument("--only", choices=["forward", "train", "masked"], action="append", help="run only these workloads")
     p.add_argument(
         "--family", choices=["bert", "roberta"], default="bert", help="roberta: a random RoBERTa of the model's shape"

@@ -18,7 +18,6 @@ under bf16 autocast >= 1.3 on each workload.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_encoder import make_inputs, race  # noqa: E402
+from bench_encoder import make_inputs, parser, race  # noqa: E402
 
 from st.models import load_pretrained, resolve_model_dir  # noqa: E402
 from st.precision import accumulate_grads, compute_copy, has_amx, sync_weights  # noqa: E402
@@ -37,14 +36,7 @@ TARGETS = {"forward": (2.0, 1.3), "train step": (1.6, 1.3), "importance": (1.6, 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default="minilm-l6")
-    args = p.parse_args(argv)
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
 
     import transformers
 

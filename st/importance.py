@@ -84,6 +84,8 @@ class Scores:
             raise UserError("scores must be finite and non-negative")
         if isinstance(self.num_examples, bool) or not isinstance(self.num_examples, int) or self.num_examples < 1:
             raise UserError(f"num_examples must be a positive integer, got {self.num_examples!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         fp = dict(self.model_fingerprint or {})
         if fp.get("num_layers", L) != L or fp.get("num_heads", len(head_raw[0])) != len(head_raw[0]):
             raise UserError(

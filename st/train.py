@@ -174,7 +174,8 @@ class TrainingStep:
             with nullcontext() if sync else self.ddp.no_sync():
                 loss = per_example_loss(group.forward(self.ddp, batch).float(), labels).mean() / size  # fp32
                 self.scaler.scale(loss).backward()
-            accumulate_grads(self.model, self.compute)  # into the fp32 master gradients
+            if sync:  # into the fp32 master gradients; under DDP only once it has all-reduced them
+                accumulate_grads(self.model, self.compute)
         self.scaler.unscale_(self.optimizer)
         if group.update is None:
             params = [p for p in self.model.parameters() if p.grad is not None]

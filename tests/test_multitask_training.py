@@ -133,21 +133,25 @@ def _ddp_worker(rank, world, port, specs, out, result_dir):
         )
 
 
-def test_two_process_ddp_multitask_matches_one_process(tiny_bert_dir, sentiment_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_process_ddp_multitask_matches_one_process(precision, tiny_bert_dir, sentiment_dir, tmp_path):
+    """With --grad-accum 2: DDP all-reduces what no_sync accumulated over a group (in bf16, in the
+    compute copy, before it reaches the fp32 master gradients)."""
     topic = write_topic_jsonl(tmp_path / "topic")
-    specs = jobs(tiny_bert_dir, sentiment_dir, topic, grad_accum=2)
+    specs = jobs(tiny_bert_dir, sentiment_dir, topic, grad_accum=2, precision=precision)
     mp.spawn(_ddp_worker, args=(2, free_port(), specs, tmp_path / "ddp", tmp_path), nprocs=2, join=True)
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, w in saved[0]["weights"].items():  # DDP keeps the replicas bit-identical
         assert torch.equal(w, saved[1]["weights"][name]), name
     assert [e["dev"] for e in saved[0]["result"]["epochs"]] == [e["dev"] for e in saved[1]["result"]["epochs"]]
     single = run_share(specs, {"csv": TA, "jsonl": TB}, tmp_path / "one")
-    # the same steps as one process, up to float summation order: the same predictions on dev
-    assert [e["dev"] for e in single["epochs"]] == [e["dev"] for e in saved[0]["result"]["epochs"]]
+    if precision == "fp32":  # the same steps as one process, up to float summation order: the same predictions
+        assert [e["dev"] for e in single["epochs"]] == [e["dev"] for e in saved[0]["result"]["epochs"]]
     # Compare the functions, not the weights: the key bias gets a mathematically zero gradient whose
-    # rounding noise Adamax turns into full-size steps (see test_train's DDP test).
+    # rounding noise Adamax turns into full-size steps (see test_train's DDP test). bf16 rounds more.
     one, ddp = load_task_model(tmp_path / "one", "csv").eval(), load_task_model(tmp_path / "ddp", "csv").eval()
     x = {k: v for k, v in batch(5, 2).items() if k != "labels"}
     x["input_ids"] = x["input_ids"] % 19  # within the tiny model's vocabulary
+    tolerance = 1e-4 if precision == "fp32" else 5e-2
     with torch.no_grad():
-        torch.testing.assert_close(ddp(**x), one(**x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ddp(**x), one(**x), rtol=tolerance, atol=tolerance)
