@@ -19,6 +19,11 @@ from st.errors import UserError
 console = Console(stderr=True, soft_wrap=True)  # never break paths across lines
 
 
+# Commands whose output is a run folder: a stop keeps every finished epoch and run, and the same
+# command resumes. Every other command writes its outputs together at its end (`st.io.staged_outputs`).
+RESUMABLE = {"finetune", "sweep", "share", "adapt"}
+
+
 class Group(click.Group):
     """Every failure a user can cause or fix is one line on stderr (exit 1), never a traceback."""
 
@@ -32,12 +37,23 @@ class Group(click.Group):
             raise click.ClickException(f"{e.format_message()} (see `{command}`)") from None
         except OSError as e:  # the environment: a full disk, a read-only or vanished folder
             where = f" ({e.filename})" if e.filename else ""
+            kept = "finished work is kept and resumed" if resumable(ctx) else "no output was left half-written"
             raise click.ClickException(
-                f"{e.strerror or e}{where}; fix that and rerun the same command: finished work is kept and resumed"
+                f"{e.strerror or e}{where}; fix that and rerun the same command: {kept}"
             ) from None
         except KeyboardInterrupt:
-            console.print("interrupted: finished runs and epochs are kept; the same command resumes from them")
+            if resumable(ctx):
+                console.print("interrupted: finished runs and epochs are kept; the same command resumes from them")
+            else:
+                console.print(
+                    "interrupted: no output was left half-written (outputs are written together, at the "
+                    "end); rerun the same command"
+                )
             ctx.exit(130)
+
+
+def resumable(ctx) -> bool:
+    return ctx.invoked_subcommand in RESUMABLE
 
 
 @click.group(cls=Group)

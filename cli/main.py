@@ -129,7 +129,7 @@ def score_command(checkpoint, out, num_examples, batch_size, seed, device, preci
     """Importance of every head and FFN block: E_x |dL/d mask| over the training set."""
     from st import dist
     from st.importance import plot_heatmap
-    from st.io import check_output, is_json_with, is_png
+    from st.io import check_output, is_json_with, is_png, staged_outputs
     from st.pipeline import score_checkpoint
 
     check_output(out, "importance scores", (".json",), is_json_with("head_raw"), overwrite)
@@ -140,8 +140,9 @@ def score_command(checkpoint, out, num_examples, batch_size, seed, device, preci
             checkpoint, num_examples=num_examples, batch_size=batch_size, device=device, seed=seed, precision=precision
         )
         if dist.is_main():
-            scores.save(out)
-            plot_heatmap(scores, Path(out).with_suffix(".png"))
+            with staged_outputs([Path(out), Path(out).with_suffix(".png")]) as (json_path, png_path):
+                scores.save(json_path)  # both files or neither: an interrupted command leaves nothing to refuse
+                plot_heatmap(scores, png_path)
             png = Path(out).with_suffix(".png").name
             console.print(f"scored {scores.num_examples} examples in {scores.precision} -> {out} (+ {png})")
 

@@ -262,7 +262,7 @@ def adapt_command(sources, fractions, seeds, out, device, **options):
 def task_importance_command(pairs, out, overwrite):
     """Importance across tasks (the paper's Figure 6): each task's share per layer, mean head importance."""
     from st.importance import Scores, plot_task_importance
-    from st.io import check_output, is_json_with, is_png, write_json
+    from st.io import check_output, is_json_with, is_png, staged_outputs, write_json
 
     check_output(out, "a task-importance figure", (".png",), is_png, overwrite)
     check_output(
@@ -274,6 +274,6 @@ def task_importance_command(pairs, out, overwrite):
     )
 
     scores = {name: Scores.load(path) for name, path in pairs.items()}
-    data = plot_task_importance(scores, out)
-    write_json(Path(out).with_suffix(".json"), data)
+    with staged_outputs([Path(out), Path(out).with_suffix(".json")]) as (png_path, json_path):
+        write_json(json_path, plot_task_importance(scores, png_path))
     console.print(f"{len(scores)} tasks -> {out}, {Path(out).with_suffix('.json')}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from st import dist
 from st.errors import UserError
-from st.io import atomic_path, check_output, read_json, starts_with
+from st.io import check_output, read_json, staged_outputs, starts_with
 from st.layout import CONFIG
 from st.pipeline import checkpoint_spec, load_split
 from st.train import predict_set
@@ -39,12 +39,14 @@ def evaluate_checkpoint(
             path = path.with_name(f"{path.stem}.{name}{path.suffix}") if len(splits) > 1 else path
             paths[name] = check_output(path, "predictions", (".tsv",), starts_with("index\tprediction"), overwrite)
     model.to(device)
-    results = {}
+    results, written = {}, {}
     for name in splits:
         examples, data = load_split(task, tokenizer, name)
         preds = predict_set(model, data, tokenizer.pad_id, device=device, precision=precision, batch_size=batch_size)
         results[name] = task.compute_metrics(preds, data.labels) if data.labels is not None else {}
-        if name in paths and dist.is_main():
-            with atomic_path(paths[name]) as tmp:
-                task.write_predictions(name, examples, preds, tmp)
+        written[name] = examples, preds
+    if paths and dist.is_main():
+        with staged_outputs(list(paths.values())) as staged:  # every split's file, or none
+            for (name, _), tmp in zip(paths.items(), staged):
+                task.write_predictions(name, *written[name], tmp)
     return results

@@ -25,7 +25,7 @@ from pathlib import Path
 from torch import Tensor
 
 from st.errors import UserError
-from st.io import write_json, write_safetensors
+from st.io import check_writable, staged_outputs, write_json, write_safetensors
 from st.layout import CONFIG, WEIGHTS
 from st.models.bert import Bert, BertConfig
 from st.models.checkpoint import load_checkpoint, save_checkpoint
@@ -222,6 +222,7 @@ def _refuse_existing(outputs: dict[str, str | Path]) -> None:
             raise UserError(f"--onnx {path}: name the file *.onnx")
         if path.exists() if is_file else path.is_file() or (path.is_dir() and any(path.iterdir())):
             raise UserError(f"{path} already exists and is kept ({option}); choose a new path or delete it first")
+        check_writable(path.parent)
 
 
 def export_checkpoint(
@@ -236,7 +237,8 @@ def export_checkpoint(
     (`out`), a Hugging Face folder (`hf_out`, in `hf_layout`) and/or an ONNX file (`onnx_out`).
 
     Nothing is overwritten: an existing file or non-empty folder is refused before anything is
-    written. Returns the parameter count of the exported model and its share of the checkpoint's.
+    written, and the outputs are written all or none (`st.io.staged_outputs`). Returns the parameter
+    count of the exported model and its share of the checkpoint's.
     """
     outputs = {k: v for k, v in (("--out", out), ("--hf", hf_out), ("--onnx", onnx_out)) if v}
     if not outputs:
@@ -256,13 +258,15 @@ def export_checkpoint(
         meta["ticket"] = ticket.to_json()
     labels = cfg.get("labels") or None
     hf_config(small, labels, hf_layout)  # a bad label list fails here, before anything is written
-    if out:
-        copy_tokenizer(checkpoint, out)
-        export_st(small, out, **meta)
-    if hf_out:
-        export_hf(small, hf_out, labels, layout=hf_layout, tokenizer_from=checkpoint)
-    if onnx_out:
-        export_onnx(small, onnx_out, labels)
+    with staged_outputs([Path(p) for p in outputs.values()]) as staged:  # all of them, or none
+        paths = dict(zip(outputs, staged))
+        if out:
+            copy_tokenizer(checkpoint, paths["--out"])
+            export_st(small, paths["--out"], **meta)
+        if hf_out:
+            export_hf(small, paths["--hf"], labels, layout=hf_layout, tokenizer_from=checkpoint)
+        if onnx_out:
+            export_onnx(small, paths["--onnx"], labels)
 
     def count(m):
         return sum(p.numel() for p in m.parameters())

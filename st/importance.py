@@ -54,7 +54,9 @@ def check_fingerprint(what: str, recorded: dict | None, config: BertConfig) -> N
 
 
 def _normalise(row: tuple[float, ...]) -> tuple[float, ...]:
-    norm = math.sqrt(sum(x * x for x in row))
+    # math.hypot scales internally: the norm of scores at 1e-170 (whose squares underflow to 0) or at
+    # 1e170 (whose squares overflow) is right, so the ticket does not depend on the scores' scale.
+    norm = math.hypot(*row)
     # An all-zero row (no gradient reached the layer) stays zero rather than becoming NaN.
     return tuple(x / norm for x in row) if norm > 0 else tuple(0.0 for _ in row)
 

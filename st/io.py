@@ -73,7 +73,13 @@ def write_safetensors(
     # safetensors refuses shared or non-contiguous storage: store plain contiguous copies.
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e:  # its own SafetensorError wraps the OS error (a full disk): pass that on
+            if "os error" not in str(e):
+                raise
+            code = int(str(e).rsplit("os error", 1)[1].strip(" )"))
+            raise OSError(code, os.strerror(code), str(path)) from None
         os.chmod(tmp, 0o644)  # save_file writes a new owner-only file: results are meant to be shared
 
 
@@ -174,3 +180,50 @@ def check_writable(folder: str | Path) -> None:
         raise UserError(
             f"cannot write to {folder} ({e.strerror}); choose another output folder or fix its permissions"
         ) from None
+
+
+@contextmanager
+def staged_outputs(targets: list[Path]):
+    """Write several outputs all or nothing (a command with more than one output: `st export`,
+    `st score`'s scores and heatmap). Yields one staging path per target, a hidden sibling (same
+    folder, same suffix) to write the file or folder into; when the block ends well, every staging
+    path is renamed onto its target with SIGINT and SIGTERM held back, so an interrupt or a full disk
+    leaves all outputs or none, and the corrected command is never refused for a half-written one.
+    A target that exists as an empty folder is replaced."""
+    staged = [path.with_name(f".{path.stem}.staging-{os.getpid()}{path.suffix}") for path in targets]
+    for path in staged:
+        _remove(path)  # a stale one from a killed earlier attempt of this pid
+    try:
+        yield staged
+    except BaseException:
+        for path in staged:
+            _remove(path)
+        raise
+    with _signals_held():
+        for path, target in zip(staged, targets):
+            if target.is_dir() and not any(target.iterdir()):
+                target.rmdir()
+            os.replace(path, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is done (main thread, POSIX), then arrive."""
+    import signal
+    import threading
+
+    hold = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        if hold:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from st.errors import UserError
+
 # ---- model and run folders ----
 WEIGHTS, TORCH_WEIGHTS, CONFIG = "model.safetensors", "pytorch_model.bin", "config.json"
 RUN_SETTINGS, METRICS, PROGRESS, STATE, BEST, LOCK = (
@@ -103,3 +105,69 @@ def full_ticket_json(encoder: dict, seed: int) -> dict:
         {"model": 100.0, "encoder": 100.0},
         {k: encoder[k] for k in FINGERPRINT_KEYS},
     )
+
+
+# ---- results.json ----
+# What rendering reads of results.json: a hand-edited file that lacks a key, or holds the wrong kind
+# of value, is one line naming it (e.g. `runs[3].report`), never a traceback.
+RUN_SHAPE = {
+    "seed": int,
+    "kind": str,
+    "ratio": (int, float),
+    "percent_remaining": (dict, type(None)),
+    "selection": (dict, type(None)),
+    "report": (dict, type(None)),
+    "error": (str, type(None)),
+    "run": str,
+}
+RESULTS_SHAPE = {
+    "task": str,
+    "main_metric": str,
+    "runs": [RUN_SHAPE],
+    "settings": {
+        "ratios": list,
+        "kinds": list,
+        "seeds": int,
+        "job": {
+            "model": str,
+            "train_size": (int, type(None)),
+            "max_length": int,
+            "train": {"seed": int, "epochs": int, "batch_size": int, "lr": (int, float)},
+        },
+    },
+}
+
+
+def check_shape(value, shape, path: Path, where: str = "") -> None:
+    """Raise one UserError naming the first key of `shape` that `value` lacks or holds wrongly."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: {where or 'the file'} must be an object; rerun the sweep to rewrite it")
+        for key, inner in shape.items():
+            name = f"{where}.{key}" if where else key
+            if key not in value:
+                raise UserError(f"{path} lacks the key {name}; rerun the same `st sweep` command to rewrite it")
+            check_shape(value[key], inner, path, name)
+    elif isinstance(shape, list):
+        if not isinstance(value, list):
+            raise UserError(f"{path}: {where} must be a list; rerun the same `st sweep` command to rewrite it")
+        for i, item in enumerate(value):
+            check_shape(item, shape[0], path, f"{where}[{i}]")
+    elif isinstance(value, bool) or not isinstance(value, shape):
+        raise UserError(
+            f"{path}: {where} holds {value!r}, not the kind of value st writes there; "
+            "rerun the same `st sweep` command to rewrite it"
+        )
+
+
+def check_results(doc: dict, path: Path) -> None:
+    """results.json as `st sweep` writes it, down to each run's main metric, or one UserError naming
+    the first key that is missing or holds the wrong kind of value."""
+    check_shape(doc, RESULTS_SHAPE, path)
+    for i, run in enumerate(doc["runs"]):
+        for part in ("selection", "report"):
+            if run[part] is not None and doc["main_metric"] not in run[part]:
+                raise UserError(
+                    f"{path} lacks the key runs[{i}].{part}.{doc['main_metric']}; rerun the same "
+                    "`st sweep` command to rewrite it"
+                )

@@ -15,7 +15,18 @@ from rich.table import Table
 
 from st.errors import UserError
 from st.io import atomic_path, read_json, strict_json, write_json, write_text
-from st.layout import CONFIG, FULL, PLOT, REPORT, RESULTS, SUPER_TICKET, full_ticket_json, run_dir, ticket_path
+from st.layout import (
+    CONFIG,
+    FULL,
+    PLOT,
+    REPORT,
+    RESULTS,
+    SUPER_TICKET,
+    check_results,
+    full_ticket_json,
+    run_dir,
+    ticket_path,
+)
 from st.select import Selection, fmt, fmt_paired, fmt_value, per_seed, select_super_ticket, stats
 
 COLOURS = {"winning": "tab:green", "random": "tab:blue", "losing": "tab:red"}
@@ -31,6 +42,7 @@ def load_results(out: str | Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({e}); rerun the sweep to rewrite it") from None
     if not isinstance(doc, dict) or not {"runs", "main_metric", "settings"} <= set(doc):
         raise UserError(f"{path} is not an `st sweep` results file")
+    check_results(doc, path)
     return doc
 
 

@@ -332,6 +332,26 @@ def test_an_unwritable_out_and_an_interrupt_are_one_line(tiny_bert_dir, sentimen
     assert result.exit_code == 130 and "the same command resumes" in result.output and "Traceback" not in result.output
 
 
+def test_a_stopped_score_leaves_nothing_and_says_so(finetuned, tmp_path, monkeypatch):
+    """SIGTERM (KeyboardInterrupt in the CLI) after scores.json was computed but before its heatmap:
+    neither file is left, the message says so, and the same command then runs."""
+    from st import importance
+
+    real = importance.plot_heatmap
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importance, "plot_heatmap", interrupted)
+    args = ["score", "--checkpoint", finetuned, "--out", tmp_path / "scores.json"]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 130 and "no output was left half-written" in result.output, result.output
+    assert "resumes" not in result.output and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(importance, "plot_heatmap", real)
+    st(*args)
+    assert (tmp_path / "scores.json").exists() and (tmp_path / "scores.png").exists()
+
+
 def _model_with_config(folder, tiny_bert_dir, edit):
     import shutil
 

@@ -3,6 +3,7 @@ that run in onnxruntime with st's logits, round trips back into st, and refusals
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -424,3 +425,62 @@ def test_onnx_without_the_extra_says_how_to_install_it(checkpoint, tmp_path, mon
     out = st("export", "--checkpoint", folder, "--out", tmp_path / "st", "--onnx", tmp_path / "m.onnx", ok=False)
     assert "pip install 'st[onnx]'" in out and len(out.strip().splitlines()) == 1
     assert not (tmp_path / "st").exists() and not (tmp_path / "m.onnx").exists()  # refused before writing anything
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size_kb: int):
+    """A tmpfs of `size_kb` KiB at `folder` (root only: skip where mounting is not allowed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("cannot mount a small tmpfs here (not root?)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_midway_leaves_no_output_and_the_corrected_command_runs(checkpoint, tmp_path):
+    """--out fits on the disk, --hf does not: nothing is left behind, so the same command, once there
+    is room, is not refused for a half-done export."""
+    folder, _, _ = checkpoint
+    st("export", "--checkpoint", folder, "--out", tmp_path / "probe")
+    pages = sum(-(-p.stat().st_size // 4096) for p in (tmp_path / "probe").rglob("*") if p.is_file())
+    with small_disk(tmp_path / "disk", 4 * pages + 8) as disk:  # room for one export (in 4 KiB pages), not two
+        args = ["export", "--checkpoint", folder, "--out", disk / "st", "--hf", disk / "hf"]
+        out = st(*args, ok=False)
+        assert "No space left on device" in out and "no output was left half-written" in out, out
+        assert len(out.strip().splitlines()) == 1 and list(disk.iterdir()) == [], list(disk.iterdir())
+        st("export", "--checkpoint", folder, "--out", disk / "st")  # the corrected command (one output)
+        assert load_checkpoint(disk / "st")[0] is not None
+
+
+def test_an_unwritable_second_output_is_refused_before_the_first_is_written(checkpoint, tmp_path):
+    folder, _, _ = checkpoint
+    (tmp_path / "a-file").write_text("x")
+    out = st(
+        "export", "--checkpoint", folder, "--out", tmp_path / "st", "--onnx", tmp_path / "a-file" / "m.onnx", ok=False
+    )
+    assert len(out.strip().splitlines()) == 1 and not (tmp_path / "st").exists(), out
+    st("export", "--checkpoint", folder, "--out", tmp_path / "st")
+
+
+def test_an_interrupted_export_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    import st.export
+
+    folder, _, _ = checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # SIGTERM becomes this in the CLI
+
+    monkeypatch.setattr(st.export, "export_hf", interrupted)
+    result = CliRunner().invoke(
+        cli, ["export", "--checkpoint", str(folder), "--out", str(tmp_path / "st"), "--hf", str(tmp_path / "hf")]
+    )
+    assert result.exit_code == 130 and "no output was left half-written" in result.output, result.output
+    assert not (tmp_path / "st").exists() and not (tmp_path / "hf").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging debris

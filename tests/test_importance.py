@@ -254,3 +254,17 @@ def test_two_process_gloo_gives_identical_tickets(tmp_path):
     assert torch.allclose(as_tensor(s0.ffn_raw), as_tensor(single.ffn_raw), rtol=1e-5)
     t0, t1 = Ticket.load(tmp_path / "ticket0.json"), Ticket.load(tmp_path / "ticket1.json")
     assert t0 == t1 == make_ticket(single, 0.4)
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e-300, 1e170])
+def test_the_ticket_does_not_depend_on_the_scores_scale(scale):
+    """Per-layer normalisation is scale-free: squares of 1e-170 underflow, of 1e170 overflow, yet the
+    normalised scores and the ticket are those of the unscaled scores."""
+    g = torch.Generator().manual_seed(5)
+    head, ffn = torch.rand(6, 4, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    fp = {"num_layers": 6, "num_heads": 4}
+    plain, scaled = Scores(head, ffn, 10, fp), Scores(head * scale, ffn * scale, 10, fp)
+    for a, b in zip(plain.head, scaled.head):
+        assert a == pytest.approx(b, rel=1e-12)
+    for ratio in (0.2, 0.5):
+        assert make_ticket(plain, ratio, "winning").head_mask == make_ticket(scaled, ratio, "winning").head_mask

@@ -122,3 +122,32 @@ def test_summary_has_no_interval_where_every_seed_gains_the_same(tmp_path):
     lines = summary_lines(select_super_ticket(json.loads((tmp_path / "results.json").read_text())))
     assert lines[1].endswith(", gain +10.00 points") and "CI" not in lines[1] and "p =" not in lines[1]
     assert "t-test is undefined" in lines[2]
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda d: d["runs"][1].pop("report"), "lacks the key runs[1].report"),
+        (lambda d: d["settings"].pop("seeds"), "lacks the key settings.seeds"),
+        (lambda d: d["settings"]["job"]["train"].pop("lr"), "lacks the key settings.job.train.lr"),
+        (lambda d: d["runs"][2]["selection"].pop("accuracy"), "lacks the key runs[2].selection.accuracy"),
+        (lambda d: d["runs"][0].__setitem__("ratio", "half"), "runs[0].ratio holds 'half'"),
+        (lambda d: d.__setitem__("runs", {"0": {}}), "runs must be a list"),
+    ],
+)
+def test_a_hand_edited_results_file_is_one_line_naming_the_key(tmp_path, edit, named):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    _sweep(tmp_path, 0.9)
+    assert CliRunner().invoke(cli, ["report", str(tmp_path)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "results.json"}
+    doc = json.loads((tmp_path / "results.json").read_text())
+    edit(doc)
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and named in result.output and len(result.output.strip().splitlines()) == 1, (
+        result.output
+    )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "results.json"} == before
