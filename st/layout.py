@@ -2,7 +2,8 @@
 renders without loading torch; every module that reads or writes these files imports them from here.
 
 A model folder (ours or Hugging Face's):  config.json, model.safetensors (or pytorch_model.bin)
-A run folder (`st.runs`):                run.json, metrics.json (written last), .progress/, .lock
+A run folder (`st.runs`):                run.json, metrics.json (written last), .lock, and .progress/
+                                         (state.pt, best/, best.sha256.json) while it trains
 A sweep folder (`st.sweep`):
   sweep.json                          the settings that made it: a rerun with others is refused
   seed{s}/full/                       the full model's run (r = 0), an `st finetune` folder
@@ -29,6 +30,7 @@ RUN_SETTINGS, METRICS, PROGRESS, STATE, BEST, LOCK = (
     "best",
     ".lock",
 )
+BEST_MANIFEST = "best.sha256.json"  # in .progress: the digests of best/'s files
 
 # ---- sweep folders ----
 SWEEP_SETTINGS, RESULTS = "sweep.json", "results.json"

@@ -6,6 +6,8 @@ sweep's runs are exactly the runs a user would get by hand.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from dataclasses import dataclass, replace
@@ -18,7 +20,7 @@ from st.data import EncodedSet, encode_examples, make_batch
 from st.errors import UserError
 from st.importance import Scores, compute_importance
 from st.io import file_digest
-from st.layout import TORCH_WEIGHTS, WEIGHTS
+from st.layout import CONFIG, TORCH_WEIGHTS, WEIGHTS
 from st.models import Bert, BertClassifier, BertConfig, load_checkpoint, load_pretrained_parts, resolve_model_dir
 from st.models.weights import config_from_hf, read_config
 from st.multitask import FORMAT as MULTITASK_FORMAT
@@ -29,7 +31,7 @@ from st.specs import DEFAULT_MAX_LENGTH, DataSpec, ModelSpec, RunSpec
 from st.tasks import Example, Task, get_task
 from st.tasks.sampling import check_nonempty, subsample
 from st.tickets import Ticket, make_ticket, tickets_for_tasks
-from st.tokenize import Tokenizer, check_vocab, copy_tokenizer
+from st.tokenize import TOKENIZER_FILES, Tokenizer, check_vocab, copy_tokenizer
 from st.train import OnEpoch, OnStep, finetune
 
 log = logging.getLogger("st")
@@ -44,13 +46,16 @@ def default_lr(hidden_size: int) -> float:
 
 def resolve_defaults(spec: RunSpec) -> RunSpec:
     """`spec` with what depends on the model filled in and recorded, so that run.json says what the
-    run used: the model (the --init folder when given), its weights' fingerprint, the learning rate
+    run used: the model (the --init folder when given), the fingerprints of its weights and of the
+    files that define it besides them (config.json, the tokenizer's), the learning rate
     by the encoder's size, and --max-length 128, or the model's positions where it has fewer."""
     folder = model_dir(spec)
     config = pretrained_config(folder)
     lr = spec.train.lr or default_lr(config.hidden_size)
     max_length = spec.data.max_length or min(DEFAULT_MAX_LENGTH, config.max_tokens)
-    model = replace(spec.model, name=spec.model.init or spec.model.name, weights=weights_digest(folder))
+    model = replace(
+        spec.model, name=spec.model.init or spec.model.name, weights=weights_digest(folder), files=files_digest(folder)
+    )
     return replace(spec, model=model, train=replace(spec.train, lr=lr), data=replace(spec.data, max_length=max_length))
 
 
@@ -59,6 +64,13 @@ def pretrained_config(folder: Path) -> BertConfig:
     (single- and multi-task) nest it under "encoder"; a Hugging Face config is converted."""
     raw = read_config(folder)
     return BertConfig.from_dict(raw["encoder"]) if "encoder" in raw else config_from_hf(raw, folder)
+
+
+def files_digest(folder: Path) -> str:
+    """The model's definition besides its weights, by content: one sha256 over config.json and each
+    tokenizer file there is (an edited config or vocabulary is another run)."""
+    names = [name for name in (CONFIG, *TOKENIZER_FILES) if (folder / name).is_file()]
+    return hashlib.sha256(json.dumps({name: file_digest(folder / name) for name in names}).encode()).hexdigest()
 
 
 def weights_digest(folder: Path) -> str:

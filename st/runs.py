@@ -2,8 +2,9 @@
 
   run.json       the settings that made it (sweep.json for a sweep): a rerun with others is refused,
                  naming the first setting that differs
-  .progress/     state.pt after the last finished epoch (weights, optimizer, schedule, RNG, history)
-                 and best/, the best epoch's loadable folder so far
+  .progress/     state.pt after the last finished epoch (weights, optimizer, schedule, RNG, history),
+                 best/, the best epoch's loadable folder so far, and the sha256 of each of its files:
+                 a best/ damaged since is never committed (a resumed run trains again from epoch 1)
   ...            the best epoch's files, moved out of .progress/best/ when training finishes
   metrics.json   written last: its presence means the run is finished, and it is never overwritten
   .lock          held by the process writing the run (its pid inside); gone once it finished
@@ -22,10 +23,15 @@ from pathlib import Path
 
 from st import dist
 from st.errors import UserError
-from st.io import check_writable, copy_file, read_json, write_json, write_text, write_torch
-from st.layout import BEST, CONFIG, LOCK, METRICS, PROGRESS, RUN_SETTINGS, STATE
+from st.io import check_writable, copy_file, file_digest, read_json, write_json, write_text, write_torch
+from st.layout import BEST, BEST_MANIFEST, CONFIG, LOCK, METRICS, PROGRESS, RUN_SETTINGS, STATE
 
 log = logging.getLogger("st")
+
+
+# Settings that identify a run and were added after release 0.1.0: a run folder that 0.1.0 wrote
+# lacks them, and still resumes.
+ADDED_SINCE_0_1 = {"model_files"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -53,6 +59,8 @@ def check_settings(folder: Path, settings: dict, file: str = RUN_SETTINGS, what:
     if (folder / file).exists():
         previous, current = flatten(read_settings(folder, file)), flatten(settings)
         for key in sorted(set(previous) | set(current)):
+            if key not in previous and key.rsplit(".", 1)[-1] in ADDED_SINCE_0_1:
+                continue  # a folder of 0.1.0 resumes, identified as 0.1.0 identified it
             if previous.get(key) != current.get(key):
                 raise UserError(
                     f"{folder} holds a {what} made with {key}={previous.get(key)!r}, not {current.get(key)!r}; "
@@ -116,6 +124,7 @@ class RunFolder:
         self.path = Path(path)
         self.state_path = self.path / PROGRESS / STATE
         self.best_dir = self.path / PROGRESS / BEST
+        self.best_manifest = self.path / PROGRESS / BEST_MANIFEST
         self._lock = None
 
     def check(self, settings: dict) -> dict | None:
@@ -138,6 +147,15 @@ class RunFolder:
         """Restore the state after the last finished epoch; returns the history so far ([] for a new run)."""
         if not self.state_path.exists():
             return []
+        if not self.best_intact():
+            log.warning(
+                "the best epoch's model in %s was damaged since it was saved; training this run again "
+                "from its first epoch",
+                self.best_dir,
+            )
+            if dist.is_main():
+                shutil.rmtree(self.path / PROGRESS, ignore_errors=True)
+            return []
         import torch
 
         try:
@@ -155,8 +173,12 @@ class RunFolder:
         return state["history"]
 
     def save_progress(self, model, optimizer, schedule, history: list[dict]) -> None:
-        """Rank 0 only (the caller checks): the state to resume from after this epoch."""
+        """Rank 0 only (the caller checks): the state to resume from after this epoch, with the digests
+        of the best epoch's files (checked before they are trusted: `best_intact`)."""
         import torch
+
+        digests = {str(p.relative_to(self.best_dir)): file_digest(p) for p in self.best_dir.rglob("*") if p.is_file()}
+        write_json(self.best_manifest, digests)
 
         write_torch(
             self.state_path,
@@ -172,13 +194,35 @@ class RunFolder:
 
     # ---- finishing ----
 
+    def best_intact(self) -> bool:
+        """Whether the best epoch's files are the ones saved (their digests); a folder written before the
+        digests were recorded is taken as it is."""
+        if not self.best_manifest.exists():
+            return True
+        try:
+            digests = read_json(self.best_manifest)
+            return all(file_digest(self.best_dir / name) == digest for name, digest in digests.items())
+        except (OSError, ValueError):
+            return False
+
     def commit(self, result: dict, texts: dict[str, str] | None = None) -> None:
         """Rank 0 only: move the best epoch's files into the folder (config.json last: its presence means
         the weights beside it are complete), write `texts` (e.g. report.md), then metrics.json, the mark
         of a finished run, and drop the progress."""
+        if not self.best_intact():
+            shutil.rmtree(self.path / PROGRESS)
+            raise UserError(
+                f"the best epoch's model in {self.best_dir} was damaged since it was saved, so it was "
+                "dropped; rerun the same command to train this run again"
+            )
         files = sorted((p for p in self.best_dir.rglob("*") if p.is_file()), key=lambda p: (p.name == CONFIG, str(p)))
         for source in files:
             copy_file(source, self.path / source.relative_to(self.best_dir))
+            if file_digest(self.path / source.relative_to(self.best_dir)) != file_digest(source):
+                raise UserError(
+                    f"{self.path / source.relative_to(self.best_dir)} differs from the file copied into "
+                    "it; check the disk, then rerun the same command"
+                )
         for name, text in (texts or {}).items():
             write_text(self.path / name, text)
         write_json(self.path / METRICS, result)

@@ -50,6 +50,7 @@ class ModelSpec:
     ticket: Ticket | None = None
     init: str | None = None
     weights: str | None = None  # the sha256 of the weights file, filled in when the run is built
+    files: str | None = None  # and one of config.json and the tokenizer files (`pipeline.files_digest`)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ SETTINGS = (
     ("ticket", "model", "ticket"),
     ("init", "model", "init"),
     ("model_weights", "model", "weights"),
+    ("model_files", "model", "files"),
 )
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from st.errors import UserError
 from st.pipeline import resolve_defaults, run_finetune
+from st.runs import ADDED_SINCE_0_1, check_settings
 from st.specs import DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig, run_spec
 from st.sweep_config import QUICK, plan
 from st.tickets import Ticket
@@ -51,6 +52,7 @@ def test_settings_keep_run_json_layout_and_read_back():
         "ticket",
         "init",
         "model_weights",
+        "model_files",
         "train",
         "dev_size",
         "select_fraction",
@@ -177,16 +179,51 @@ def test_folders_written_by_release_0_1_0_still_resume(tiny_bert_dir, sentiment_
         plain, ratios=(0.3, 0.5), kinds=("winning", "random"), control_ratios=(0.5,), seeds=2, held_out=HeldOut(0.5, 40)
     )
     shared = resolve_defaults(run_spec("csv", **common, epochs=1))
-    assert plain.settings() == old["finetune"] and options.settings() == old["finetune_options"]
-    assert sweep.settings() == old["sweep"] and sweep.seed_spec(1, ticket).settings() == old["sweep_ticket_run"]
-    assert {"tasks": {"csv": shared.settings()}, "tickets": {"csv": ticket.to_json()}} == old["share"]
+
+    def as_0_1(settings: dict) -> dict:  # what 0.1.0 wrote: all but the keys added since (runs.ADDED_SINCE_0_1)
+        if isinstance(settings, dict):
+            return {k: as_0_1(v) for k, v in settings.items() if k not in ADDED_SINCE_0_1}
+        return settings
+
+    assert as_0_1(plain.settings()) == old["finetune"] and as_0_1(options.settings()) == old["finetune_options"]
+    assert as_0_1(sweep.settings()) == old["sweep"]
+    assert as_0_1(sweep.seed_spec(1, ticket).settings()) == old["sweep_ticket_run"]
+    assert as_0_1({"tasks": {"csv": shared.settings()}, "tickets": {"csv": ticket.to_json()}}) == old["share"]
     for spec, key in (
         (plain, "finetune"),
         (options, "finetune_options"),
         (sweep.seed_spec(1, ticket), "sweep_ticket_run"),
     ):
-        assert RunSpec.from_settings(old[key]) == replace(spec, model=replace(spec.model, ticket=None))
+        expected = replace(spec, model=replace(spec.model, ticket=None, files=None))  # 0.1.0 recorded no files digest
+        assert RunSpec.from_settings(old[key]) == expected
     # the folder itself: a run.json of 0.1.0 is this run's, so the same command resumes (here: starts) it
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.json").write_text(json.dumps(old["finetune"]))
     assert run_finetune(plain, tmp_path / "run")["best_epoch"] == 1
+    for folder, file, settings in (("sweep", "sweep.json", sweep.settings()), ("share", "run.json", old["share"])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / file).write_text(json.dumps(old[folder]))
+        current = (
+            settings if folder == "sweep" else {"tasks": {"csv": shared.settings()}, "tickets": old["share"]["tickets"]}
+        )
+        assert check_settings(tmp_path / folder, current, file, folder)  # accepted: it resumes
+
+
+@pytest.mark.parametrize("edit", ["config.json", "vocab.txt", "tokenizer_config.json"])
+def test_a_run_is_its_whole_model_folder_not_only_its_weights(edit, tiny_bert_dir, sentiment_dir, tmp_path):
+    """Edit the model's config.json or a tokenizer file after a run finished: the same command is
+    another run (refused in that folder, naming model_files), not the old result returned as a match."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    spec = run_spec("csv", model=str(model), data_dir=str(sentiment_dir), epochs=1, batch_size=32)
+    first = run_finetune(spec, tmp_path / "run")
+    assert run_finetune(spec, tmp_path / "run") == first  # unchanged: the finished run
+    path = model / edit
+    if edit == "config.json":
+        path.write_text(path.read_text().replace('"layer_norm_eps": 1e-12', '"layer_norm_eps": 1e-06'))
+    elif edit == "vocab.txt":
+        path.write_text(path.read_text() + "extra\n")
+    else:
+        path.write_text(json.dumps({"do_lower_case": False}))
+    with pytest.raises(UserError, match=r"holds a run made with model_files="):
+        run_finetune(spec, tmp_path / "run")

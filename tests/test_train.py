@@ -196,3 +196,35 @@ def test_a_short_last_accumulation_group_still_makes_a_step(tiny_bert_dir, senti
         make_job(tiny_bert_dir, sentiment_dir, epochs=1, batch_size=64, grad_accum=3), tmp_path / "three"
     )
     assert same["dev"] == json.loads((tmp_path / "run" / "metrics.json").read_text())["dev"]
+
+
+def test_a_damaged_best_checkpoint_is_never_committed(tiny_bert_dir, sentiment_dir, tmp_path):
+    """The best epoch's weights truncated while the run was stopped: the same command notices (their
+    digest), trains the run again from its first epoch, and commits a readable model with the
+    uninterrupted run's result; committing damaged weights directly is refused, and the rerun recovers."""
+    job = make_job(tiny_bert_dir, sentiment_dir)
+    straight = run_finetune(job, tmp_path / "straight")
+
+    class Interrupt(Exception):
+        pass
+
+    def crash(epoch, metrics):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_finetune(job, tmp_path / "run", on_epoch=crash)
+    weights = tmp_path / "run" / PROGRESS / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    resumed = run_finetune(job, tmp_path / "run")
+    assert [e["dev"] for e in resumed["epochs"]] == [e["dev"] for e in straight["epochs"]]
+    assert load_checkpoint(tmp_path / "run")[0] is not None  # the committed model reads back
+
+    with pytest.raises(Interrupt):
+        run_finetune(job, tmp_path / "again", on_epoch=crash)
+    run = RunFolder(tmp_path / "again")
+    (run.best_dir / "model.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(UserError, match="was damaged since it was saved.*rerun the same command"):
+        run.commit({"dev": {}})
+    assert not (tmp_path / "again" / "metrics.json").exists() and not (tmp_path / "again" / PROGRESS).exists()
+    assert run_finetune(job, tmp_path / "again")["dev"] == straight["dev"]
