@@ -33,21 +33,60 @@ TOKENIZER_FILES = (
 Item = tuple[list[int], list[int]]  # (input_ids, token_type_ids) of one example, unpadded
 
 
+# What st reads of tokenizer_config.json, and the kinds of value it takes (a special token, "*_token",
+# is a string or an AddedToken {"content": ...}); special_tokens_map.json holds special tokens only.
+CONFIG_KINDS = {
+    "do_lower_case": (bool,),
+    "strip_accents": (bool, type(None)),
+    "tokenize_chinese_chars": (bool,),
+    "add_prefix_space": (bool,),
+    "model_max_length": (int, float),
+}
+
+
 def _read_config(folder: Path) -> dict:
-    path = folder / "tokenizer_config.json"
+    """tokenizer_config.json, checked (and special_tokens_map.json, checked though st reads its tokens
+    from the tokenizer files): a damaged file is one line naming it and what is wrong, not a traceback."""
+    _read_object(folder / "special_tokens_map.json")
+    return _read_object(folder / "tokenizer_config.json")
+
+
+def _read_object(path: Path) -> dict:
     if not path.is_file():
         return {}
+    fix = "restore it from the model's source"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; {fix}") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+        raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    for key, value in data.items():
+        if key.endswith("_token") or key == "additional_special_tokens":
+            tokens = value if key == "additional_special_tokens" and isinstance(value, list) else [value]
+            if not all(t is None or isinstance(t, str) or isinstance(_token(t), str) for t in tokens):
+                raise UserError(f'{path}: {key} is {value!r}, not a token (a string, or {{"content": ...}}); {fix}')
+        elif key in CONFIG_KINDS and not _is_kind(value, CONFIG_KINDS[key]):
+            kinds = " or ".join("null" if k is type(None) else k.__name__ for k in CONFIG_KINDS[key])
+            raise UserError(f"{path}: {key} is {value!r}, where a {kinds} belongs; {fix}")
+    return data
+
+
+def _is_kind(value, kinds: tuple) -> bool:
+    # a bool is an int to isinstance; here it is only what asks for a bool
+    return (bool in kinds) if isinstance(value, bool) else isinstance(value, kinds)
 
 
 def _from_vocab(vocab_file: Path, cfg: dict, specials: dict[str, str]) -> Backend:
     # Read vocab.txt the way HF's BertTokenizer does (strip only "\n", a repeated line keeps
     # its last index), so ids agree even on odd vocab files.
-    with open(vocab_file, encoding="utf-8") as f:
-        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    except UnicodeDecodeError:
+        raise UserError(f"{vocab_file} is not UTF-8 text; restore it from the model's source") from None
     missing = [t for t in (specials["unk"], specials["cls"], specials["sep"], specials["pad"]) if t not in vocab]
     if missing:
         raise UserError(f"{vocab_file} lacks the special tokens {missing}: is this a BERT vocabulary?")

@@ -369,6 +369,20 @@ def _model_with_config(folder, tiny_bert_dir, edit):
         (lambda c: {**c, "hidden_size": "16"}, "hidden_size must be a positive whole number, got '16'"),
         (lambda c: {**c, "num_hidden_layers": -2}, "num_layers must be a positive whole number, got -2"),
         (lambda c: {**c, "num_attention_heads": 3}, "hidden_size 16 is not a multiple of num_heads 3"),
+        (lambda c: {**c, "num_hidden_layers": True}, "num_layers must be a positive whole number, got True"),
+        (lambda c: {**c, "layer_norm_eps": "x"}, "layer_norm_eps must be a non-negative number, got 'x'"),
+        (lambda c: {**c, "hidden_dropout_prob": "x"}, "hidden_dropout must be a non-negative number, got 'x'"),
+        (lambda c: {**c, "attention_probs_dropout_prob": 1.5}, "dropout probabilities must be below 1"),
+        (lambda c: {**c, "pad_token_id": "0"}, "pad_token_id must be a whole number >= 0, got '0'"),
+        (lambda c: {**c, "type_vocab_size": -1}, "type_vocab_size must be a whole number >= 0, got -1"),
+        # sizes that cannot be allocated: one line naming the field, before any tensor is built
+        (
+            lambda c: {**c, "hidden_size": 4_000_000, "num_attention_heads": 1},
+            "hidden_size = 4,000,000 makes weights of",
+        ),
+        (lambda c: {**c, "intermediate_size": 10**9}, "intermediate_size = 1,000,000,000 makes weights of"),
+        (lambda c: {**c, "vocab_size": 3 * 10**9}, "vocab_size = 3,000,000,000 makes weights of"),
+        (lambda c: {**c, "max_position_embeddings": 2 * 10**9}, "max_position_embeddings = 2,000,000,000 makes"),
     ],
 )
 def test_bad_model_configs_are_one_line(edit, message, tiny_bert_dir, sentiment_dir, tmp_path):
@@ -377,6 +391,55 @@ def test_bad_model_configs_are_one_line(edit, message, tiny_bert_dir, sentiment_
         "finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", model, "--out", tmp_path / "run", ok=False
     )
     assert message in out and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing written
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        ("config.json", b"\xff\xfe{}", "config.json is not valid JSON"),
+        ("tokenizer_config.json", b"\xff\xfe", "tokenizer_config.json is not UTF-8 text"),
+        ("tokenizer_config.json", b"[]", "tokenizer_config.json holds a JSON list, not an object"),
+        ("tokenizer_config.json", b'{"do_lower_case": "yes"}', "do_lower_case is 'yes', where a bool belongs"),
+        ("tokenizer_config.json", b'{"model_max_length": "big"}', "model_max_length is 'big', where a int or float"),
+        ("tokenizer_config.json", b'{"unk_token": {"content": 5}}', "unk_token is {'content': 5}, not a token"),
+        ("special_tokens_map.json", b"\xff", "special_tokens_map.json is not UTF-8 text"),
+        ("special_tokens_map.json", b'["[PAD]"]', "special_tokens_map.json holds a JSON list"),
+        ("special_tokens_map.json", b'{"unk_token": 5}', "unk_token is 5, not a token"),
+        ("vocab.txt", b"\xff\xfe\xfd\n", "vocab.txt is not UTF-8 text"),
+        ("tokenizer.json", b"[]", "cannot read"),
+    ],
+)
+def test_damaged_model_folder_files_are_one_line_before_anything_is_written(
+    file, content, message, tiny_bert_dir, sentiment_dir, tmp_path
+):
+    model = _model_with_config(tmp_path / "model", tiny_bert_dir, lambda c: c)
+    (model / file).write_bytes(content)
+    out = st(
+        "finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", model, "--out", tmp_path / "run", ok=False
+    )
+    assert message in out and len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize(
+    "head, message",
+    [
+        ({"num_labels": "2"}, "head.num_labels must be a positive whole number, got '2'"),
+        ({"num_labels": -1}, "head.num_labels must be a positive whole number, got -1"),
+        ({"dropout": "x"}, "head.dropout must be a number in [0, 1), got 'x'"),
+    ],
+)
+def test_a_damaged_checkpoint_head_is_one_line(head, message, finetuned, tmp_path):
+    import shutil
+
+    edited = shutil.copytree(finetuned, tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "head": {**config["head"], **head}}))
+    for args in (["eval", "--checkpoint", edited], ["score", "--checkpoint", edited, "--out", tmp_path / "s.json"]):
+        out = st(*args, ok=False)
+        assert message in out and len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_bad_files_and_user_code_are_one_line(finetuned, tiny_bert_dir, tmp_path):

@@ -16,6 +16,7 @@ mask or ticket made for the full model applies to it unchanged.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,6 +62,21 @@ class BertConfig:
             value = getattr(self, name)
             if type(value) is not int or value < 1:  # a hand-edited config.json: strings, negatives, floats
                 raise UserError(f"the model config's {name} must be a positive whole number, got {value!r}")
+        for name in ("layer_norm_eps", "hidden_dropout", "attention_dropout", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise UserError(f"the model config's {name} must be a non-negative number, got {value!r}")
+        if not self.hidden_dropout < 1 or not self.attention_dropout < 1:
+            raise UserError("the model config's dropout probabilities must be below 1")
+        for name in ("type_vocab_size", "pad_token_id"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise UserError(f"the model config's {name} must be a whole number >= 0, got {value!r}")
+        if self.embedding_size is not None and (type(self.embedding_size) is not int or self.embedding_size < 1):
+            raise UserError(
+                f"the model config's embedding_size must be a positive whole number, got {self.embedding_size!r}"
+            )
+        check_allocatable(self)
         if self.hidden_size % self.num_heads:
             raise UserError(
                 f"the model config's hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
@@ -95,6 +111,29 @@ class BertConfig:
         if d.get("ffn_sizes") is not None:
             d["ffn_sizes"] = tuple(d["ffn_sizes"])
         return cls(**d)
+
+
+def check_allocatable(c: BertConfig) -> None:
+    """Refuse, before any tensor is built, a config whose fp32 weights would not fit in this machine's
+    memory (a hand-edited size: hidden_size 4,000,000 asks for 192 TB), naming its largest part."""
+    E = c.embedding_size or c.hidden_size
+    parts = {  # parameters, by the fields that size them
+        "vocab_size": c.vocab_size * E,
+        "max_position_embeddings": c.max_position_embeddings * E,
+        "hidden_size": c.num_layers * 4 * c.hidden_size * c.hidden_size,
+        "intermediate_size": c.num_layers * 2 * c.hidden_size * c.intermediate_size,
+    }
+    need = 4 * sum(parts.values())  # bytes of fp32 weights, before gradients and optimizer state
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: nothing to compare against
+        return
+    if need > have:
+        field = max(parts, key=parts.get)
+        raise UserError(
+            f"the model config's {field} = {getattr(c, field):,} makes weights of {need / 2**30:,.0f} GiB, more than "
+            f"this machine's {have / 2**30:,.0f} GiB of memory: is config.json damaged?"
+        )
 
 
 class Packing:

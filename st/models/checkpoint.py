@@ -61,11 +61,19 @@ def _read_checked(folder: Path, cfg: dict | None = None) -> tuple[BertConfig, in
             f'{folder} is not an st fine-tuned checkpoint (its config.json lacks "format": "st"); '
             "run `st finetune` first"
         )
+    fix = "restore it from the run that made it"
     try:
-        cfg["head"]["dropout"]
-        return BertConfig.from_dict(cfg["encoder"]), cfg["head"]["num_labels"], cfg
-    except (KeyError, TypeError) as e:  # a hand-edited config.json
+        head = cfg["head"]
+        labels, dropout = head["num_labels"], head["dropout"]
+        encoder = BertConfig.from_dict(cfg["encoder"])
+    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited config.json
         raise UserError(
-            f"{folder}/config.json has a broken encoder or head entry ({type(e).__name__}: {e}); "
-            "restore it from the run that made it"
+            f"{folder}/config.json has a broken encoder or head entry ({type(e).__name__}: {e}); {fix}"
         ) from None
+    except UserError as e:
+        raise UserError(f"{folder}/config.json: {e}") from None
+    if type(labels) is not int or labels < 1:
+        raise UserError(f"{folder}/config.json: head.num_labels must be a positive whole number, got {labels!r}; {fix}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UserError(f"{folder}/config.json: head.dropout must be a number in [0, 1), got {dropout!r}; {fix}")
+    return encoder, labels, cfg
