@@ -118,3 +118,23 @@ def test_adapt_bad_input(args, message, tiny_bert_dir, sentiment_dir, tmp_path, 
 def test_adapt_needs_a_source():
     with pytest.raises(UserError, match="--from"):
         run_adapt(RunSpec(DataSpec("csv")), {}, out="unused")
+
+
+def test_every_run_is_checked_before_the_first_starts(tiny_bert_dir, sentiment_dir, tmp_path):
+    """A clash that only a later run would meet (a fraction that keeps no example, a folder made with
+    other settings) is refused before any run: no finished run is left to refuse the corrected command."""
+    base = RunSpec(DataSpec("csv", str(sentiment_dir)), ModelSpec(str(tiny_bert_dir)), TrainConfig(epochs=1))
+    sources = {"pretrained": str(tiny_bert_dir)}
+    with pytest.raises(UserError, match=r"--train-fraction 0.001 of 192 training examples keeps none"):
+        run_adapt(base, sources, fractions=(1.0, 0.001), out=tmp_path / "adapt")
+    assert not [p for p in (tmp_path / "adapt").rglob("*") if p.is_file()]  # (empty folders refuse nothing)
+    with pytest.raises(UserError, match=r"st adapt samples the training set by --fractions; drop --train-size 50"):
+        run_adapt(replace(base, data=replace(base.data, train_size=50)), sources, fractions=(1.0,), out=tmp_path / "a")
+    # a folder of the second run made with other settings: refused before the first run trains
+    other = replace(base, train=replace(base.train, epochs=2), data=replace(base.data, train_fraction=0.5))
+    run_finetune(other, tmp_path / "adapt" / "pretrained" / "fraction0.5-seed0")
+    with pytest.raises(UserError, match="holds a run made with train.epochs=2, not 1"):
+        run_adapt(base, sources, fractions=(1.0, 0.5), out=tmp_path / "adapt")
+    assert not [p for p in (tmp_path / "adapt" / "pretrained" / "fraction1-seed0").rglob("*") if p.is_file()]
+    result = run_adapt(base, sources, fractions=(1.0, 0.25), out=tmp_path / "adapt")  # the corrected command
+    assert [r["fraction"] for r in result["rows"]] == [1.0, 0.25]
