@@ -190,6 +190,7 @@ def staged_outputs(targets: list[Path]):
     path is renamed onto its target with SIGINT and SIGTERM held back, so an interrupt or a full disk
     leaves all outputs or none, and the corrected command is never refused for a half-written one.
     A target that exists as an empty folder is replaced."""
+    targets = [Path(path).resolve() for path in targets]  # a symlinked folder: write into what it names
     staged = [path.with_name(f".{path.stem}.staging-{os.getpid()}{path.suffix}") for path in targets]
     for path in staged:
         _remove(path)  # a stale one from a killed earlier attempt of this pid
