@@ -119,3 +119,18 @@ def as_torchrun_rank(rank: int, world: int, port: int) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+
+
+class Interrupt(Exception):
+    """A stop in the middle of a run, raised from its on_epoch callback (`stop_at_epoch`)."""
+
+
+def stop_at_epoch(epoch: int):
+    """An on_epoch callback that stops the run once epoch `epoch` is evaluated (its progress is not
+    saved yet: the run resumes after the epoch before)."""
+
+    def on_epoch(done: int, metrics: dict) -> None:
+        if done == epoch:
+            raise Interrupt
+
+    return on_epoch

@@ -16,6 +16,7 @@ from st.precision import compute_copy
 from st.prune import prune_encoder
 from st.specs import TrainConfig
 from st.train import Group, TrainingStep
+from tests.conftest import Interrupt, stop_at_epoch
 from tests.test_bert import H0, L, random_batch, tiny_model
 from tests.test_importance import make_batches, reference_scores
 from tests.test_importance import tiny_model as tiny_classifier
@@ -104,12 +105,7 @@ def test_finetune_resumes_to_the_same_result(tiny_bert_dir, sentiment_dir, tmp_p
     job = make_job(tiny_bert_dir, sentiment_dir, epochs=2)
     straight = run_finetune(job, tmp_path / "straight", device=str(device))
 
-    class Interrupt(Exception):
-        pass
-
-    def crash(epoch, metrics):
-        if epoch == 1:
-            raise Interrupt
+    crash = stop_at_epoch(1)
 
     with pytest.raises(Interrupt):
         run_finetune(job, tmp_path / "resumed", device=str(device), on_epoch=crash)

@@ -27,7 +27,7 @@ from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
 from st.tasks.glue import GLUE_TASKS
 from st.tickets import Ticket, tickets_for_tasks
 from st.train import evaluate
-from tests.conftest import WORDS
+from tests.conftest import WORDS, Interrupt, stop_at_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -330,12 +330,7 @@ def test_two_task_run_end_to_end(tiny_bert_dir, sentiment_dir, tmp_path):
     assert after.encoder.config.kept_heads == ((0, 1), (0, 2)) and after.encoder.config.ffn_sizes == (32, 0)
     assert tuned["dev"]["accuracy"] >= 0.7
 
-    class Interrupt(Exception):
-        pass
-
-    def crash(epoch, metrics):
-        if epoch == 2:
-            raise Interrupt
+    crash = stop_at_epoch(2)
 
     with pytest.raises(Interrupt):
         run_share(jobs, {"csv": TA, "jsonl": TB}, tmp_path / "resumed", on_epoch=crash)

@@ -15,7 +15,7 @@ from st.pipeline import build_task, build_tokenizer, load_split, run_finetune
 from st.runs import PROGRESS, RunFolder
 from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
 from st.train import evaluate
-from tests.conftest import as_torchrun_rank, free_port
+from tests.conftest import Interrupt, as_torchrun_rank, free_port, stop_at_epoch
 
 
 def make_job(model_dir, data_dir, seed: int = 0, **train) -> RunSpec:
@@ -58,12 +58,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_bert_dir, sentiment_dir
     job = make_job(tiny_bert_dir, sentiment_dir)
     straight = run_finetune(job, tmp_path / "straight")
 
-    class Interrupt(Exception):
-        pass
-
-    def crash_after_first_epoch(epoch, metrics):
-        if epoch == 2:
-            raise Interrupt
+    crash_after_first_epoch = stop_at_epoch(2)
 
     with pytest.raises(Interrupt):
         run_finetune(job, tmp_path / "resumed", on_epoch=crash_after_first_epoch)
@@ -205,12 +200,7 @@ def test_a_damaged_best_checkpoint_is_never_committed(tiny_bert_dir, sentiment_d
     job = make_job(tiny_bert_dir, sentiment_dir)
     straight = run_finetune(job, tmp_path / "straight")
 
-    class Interrupt(Exception):
-        pass
-
-    def crash(epoch, metrics):
-        if epoch == 2:
-            raise Interrupt
+    crash = stop_at_epoch(2)
 
     with pytest.raises(Interrupt):
         run_finetune(job, tmp_path / "run", on_epoch=crash)
