@@ -14,6 +14,7 @@ from rich.console import Console
 from cli import studies  # noqa: F401  (registers its commands on the group)
 from cli.app import cli, console, device_option, overwrite_option, precision_option, task_options, train_options
 from cli.params import TICKET
+from st.errors import UserError
 
 # ---- commands ---------------------------------------------------------------------------------
 
@@ -215,15 +216,47 @@ def prune_command(scores_path, ratio, kind, seed, checkpoint, model, out, overwr
     default=None,
     help="ONNX file of the pruned network, checked in onnxruntime (needs pip install 'st[onnx]').",
 )
-def export_command(checkpoint, ticket, out, hf_out, hf_layout, onnx_out):
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    default=None,
+    help="Make the --onnx file int8 (ONNX Runtime's dynamic quantization), kept only if its dev accuracy "
+    "is within --max-drop of the fp32 export's.",
+)
+@click.option(
+    "--max-drop",
+    type=float,
+    default=None,
+    help="Points of dev accuracy (main metric ×100) --quantize may lose against fp32.  [default: 1]",
+)
+@click.option("--force", is_flag=True, help="Keep a --quantize file that lost more than --max-drop, and say so.")
+def export_command(checkpoint, ticket, out, hf_out, hf_layout, onnx_out, quantize, max_drop, force):
     """Write a physically smaller model (fewer heads, FFN blocks removed) for st, transformers and/or ONNX Runtime."""
     from st.export import export_checkpoint
 
-    stats = export_checkpoint(checkpoint, ticket, out, hf_out, onnx_out, hf_layout)
+    check = None
+    if quantize:
+        from st.onnx_accuracy import DEFAULT_MAX_DROP, AccuracyCheck
+
+        check = AccuracyCheck.from_checkpoint(checkpoint, DEFAULT_MAX_DROP if max_drop is None else max_drop, force)
+    elif max_drop is not None or force:
+        raise UserError("--max-drop and --force apply to --quantize int8; add it or drop them")
+    stats = export_checkpoint(checkpoint, ticket, out, hf_out, onnx_out, hf_layout, quantize, check)
     written = " and ".join(str(p) for p in (out, hf_out, onnx_out) if p)
     console.print(
         f"exported {stats['parameters']:,} parameters ({stats['percent']:.1f}% of the checkpoint's) -> {written}"
     )
+    if stats["int8"]:
+        q = stats["int8"]
+        console.print(
+            f"int8 {q['metric']} on {q['split']} ({q['examples']} examples): {100 * q['int8']:.2f} against the fp32 "
+            f"export's {100 * q['fp32']:.2f} ({-q['drop_points']:+.2f} points)"
+            + (
+                f"; kept anyway (--force) although it lost more than --max-drop {q['max_drop']:g}"
+                if q["forced"]
+                else ""
+            )
+        )
 
 
 def _terminate(signum, frame):

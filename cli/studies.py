@@ -139,13 +139,20 @@ def share_command(names, data_dirs, tickets, ratios, no_tickets, train_sizes, ou
 )
 @click.pass_context
 @click.option(
+    "--min-speedup",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Also choose a deploy ticket: the most accurate one whose measured speed-up is at least this "
+    "(deploy_ticket.json).",
+)
+@click.option(
     "--keep-weights",
     type=click.Choice(["best", "all", "none"]),
     default="best",
     show_default=True,
     help="Whose weights stay once the sweep is done: the full model's and the super ticket's, every run's, or none.",
 )
-def sweep_command(ctx, out, device, ray, keep_weights, **options):
+def sweep_command(ctx, out, device, ray, keep_weights, min_speedup, **options):
     """Phase transition: the full model and winning/random/losing tickets at every ratio and seed; the super ticket.
 
     Without --task: the main job, rotten_tomatoes on minilm-l6 with 512 training examples, 2 epochs,
@@ -155,17 +162,13 @@ def sweep_command(ctx, out, device, ray, keep_weights, **options):
     """
     from cli.progress import log_level
     from st import dist
-    from st.pipeline import build_task
-    from st.progress import RunPrinter
     from st.sweep import check_finished, run_sweep
     from st.sweep_config import plan
 
     quiet = not ctx.find_root().params.get("verbose")  # the table says which runs had finished earlier
     with dist.session(), log_level(logging.WARNING if quiet else None):
         cfg, jobs = plan(ray=ray, **options)
-        grid = f"{cfg.seeds} seed(s) x (full model + {len(cfg.grid)} tickets)"
-        what = f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name} in {cfg.spec.train.precision}: {grid}"
-        printer = RunPrinter(console, build_task(cfg.spec.data).main_metric, cfg.run_ratios)
+        printer, started = _progress_lines(cfg, out)
         device = device if ray else dist.pick_device(device)  # a Ray cluster's GPUs are on its nodes, not here
         doc = run_sweep(
             cfg,
@@ -175,29 +178,62 @@ def sweep_command(ctx, out, device, ray, keep_weights, **options):
             ray=ray,
             keep_weights=keep_weights,
             on_result=printer,
-            on_start=lambda n: console.print(f"{what}, {n} run(s) at a time -> {out}"),
+            on_start=started,
+            measure_speed=True,
+            min_speedup=min_speedup,
         )
         if dist.is_main():
-            show_report(out)
+            show_report(out, min_speedup)
             check_finished(doc)
+
+
+def _progress_lines(cfg, out):
+    """What `st sweep` prints: one line once its input is checked (`on_start`), one per finished run."""
+    from st.pipeline import build_task
+    from st.progress import RunPrinter
+
+    grid = f"{cfg.seeds} seed(s) x (full model + {len(cfg.grid)} tickets)"
+    what = f"sweep of {cfg.spec.data.task} on {cfg.spec.model.name} in {cfg.spec.train.precision}: {grid}"
+    printer = RunPrinter(console, build_task(cfg.spec.data).main_metric, cfg.run_ratios)
+    return printer, lambda n: console.print(f"{what}, {n} run(s) at a time -> {out}")
 
 
 @cli.command("report")
 @click.argument("folder", type=click.Path(file_okay=False))
-def report_command(folder):
+@click.option(
+    "--measure-speed",
+    is_flag=True,
+    help="Measure each winning ticket's inference speed-up on this machine first (about a minute for 8 tickets of "
+    "MiniLM-L6; loads torch).",
+)
+@click.option(
+    "--min-speedup",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Also choose a deploy ticket: the most accurate one whose measured speed-up is at least this "
+    "(deploy_ticket.json).",
+)
+def report_command(folder, measure_speed, min_speedup):
     """Re-render a sweep's report.md, phase.png and super_ticket.json from its results.json."""
-    show_report(folder)
+    if measure_speed:
+        from st.speed import measure_sweep  # torch: only when asked, rendering stays torch-free
+
+        speed = measure_sweep(folder)["speed"]
+        console.print(f"speed-ups measured in {speed['runtime']} on {speed['cpu']}")
+    show_report(folder, min_speedup)
 
 
-def show_report(folder) -> None:
+def show_report(folder, min_speedup: float | None = None) -> None:
     """Render a sweep's report files from its results.json; print its table and what it concludes."""
-    from st.report import load_results, phase_table, render, summary_lines
+    from st.report import load_results, phase_table, render_all, summary_lines
+    from st.report_speed import deploy_lines
 
-    selection = render(folder)
+    selection, deploy = render_all(folder, min_speedup)
     Console().print(phase_table(load_results(folder), selection))
-    for line in summary_lines(selection):
+    for line in summary_lines(selection) + (deploy_lines(deploy) if deploy else []):
         console.print(line)
-    console.print(f"-> {Path(folder) / 'report.md'}, phase.png, super_ticket.json, results.json")
+    written = "super_ticket.json" + (", deploy_ticket.json" if deploy else "")
+    console.print(f"-> {Path(folder) / 'report.md'}, phase.png, {written}, results.json")
 
 
 @cli.command("adapt")

@@ -20,7 +20,9 @@ and only when used).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 from torch import Tensor
 
@@ -32,12 +34,13 @@ from st.models.checkpoint import load_checkpoint, save_checkpoint
 from st.models.families import Family, family_of
 from st.models.heads import BertClassifier
 from st.models.weights import head_rows, load_pretrained_parts, read_config, read_tensors
-from st.onnx_export import export_onnx, require_onnx
+from st.onnx_export import export_onnx, quantize_int8, require_onnx
 from st.prune import apply_masks
 from st.tickets import Ticket
 from st.tokenize import copy_tokenizer
 
 HF_LAYOUTS = ("dense", "pruned-heads")
+QUANTIZE = ("int8",)
 
 
 # ---- Hugging Face tensors ---------------------------------------------------------------------
@@ -232,19 +235,28 @@ def export_checkpoint(
     hf_out: str | Path | None = None,
     onnx_out: str | Path | None = None,
     hf_layout: str = "dense",
+    quantize: str | None = None,
+    check: Callable[[Path, Path], dict] | None = None,
 ) -> dict:
     """`st export`: a fine-tuned checkpoint, pruned physically to `ticket` when given, as our folder
     (`out`), a Hugging Face folder (`hf_out`, in `hf_layout`) and/or an ONNX file (`onnx_out`).
 
     Nothing is overwritten: an existing file or non-empty folder is refused before anything is
-    written, and the outputs are written all or none (`st.io.staged_outputs`). Returns the parameter
-    count of the exported model and its share of the checkpoint's.
+    written, and the outputs are written all or none (`st.io.staged_outputs`). `quantize="int8"`
+    makes the ONNX file int8 (`st.onnx_export.quantize_int8`); `check(fp32 file, int8 file)` (for
+    `st export`, `st.onnx_accuracy.AccuracyCheck`) runs before the file is kept and may refuse it.
+    Returns the parameter count of the exported model, its share of the checkpoint's and, for int8,
+    what the check measured.
     """
     outputs = {k: v for k, v in (("--out", out), ("--hf", hf_out), ("--onnx", onnx_out)) if v}
     if not outputs:
         raise UserError("nothing to export: pass --out DIR (st), --hf DIR (Hugging Face) and/or --onnx FILE")
     if hf_layout not in HF_LAYOUTS:
         raise UserError(f"unknown Hugging Face layout {hf_layout!r}; choose one of: {', '.join(HF_LAYOUTS)}")
+    if quantize is not None and (quantize not in QUANTIZE or not onnx_out or check is None):
+        raise UserError(
+            f"--quantize {quantize}: only {', '.join(QUANTIZE)}, of an --onnx FILE export, with its dev accuracy check"
+        )
     _refuse_existing(outputs)
     if onnx_out:
         require_onnx()  # before anything is written
@@ -258,6 +270,7 @@ def export_checkpoint(
         meta["ticket"] = ticket.to_json()
     labels = cfg.get("labels") or None
     hf_config(small, labels, hf_layout)  # a bad label list fails here, before anything is written
+    checked = None
     with staged_outputs([Path(p) for p in outputs.values()]) as staged:  # all of them, or none
         paths = dict(zip(outputs, staged))
         if out:
@@ -265,10 +278,22 @@ def export_checkpoint(
             export_st(small, paths["--out"], **meta)
         if hf_out:
             export_hf(small, paths["--hf"], labels, layout=hf_layout, tokenizer_from=checkpoint)
-        if onnx_out:
+        if onnx_out and quantize:
+            checked = _export_int8(small, paths["--onnx"], labels, check)
+        elif onnx_out:
             export_onnx(small, paths["--onnx"], labels)
 
     def count(m):
         return sum(p.numel() for p in m.parameters())
 
-    return {"parameters": count(small), "percent": 100.0 * count(small) / count(model)}
+    return {"parameters": count(small), "percent": 100.0 * count(small) / count(model), "int8": checked}
+
+
+def _export_int8(model: BertClassifier, path: Path, labels, check: Callable[[Path, Path], dict]) -> dict:
+    """The int8 file at `path` (a staging path: a refused file is removed with the other outputs)
+    from an fp32 export written beside it and deleted after the check compared the two on dev."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".st-fp32-") as tmp:
+        fp32 = Path(tmp) / "model.onnx"
+        export_onnx(model, fp32, labels)
+        quantize_int8(fp32, path)
+        return check(fp32, path)

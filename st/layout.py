@@ -11,6 +11,7 @@ A sweep folder (`st.sweep`):
   seed{s}/{kind}-r{ratio:.2f}/        ticket.json and run/, the rewound subnetwork's run
   results.json                        every run, rewritten as each one finishes
   report.md, phase.png, super_ticket.json   rendered from results.json by `st.report`
+  deploy_ticket.json                  the same, for the ticket chosen under --min-speedup
 A ticket file: `ticket_json` below.
 """
 
@@ -35,6 +36,7 @@ BEST_MANIFEST = "best.sha256.json"  # in .progress: the digests of best/'s files
 # ---- sweep folders ----
 SWEEP_SETTINGS, RESULTS = "sweep.json", "results.json"
 REPORT, PLOT, SUPER_TICKET = "report.md", "phase.png", "super_ticket.json"
+DEPLOY_TICKET = "deploy_ticket.json"  # written by `st sweep` / `st report` with --min-speedup
 SCORES, TICKET = "scores.json", "ticket.json"
 FULL = "full"  # the kind of the unpruned model's runs: r = 0 of every sweep
 
@@ -122,6 +124,9 @@ RUN_SHAPE = {
     "error": (str, type(None)),
     "run": str,
 }
+# Written by later releases (`st.speed`): a file without them still renders, one that holds them is checked.
+OPTIONAL_RUN_SHAPE = {"speedup": (int, float, type(None))}
+SPEED_SHAPE = {"runtime": str, "cpu": str, "workload": {"batch": int, "seq": int, "rounds": int, "threads": int}}
 RESULTS_SHAPE = {
     "task": str,
     "main_metric": str,
@@ -166,7 +171,12 @@ def check_results(doc: dict, path: Path) -> None:
     """results.json as `st sweep` writes it, down to each run's main metric, or one UserError naming
     the first key that is missing or holds the wrong kind of value."""
     check_shape(doc, RESULTS_SHAPE, path)
+    if "speed" in doc:
+        check_shape(doc["speed"], SPEED_SHAPE, path, "speed")
     for i, run in enumerate(doc["runs"]):
+        for key, kind in OPTIONAL_RUN_SHAPE.items():
+            if key in run:
+                check_shape(run[key], kind, path, f"runs[{i}].{key}")
         for part in ("selection", "report"):
             if run[part] is not None and doc["main_metric"] not in run[part]:
                 raise UserError(

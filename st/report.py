@@ -17,6 +17,7 @@ from st.errors import UserError
 from st.io import atomic_path, read_json, strict_json, write_json, write_text
 from st.layout import (
     CONFIG,
+    DEPLOY_TICKET,
     FULL,
     PLOT,
     REPORT,
@@ -27,6 +28,7 @@ from st.layout import (
     run_dir,
     ticket_path,
 )
+from st.report_speed import annotate, deploy_fields, deploy_lines, speed_cell, speed_note, ticket_name
 from st.select import Selection, fmt, fmt_paired, fmt_value, per_seed, select_super_ticket, stats
 
 COLOURS = {"winning": "tab:green", "random": "tab:blue", "losing": "tab:red"}
@@ -46,15 +48,26 @@ def load_results(out: str | Path) -> dict:
     return doc
 
 
-def render(out: str | Path) -> Selection:
+def render(out: str | Path, min_speedup: float | None = None) -> Selection:
     """Write report.md, phase.png and super_ticket.json from out/results.json; returns the selection."""
-    out = Path(out)
+    return render_all(out, min_speedup)[0]
+
+
+def render_all(out: str | Path, min_speedup: float | None = None) -> tuple[Selection, Selection | None]:
+    """`render`, and with `min_speedup` the deploy ticket too (deploy_ticket.json, a section of report.md);
+    returns both. An impossible target is one UserError after the sweep's own report is written."""
+    out, deploy = Path(out), None
     doc = load_results(out)
     selection = select_super_ticket(doc)
-    write_json(out / SUPER_TICKET, super_ticket(out, doc, selection))
-    plot_phase(doc, selection, out / PLOT)
-    write_text(out / REPORT, markdown(doc, selection))
-    return selection
+    try:
+        deploy = None if min_speedup is None else select_super_ticket(doc, min_speedup)
+    finally:  # the sweep's own report renders even when no ticket is fast enough
+        write_json(out / SUPER_TICKET, super_ticket(out, doc, selection))
+        if deploy is not None:
+            write_json(out / DEPLOY_TICKET, {**super_ticket(out, doc, deploy), **deploy_fields(doc, deploy)})
+        plot_phase(doc, selection, out / PLOT)
+        write_text(out / REPORT, markdown(doc, selection, deploy))
+    return selection, deploy
 
 
 # ---- numbers ---------------------------------------------------------------------------------------
@@ -84,14 +97,6 @@ def _is_chosen(sel: Selection, kind: str, ratio: float, kinds: list[str]) -> boo
     return (ratio == 0 and sel.kind == FULL and kind == kinds[0]) or (kind == sel.kind and ratio == sel.ratio)
 
 
-def _chosen_name(sel: Selection) -> str:
-    if sel.kind == FULL:
-        return "the full model"
-    return f"the winning ticket at r = {sel.ratio:g}" + (
-        f" ({sel.percent_remaining['model']:.1f}% of weights)" if sel.percent_remaining else ""
-    )
-
-
 # ---- rich ------------------------------------------------------------------------------------------
 
 
@@ -99,14 +104,15 @@ def phase_table(doc: dict, selection: Selection | None = None, part: str = "repo
     """The phase-transition table for the terminal: one row per ratio, one column per kind."""
     seeds = doc["settings"]["seeds"]
     title = f"{doc['task']}: {doc['main_metric']} on the {part} part, mean ± std over {seeds} seed{'s' * (seeds > 1)}"
-    table = Table("r", "% weights", *_kinds(doc), title=title)
+    table = Table("r", "% weights", "speed-up", *_kinds(doc), title=title)
     for ratio, percent in points(doc):
         row = []
         for kind in _kinds(doc):
             text = fmt(cell(doc, kind, ratio, part), seeds)
             chosen = selection is not None and _is_chosen(selection, kind, ratio, _kinds(doc))
             row.append(f"[bold green]{text} *[/]" if chosen else text)
-        table.add_row("0 (full)" if ratio == 0 else f"{ratio:g}", "—" if percent is None else f"{percent:.1f}", *row)
+        r, share = "0 (full)" if ratio == 0 else f"{ratio:g}", "—" if percent is None else f"{percent:.1f}"
+        table.add_row(r, share, speed_cell(doc, ratio), *row)
     return table
 
 
@@ -117,7 +123,7 @@ def summary_lines(selection: Selection) -> list[str]:
     if max(c["n"] for c in sel.candidates) < 2:
         return [
             f"one seed is a smoke test, not evidence: no super ticket is claimed (run --seeds 3 or more); "
-            f"on the selection part the best was {_chosen_name(sel)} ({sel.metric} "
+            f"on the selection part the best was {ticket_name(sel)} ({sel.metric} "
             f"{fmt(stats(list(sel.selection.values())))})",
             *([f"{len(sel.failures)} run(s) failed"] if sel.failures else []),
         ]
@@ -129,7 +135,7 @@ def summary_lines(selection: Selection) -> list[str]:
         ]
     else:
         lines = [
-            f"super ticket: {_chosen_name(sel)}, chosen on the selection part "
+            f"super ticket: {ticket_name(sel)}, chosen on the selection part "
             f"({sel.metric} {fmt(stats(list(sel.selection.values())))} vs the full model's "
             f"{fmt(stats(list(sel.full_selection.values())))})"
         ]
@@ -157,7 +163,7 @@ def run_label(record: dict) -> str:
 
 def _md_table(doc: dict, selection: Selection, part: str) -> list[str]:
     kinds, seeds = _kinds(doc), doc["settings"]["seeds"]
-    lines = ["| r | % weights | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    lines = ["| r | % weights | speed-up | " + " | ".join(kinds) + " |", "|---|---|---|" + "---|" * len(kinds)]
     for ratio, percent in points(doc):
         cells = []
         for kind in kinds:
@@ -165,13 +171,14 @@ def _md_table(doc: dict, selection: Selection, part: str) -> list[str]:
             cells.append(f"**{text}**" if _is_chosen(selection, kind, ratio, kinds) and text != "—" else text)
         lines.append(
             f"| {'0 (full)' if ratio == 0 else f'{ratio:g}'} | {'—' if percent is None else f'{percent:.1f}'} | "
+            + f"{speed_cell(doc, ratio)} | "
             + " | ".join(cells)
             + " |"
         )
     return lines
 
 
-def markdown(doc: dict, selection: Selection) -> str:
+def markdown(doc: dict, selection: Selection, deploy: Selection | None = None) -> str:
     s, job, sel = doc["settings"], doc["settings"]["job"], selection
     seeds = [job["train"]["seed"] + i for i in range(s["seeds"])]
     dev = f"a sample of {s['dev_size']} dev examples" if s["dev_size"] else "the dev set"
@@ -204,7 +211,7 @@ def markdown(doc: dict, selection: Selection) -> str:
         held_out
         + f"Scores are {doc['main_metric']} ×100, mean ± standard deviation over seeds; r = 0 is the full model; "
         "the super ticket is in bold. Its gain is the mean paired difference from the full model over seeds, "
-        "with a 95% bootstrap confidence interval and a paired t-test's p-value.",
+        "with a 95% bootstrap confidence interval and a paired t-test's p-value. " + speed_note(doc),
         "",
         "## Phase transition: report part",
         "",
@@ -248,6 +255,8 @@ def markdown(doc: dict, selection: Selection) -> str:
         "Candidates by mean selection score: " + ", ".join(f"{name(c)} {fmt_value(c['mean'])}" for c in sel.candidates),
         "",
     ]
+    if deploy is not None:
+        lines += ["## Deploy ticket", "", *deploy_lines(deploy), ""]
     if sel.failures:
         lines += [
             "## Failed runs",
@@ -282,13 +291,15 @@ def plot_phase(doc: dict, selection: Selection, path: str | Path) -> None:
                     100 * (full["mean"] - full["std"]), 100 * (full["mean"] + full["std"]), color="black", alpha=0.06
                 )
         for kind in _kinds(doc):
-            xs, ys, es = [], [], []
+            xs, ys, es, rs = [], [], [], []
             for ratio, percent in points(doc):
                 c = cell(doc, kind, ratio, part)
                 if c["mean"] is not None and percent is not None:
-                    xs.append(percent), ys.append(100 * c["mean"]), es.append(100 * (c["std"] or 0.0))
+                    xs.append(percent), ys.append(100 * c["mean"]), es.append(100 * (c["std"] or 0.0)), rs.append(ratio)
             if xs:
                 ax.plot(xs, ys, marker="o", markersize=4, color=COLOURS[kind], label=kind)
+                if kind == "winning":  # speed beside accuracy: each winning ticket's measured speed-up
+                    annotate(ax, doc, rs, xs, ys)
                 ax.fill_between(
                     xs,
                     [y - e for y, e in zip(ys, es)],

@@ -133,6 +133,8 @@ class Selection:
     n_paired: int  # the seeds gain, p_value and ci are computed over
     test_note: str  # why there is no p-value or interval, or how they were computed
     failures: list[dict] = field(default_factory=list)
+    speedup: float | None = None  # measured inference speed-up over the full model (`st.speed`), if any
+    min_speedup: float | None = None  # the target it was chosen under (a deploy ticket), or None
 
 
 def per_seed(records: list[dict], kind: str, ratio: float, part: str, metric: str) -> dict[int, float]:
@@ -143,9 +145,36 @@ def per_seed(records: list[dict], kind: str, ratio: float, part: str, metric: st
     }
 
 
-def select_super_ticket(doc: dict) -> Selection:
+def speedup_of(runs: list[dict], kind: str, ratio: float) -> float | None:
+    """The measured speed-up of a candidate (the same for every seed: one ticket per ratio is timed)."""
+    found = [r["speedup"] for r in runs if r["kind"] == kind and r["ratio"] == ratio and r.get("speedup") is not None]
+    return float(np.median(found)) if found else None
+
+
+def _fast_enough(candidates: list[dict], min_speedup: float) -> list[dict]:
+    measured = [c for c in candidates if c["speedup"] is not None]
+    if not measured:
+        raise UserError(
+            "--min-speedup needs measured speed-ups and this sweep's results.json has none; "
+            "run `st report DIR --measure-speed --min-speedup S`"
+        )
+    fast = [c for c in measured if c["speedup"] >= min_speedup]
+    if not fast:
+        top = max(measured, key=lambda c: c["speedup"])
+        name = "the full model" if top["kind"] == FULL else f"the winning ticket at r = {top['ratio']:g}"
+        raise UserError(
+            f"no ticket of this sweep reaches a {min_speedup:g}x speed-up: the fastest, {name}, measured "
+            f"{top['speedup']:.2f}x; lower --min-speedup or sweep higher --ratios"
+        )
+    return fast
+
+
+def select_super_ticket(doc: dict, min_speedup: float | None = None) -> Selection:
     """Choose the super ticket from results.json's contents using the selection part only; ties go to
-    the full model, then to the lower ratio (a ticket must do strictly better to be chosen)."""
+    the full model, then to the lower ratio (a ticket must do strictly better to be chosen).
+
+    With `min_speedup`, the deploy ticket: the same rule among the candidates whose measured speed-up
+    is at least that (the full model's is 1); one UserError line when none is fast enough."""
     runs, metric = doc["runs"], doc["main_metric"]
     ratios = sorted({r["ratio"] for r in runs if r["kind"] == "winning"})
     candidates = []
@@ -156,7 +185,13 @@ def select_super_ticket(doc: dict) -> Selection:
                 r["percent_remaining"] for r in runs if r["kind"] == kind and r["ratio"] == ratio and r["error"] is None
             )
             candidates.append(
-                {"kind": kind, "ratio": ratio, "percent_remaining": percent, **stats(list(scores.values()))}
+                {
+                    "kind": kind,
+                    "ratio": ratio,
+                    "percent_remaining": percent,
+                    **stats(list(scores.values())),
+                    "speedup": speedup_of(runs, kind, ratio),  # the full model: 1.0 once measured
+                }
             )
     failures = [r for r in runs if r["error"] is not None]
     if not candidates:
@@ -164,6 +199,8 @@ def select_super_ticket(doc: dict) -> Selection:
             "no run of the full model or of a winning ticket finished: nothing to choose from; "
             "see the errors in results.json and rerun to retry"
         )
+    if min_speedup is not None:
+        candidates = _fast_enough(candidates, min_speedup)
     best = max(candidates, key=lambda c: c["mean"])  # max() keeps the first of equals: the full model, then low ratios
     candidates = sorted(candidates, key=lambda c: -c["mean"])
     kind, ratio = best["kind"], best["ratio"]
@@ -198,4 +235,6 @@ def select_super_ticket(doc: dict) -> Selection:
         compared["n"],
         compared["note"],
         failures,
+        best["speedup"],
+        min_speedup,
     )

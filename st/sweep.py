@@ -33,6 +33,7 @@ from st.pipeline import prepare_run, run_finetune, score_checkpoint
 from st.runs import check_settings, guard_settings, lock_folder
 from st.select import select_super_ticket
 from st.specs import RunSpec
+from st.speed import measure_sweep
 from st.sweep_config import SweepConfig
 from st.tickets import KINDS, Ticket, make_ticket
 
@@ -192,13 +193,17 @@ def run_sweep(
     keep_weights: str = "best",
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[dict], None] | None = None,
+    measure_speed: bool = False,
+    min_speedup: float | None = None,
 ) -> dict:
     """Run (or resume) the sweep into `out`; returns results.json's contents. `jobs` runs at once in
     local processes, or on the Ray cluster at `ray` ("local", "auto", host:port; see `st.engines`);
     `device`: resolved once by the caller (`st.dist.pick_device`); with Ray, None lets the cluster's
     GPUs decide. Each run gets the device of the engine slot it runs in. On rank 0,
     `on_start(runs at once)` is called once the input is checked, and `on_result(record)` as each run
-    finishes (records of runs finished before this call carry reused=True)."""
+    finishes (records of runs finished before this call carry reused=True). `measure_speed`: once
+    every run finished, each winning ticket's inference speed-up on this machine (`st.speed`);
+    `min_speedup`: keep the weights of the deploy ticket under that target too."""
     out = Path(out).resolve()  # absolute: a Ray worker on another node has another working directory
     check_engine(jobs, ray)  # everything is checked before anything starts or is written
     if keep_weights not in KEEP_WEIGHTS:
@@ -229,7 +234,9 @@ def run_sweep(
     doc = results_doc(cfg, records, task)
     if dist.is_main():
         write_results(out, doc)
-        drop_weights(out, doc, keep_weights)
+        if measure_speed and not any(r["error"] for r in doc["runs"]):
+            doc = measure_sweep(out)  # results.json is complete before: a failure here loses no run
+        drop_weights(out, doc, keep_weights, min_speedup)
     return doc
 
 
@@ -245,16 +252,23 @@ def check_finished(doc: dict) -> None:
 KEEP_WEIGHTS = ("all", "best", "none")
 
 
-def drop_weights(out: Path, doc: dict, keep: str) -> list[Path]:
+def drop_weights(out: Path, doc: dict, keep: str, min_speedup: float | None = None) -> list[Path]:
     """Once every run finished, delete the weights nobody needs: "best" keeps the full model's and the
-    super ticket's runs (every seed), "none" keeps none, "all" all (75 copies, ~5 GB for the main
-    job). Metrics, tickets and configs stay, so the sweep still resumes and reports. Returns what went."""
+    super ticket's runs (every seed, and the deploy ticket's under `min_speedup`), "none" keeps none,
+    "all" all (75 copies, ~5 GB for the main job). Metrics, tickets and configs stay, so the sweep
+    still resumes and reports. Returns what went."""
     if keep == "all" or any(r["error"] for r in doc["runs"]):  # a rerun may still change the choice
         return []
     kept = set()
     if keep == "best":
         chosen = select_super_ticket(doc)
         kept = {(FULL, 0.0), (chosen.kind, chosen.ratio)}
+        if min_speedup is not None and any(r.get("speedup") for r in doc["runs"]):
+            try:
+                deploy = select_super_ticket(doc, min_speedup)
+                kept.add((deploy.kind, deploy.ratio))
+            except UserError:
+                pass  # no ticket is fast enough: `st sweep` says so in one line once the report is written
     dropped = [out / r["run"] / WEIGHTS for r in doc["runs"] if (r["kind"], r["ratio"]) not in kept]
     for path in dropped:
         path.unlink(missing_ok=True)
