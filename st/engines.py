@@ -247,19 +247,28 @@ class LocalPool:
 # ---- Ray ---------------------------------------------------------------------------------------
 
 
-def _reachable(address: str) -> None:
-    """Fail in a second, not after Ray's two minutes of retries, when nothing listens at `address`."""
-    host_port = address.split("://", 1)[-1]
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        host, port = host_port, "10001" if "://" in address else "6379"
+# Joining, Ray tries 20 times, up to 30 s each, SIGTERM and Ctrl-C waiting: st 5 times, 5 s (unless set).
+_JOIN_LIMITS = {"RAY_gcs_server_port_wait_time_s": "5", "RAY_py_gcs_connect_timeout_s": "5"}
+# A Ray head's GCS (gRPC) answers an HTTP/2 preface and SETTINGS frame with its own SETTINGS frame (type 4).
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _dial(address: str) -> None:
+    """Fail in seconds, not Ray's minutes, where no Ray head answers at `address` (with TLS: where nothing does)."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as e:
-        raise UserError(
-            f"no Ray cluster answers at {address} ({e.strerror or e}); start its head with "
-            "`ray start --head`, or give --ray auto on a cluster node, or --ray alone for a local instance"
-        ) from None
+        with socket.create_connection((host.strip("[]") or port, int(port) if host else 10001), timeout=5) as s:
+            s.sendall(b"" if tls else _HTTP2_HELLO)
+            if tls or s.recv(9)[3:4] == b"\x04":
+                return
+        why = "something answers there, but no Ray head"
+    except (OSError, ValueError) as e:  # ValueError: no port
+        why = getattr(e, "strerror", None) or str(e)
+    raise UserError(
+        f"no Ray cluster answers at {address} ({why}); start its head with `ray start --head` (`ray status` there "
+        "prints its address), or give --ray auto on a cluster node, or --ray alone for a local instance"
+    )
 
 
 class RayEngine:
@@ -292,7 +301,16 @@ class RayEngine:
         self.slots = max(1, int(have["GPU"] if gpus else have.get("CPU", 1) // setup.threads))
 
     def _connect(self, address: str) -> None:
-        sigterm = signal.getsignal(signal.SIGTERM)
+        """ray.init, in seconds: Ray's own tries limited, and loopback kept (Ray dials 127.0.0.1 or localhost at
+        this machine's address instead, where a head bound to loopback, a cluster of this machine, does not listen)."""
+        if address not in ("local", "auto"):
+            _dial(address)
+        limits = {} if address == "local" else {k: v for k, v in _JOIN_LIMITS.items() if k not in os.environ}
+        os.environ.update(limits)
+        self.ray._raylet.Config.initialize("")  # Ray read its settings from the environment at import: again
+        services, sigterm = self.ray._private.services, signal.getsignal(signal.SIGTERM)
+        rewrite = services.resolve_ip_for_localhost
+        services.resolve_ip_for_localhost = rewrite if address == "local" else lambda host: host
         try:
             self.ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
@@ -305,14 +323,16 @@ class RayEngine:
                 "RAY_AUTH_MODE=token here and give this machine the head's token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
             )
             raise UserError(f"could not start or join Ray at {address} ({str(e).splitlines()[0]}); {fix}") from None
-        except SystemExit:  # Ray exits when a reachable address never answers as a Ray head
-            raise UserError(
-                f"{address} answers, but not as a Ray cluster's head; check the address "
-                "(`ray status` on the head prints it)"
-            ) from None
+        except SystemExit:  # ray.init swaps in sys.exit for SIGTERM: stop as the caller's handler says
+            if callable(sigterm):
+                sigterm(signal.SIGTERM, None)  # the CLI's stops as cleanly as Ctrl-C
+            raise
         finally:
+            services.resolve_ip_for_localhost = rewrite
+            for name in limits:
+                del os.environ[name]
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, sigterm)  # ray.init swaps in sys.exit; the caller's handler stops cleanly
+                signal.signal(signal.SIGTERM, sigterm)
 
     def submit(self, key, fn, *args):
         self.pending[self.task.remote(self.setup, self.device, fn, *args)] = key
@@ -356,7 +376,7 @@ def check_engine(jobs: int, ray: str | None) -> None:
     except ImportError:
         raise UserError("--ray needs Ray, an optional extra: pip install 'st[ray]' (or pip install ray)") from None
     if ray not in ("local", "auto") and not ray_module.is_initialized():
-        _reachable(ray)
+        _dial(ray)
 
 
 def open_engine(jobs: int, device: str | None, ray: str | None) -> Engine:

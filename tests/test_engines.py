@@ -1,8 +1,10 @@
 """Where a sweep's runs execute (`st.engines`), with real processes: the local pool's workers never
 outlive their parent (kill -9, SIGTERM, Ctrl-C), and on a local Ray instance a sweep gives the local
 pool's per-run metrics, survives a worker killed with -9 mid-run (Ray retries it, and it resumes from
-its progress) and a driver killed with -9 (the rerun skips finished runs). Tiny random model, one
-torch thread per run."""
+its progress) and a driver killed with -9 (the rerun skips finished runs). On a Ray cluster of this
+machine bound to 127.0.0.1: `--ray 127.0.0.1:PORT` joins it, and a sweep survives one of its two nodes
+lost mid-run (removed, or its raylet killed). An address st cannot join is one line in seconds; a
+sweep waiting on Ray stops on SIGTERM and Ctrl-C. Tiny random model, one torch thread per run."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from cli.main import cli
 from st.specs import DataSpec, ModelSpec, RunSpec, TrainConfig
 from st.sweep import run_sweep
 from st.sweep_config import SweepConfig
+from tests.conftest import free_port
 
 FAULTS = "ST_TEST_FAULTS"  # a folder, in Ray workers' environment: where the paused worker leaves its pid
 TARGET = "ray-killed/seed0/winning-r0.50/run"  # the run whose worker is killed after its first epoch
@@ -31,13 +35,13 @@ TARGET = "ray-killed/seed0/winning-r0.50/run"  # the run whose worker is killed 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
-def config(model, data, epochs: int = 2) -> SweepConfig:
+def config(model, data, epochs: int = 2, ratios=(0.3, 0.5)) -> SweepConfig:
     spec = RunSpec(
         DataSpec("csv", str(data)),
         ModelSpec(str(model), dropout=0.0, head_dropout=0.0),
         TrainConfig(epochs=epochs, batch_size=8, lr=5e-3),
     )
-    return SweepConfig.create(spec, ratios=(0.3, 0.5), kinds=("winning", "random"), seeds=1)
+    return SweepConfig.create(spec, ratios=ratios, kinds=("winning", "random"), seeds=1)
 
 
 def metrics(doc: dict) -> dict:
@@ -45,6 +49,12 @@ def metrics(doc: dict) -> dict:
         (r["seed"], r["kind"], r["ratio"]): (r["selection"], r["report"], r["best_epoch"], r["error"])
         for r in doc["runs"]
     }
+
+
+def as_in(doc: dict, reference: dict) -> bool:
+    """Every run of `doc` gave what the same run gave in `reference` (a sweep of more ratios)."""
+    runs, expected = metrics(doc), metrics(reference)
+    return runs == {key: expected.get(key) for key in runs}
 
 
 @pytest.fixture(scope="module")
@@ -218,12 +228,49 @@ def test_ray_without_the_extra_says_how_to_install_it(tiny_bert_dir, sentiment_d
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
-def test_unreachable_ray_address_is_one_line(tiny_bert_dir, sentiment_dir, tmp_path):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    line = one_line_error(cli_args(tiny_bert_dir, sentiment_dir, tmp_path / "s", "--ray", f"127.0.0.1:{port}"))
-    assert f"no Ray cluster answers at 127.0.0.1:{port}" in line and "ray start --head" in line
+@contextmanager
+def listener(answer: bytes):
+    """A TCP server on 127.0.0.1 that sends `answer` to whoever connects, then keeps silent: yields its port
+    and the connections it took."""
+    server, taken = socket.create_server(("127.0.0.1", 0)), []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+                taken.append(conn)
+                conn.sendall(answer)
+            except OSError:  # closed
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield server.getsockname()[1], taken
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        for conn in taken:
+            conn.close()
+
+
+SSH = b"SSH-2.0-OpenSSH_9.6\r\n"  # a server that is no Ray head
+HTTP2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # what a Ray head (gRPC) answers first
+
+
+@pytest.mark.parametrize(("host", "there"), [("127.0.0.1", "nothing"), ("localhost", "no Ray head")])
+def test_unreachable_ray_address_is_one_line_in_seconds(host, there, tiny_bert_dir, sentiment_dir, tmp_path):
+    """One line naming the address dialled (st dials a loopback address as given; Ray would dial this
+    machine's own address instead), within seconds: Ray itself tries for ten minutes."""
+    with listener(SSH) as (port, _):
+        port = free_port() if there == "nothing" else port
+        args = cli_args(tiny_bert_dir, sentiment_dir, tmp_path / "s", "--ray", f"{host}:{port}")
+        started = time.monotonic()
+        run = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 60  # Python and torch start, then a second; a loaded machine takes longer
+    assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert f"no Ray cluster answers at {host}:{port} (" in run.stderr and "ray start --head" in run.stderr, run.stderr
+    assert ("no Ray head" in run.stderr) == (there == "no Ray head"), run.stderr
+    assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
 def test_ray_with_jobs_is_refused(tiny_bert_dir, sentiment_dir, tmp_path):
@@ -269,6 +316,9 @@ def pause_target_run():
     def save_progress(self, *args, **kwargs):
         save(self, *args, **kwargs)
         if self.path.as_posix().endswith(TARGET) and not (faults / "killed").exists():
+            import ray
+
+            (faults / "node").write_text(ray.get_runtime_context().get_node_id())
             (faults / "pid.tmp").write_text(str(os.getpid()))
             (faults / "pid.tmp").replace(faults / "pid")
             time.sleep(600)
@@ -283,26 +333,153 @@ def pause_target_run():
     RunFolder.save_progress, RunFolder.load_progress = save_progress, load_progress
 
 
+def fault_runtime_env(faults: Path) -> dict:
+    """What Ray workers need for `pause_target_run`: the hook, where it writes, and this module."""
+    root = str(Path(__file__).resolve().parents[1])  # workers import this module for the hook
+    return {
+        "worker_process_setup_hook": pause_target_run,
+        "env_vars": {
+            FAULTS: str(faults),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        },
+    }
+
+
+def faults_from_the_environment(runtime_env: dict | None) -> dict:
+    """Ray's RAY_RUNTIME_ENV_HOOK: the runtime environment of a driver that st itself connects."""
+    return {**(runtime_env or {}), **fault_runtime_env(Path(os.environ[FAULTS]))}
+
+
+# ---- a cluster of this machine on 127.0.0.1 (before the local instance below: a connected Ray is used as it is)
+
+
+@contextmanager
+def loopback_cluster(head_cpus: int, workers: int = 0):
+    """A Ray cluster of nodes on 127.0.0.1 (its head listens there only), started here and stopped after."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster()
+    try:
+        for cpus in [head_cpus] + [1] * workers:  # random agent ports: other Ray instances may run here
+            cluster.add_node(
+                num_cpus=cpus, node_ip_address="127.0.0.1", include_dashboard=False, dashboard_agent_listen_port=None
+            )
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def test_ray_joins_a_head_on_a_loopback_address(pool_doc, tiny_bert_dir, sentiment_dir, tmp_path):
+    """Ray dials 127.0.0.1 at this machine's own address, where a head bound to loopback does not listen (st
+    waited ten minutes there); st has it dial the address as given."""
+    out = tmp_path / "s"
+    with loopback_cluster(head_cpus=1) as cluster:
+        assert cluster.address.startswith("127.0.0.1:")
+        args = cli_args(tiny_bert_dir, sentiment_dir, out, "--ratios", 0.5, "--epochs", 2, "--ray", cluster.address)
+        run = subprocess.run(
+            [sys.executable, "-m", "cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    assert run.returncode == 0, run.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["runs"]) == 3 and as_in(doc, pool_doc)
+
+
+@needs_linux
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C (SIGINT to the process group)"])
+def test_a_sweep_waiting_on_ray_stops_on_sigterm_and_ctrl_c(how, tiny_bert_dir, sentiment_dir, tmp_path):
+    """A head that takes the connection and never answers kept Ray trying for ten minutes, each try of 30 s
+    deaf to signals (and Ray's own SIGTERM handler made it an error): now the sweep stops in seconds, cleanly."""
+    with listener(HTTP2_SETTINGS) as (port, taken):
+        driver = start_cli(*cli_args(tiny_bert_dir, sentiment_dir, tmp_path / "s", "--ray", f"127.0.0.1:{port}"))
+        try:  # st's own two checks, then Ray's tries
+            wait_for(lambda: len(taken) >= 3 or driver.poll() is not None, 120, "Ray's first try")
+            signalled = time.monotonic()
+            if how == "SIGTERM":
+                driver.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(driver.pid, signal.SIGINT)
+            _, stderr = driver.communicate(timeout=120)
+            took = time.monotonic() - signalled
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    assert driver.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted" in stderr and "same command resumes" in stderr, stderr
+    assert took < 30, took  # a try lasts 5 s
+
+
+@needs_linux
+@pytest.mark.parametrize("how", ["node removed", "raylet killed"])
+def test_a_lost_node_costs_nothing(how, pool_doc, tiny_bert_dir, sentiment_dir, tmp_path, monkeypatch):
+    """`st sweep --ray 127.0.0.1:PORT` on two nodes of this machine (the head runs nothing): the node running
+    TARGET is lost after its first epoch. Ray retries the run on the other node, it resumes from that epoch,
+    and every run gives what the uninterrupted sweep gave."""
+    faults, lost, failed = tmp_path / "faults", [], []
+    faults.mkdir()
+    monkeypatch.setenv(FAULTS, str(faults))  # st's process connects with the faults' runtime environment
+    monkeypatch.setenv("RAY_RUNTIME_ENV_HOOK", f"{__name__}.{faults_from_the_environment.__name__}")
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    with loopback_cluster(head_cpus=0, workers=2) as cluster:
+
+        def lose_the_node():
+            try:
+                pid = int(wait_for(lambda: (faults / "pid").exists() and (faults / "pid").read_text(), 180, "TARGET"))
+                node = next(n for n in cluster.worker_nodes if n.node_id == (faults / "node").read_text())
+                (faults / "killed").touch()  # the retry must not pause again
+                if how == "node removed":
+                    cluster.remove_node(node)
+                else:
+                    node.kill_raylet()
+                lost.append(pid)
+            except BaseException as e:  # let the sweep go on (the test fails below), not wait out TARGET's pause
+                failed.append(e)
+                (faults / "killed").touch()
+                if (faults / "pid").exists():
+                    os.kill(int((faults / "pid").read_text()), signal.SIGKILL)
+
+        thread = threading.Thread(target=lose_the_node, daemon=True)
+        thread.start()
+        out = tmp_path / "ray-killed"  # TARGET's sweep
+        args = cli_args(tiny_bert_dir, sentiment_dir, out, "--ratios", 0.5, "--epochs", 2, "--ray", cluster.address)
+        run = subprocess.run(
+            [sys.executable, "-m", "cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        thread.join(timeout=30)
+    assert not failed and lost, failed
+    assert run.returncode == 0, run.stderr
+    wait_for(lambda: not alive(lost[0]), 30, "the lost node's worker to stop")
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["runs"]) == 3 and as_in(doc, pool_doc)  # the same results as without the loss
+    resumed = (faults / "resumed").read_text().split("\n")
+    assert f"{(tmp_path / TARGET).as_posix()} 1" in resumed  # the retry started after epoch 1, not from scratch
+
+
+# ---- a local Ray instance --------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     import ray
 
     faults = tmp_path_factory.mktemp("faults")
-    root = str(Path(__file__).resolve().parents[1])  # workers import this module for the hook
     # "local": a new instance, even where `ray start` left a cluster's address behind
     ray.init(
         address="local",
         num_cpus=2,
         include_dashboard=False,
         logging_level="WARNING",
-        runtime_env={
-            "worker_process_setup_hook": pause_target_run,
-            "env_vars": {
-                FAULTS: str(faults),
-                "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-            },
-        },
+        runtime_env=fault_runtime_env(faults),
     )
     yield faults
     ray.shutdown()
