@@ -213,12 +213,11 @@ def run_sweep(
         2
     ].task  # task, model, lengths, data, held-out sets: a bad one writes nothing
     lock = lock_folder(out) if dist.is_main() else None  # one sweep at a time in a folder
-    guard_settings(
-        out, cfg.settings(), SWEEP_SETTINGS, "sweep"
-    )  # how many processes or which engine is no setting: any may resume
-    engine = open_engine(jobs, device, ray)
-    records = []
+    # how many processes or which engine is no setting: any may resume
+    guard_settings(out, cfg.settings(), SWEEP_SETTINGS, "sweep")
+    records, engine = [], None
     try:
+        engine = open_engine(jobs, device, ray)  # inside: a cluster that cannot be joined releases the lock
         if on_start and dist.is_main():
             on_start(engine.slots)
         for record in _runs(cfg, out, engine):
@@ -228,7 +227,8 @@ def run_sweep(
                 if on_result:
                     on_result(record)
     finally:
-        engine.close()  # on an interrupt too: no worker goes on running
+        if engine is not None:
+            engine.close()  # on an interrupt too: no worker goes on running
         if lock is not None:
             lock.close()
     doc = results_doc(cfg, records, task)
