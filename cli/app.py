@@ -22,6 +22,7 @@ console = Console(stderr=True, soft_wrap=True)  # never break paths across lines
 # Commands whose output is a run folder: a stop keeps every finished epoch and run, and the same
 # command resumes. Every other command writes its outputs together at its end (`st.io.staged_outputs`).
 RESUMABLE = {"finetune", "sweep", "share", "adapt"}
+PRECISIONS = ["fp32", "bf16", "fp16"]  # st.precision.DTYPES' keys (importing it here would load torch for --help)
 
 
 class Group(click.Group):
@@ -129,7 +130,7 @@ train_options = _options(
     click.option("--train-fraction", type=float, help="Use this fraction (0, 1] of the training set."),
     click.option(
         "--precision",
-        type=click.Choice(["fp32", "bf16", "fp16"]),
+        type=click.Choice(PRECISIONS),
         help="Compute precision, on CPU and GPU alike, with fp32 master weights and optimizer state "
         "(fp16 adds a gradient scaler). Default: fp32.",
     ),
@@ -156,7 +157,7 @@ device_option = click.option(
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output of the same kind.")
 precision_option = click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
+    type=click.Choice(PRECISIONS),
     default=None,
     help="Compute precision (bf16/fp16 on CPU and GPU alike). Default: the one the checkpoint was fine-tuned in.",
 )

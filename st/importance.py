@@ -29,7 +29,7 @@ from st.io import atomic_path, read_json, write_json
 from st.layout import FINGERPRINT_KEYS
 from st.models.bert import BertConfig
 from st.models.heads import BertClassifier, per_example_loss  # noqa: F401  (re-exported: the default loss)
-from st.precision import check_precision, compute_copy
+from st.precision import DTYPES, check_precision, compute_copy
 
 
 def fingerprint(config: BertConfig) -> dict:
@@ -86,8 +86,8 @@ class Scores:
             raise UserError("scores must be finite and non-negative")
         if isinstance(self.num_examples, bool) or not isinstance(self.num_examples, int) or self.num_examples < 1:
             raise UserError(f"num_examples must be a positive integer, got {self.num_examples!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in DTYPES:
+            raise UserError(f"precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
         fp = dict(self.model_fingerprint or {})
         if fp.get("num_layers", L) != L or fp.get("num_heads", len(head_raw[0])) != len(head_raw[0]):
             raise UserError(

@@ -80,6 +80,15 @@ class HeldOut:
     dev_size: int | None = None
     report_split: str | None = None
 
+    def __post_init__(self):  # checked here, so that every command that takes them says the same
+        if self.select_fraction is not None and not 0 < self.select_fraction < 1:
+            raise UserError(f"--select-fraction must be in (0, 1), got {self.select_fraction}")
+        if self.select_fraction is not None and self.report_split:
+            raise UserError(
+                "--select-fraction splits dev into a choosing and a reporting part, --report-split reports "
+                "on another split: give one of them, not both"
+            )
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -172,9 +181,6 @@ def run_spec(
     if train_fraction is not None and not 0 < train_fraction <= 1:
         raise UserError(f"--train-fraction must be in (0, 1], got {train_fraction}")
 
-    def given(**kw):
-        return {k: v for k, v in kw.items() if v is not None}
-
     options = tuple(
         given(text_columns=text_columns, label_column=label_column, labels=labels, regression=regression).items()
     )
@@ -187,13 +193,11 @@ def run_spec(
     model_spec = ModelSpec(
         **given(name=model, dropout=dropout), head_dropout=head_dropout, ticket=ticket, init=absolute(init)
     )
-    if select_fraction is not None and not 0 < select_fraction < 1:
-        raise UserError(f"--select-fraction must be in (0, 1), got {select_fraction}")
-    if select_fraction is not None and report_split:
-        raise UserError(
-            "--select-fraction splits dev into a choosing and a reporting part, --report-split reports "
-            "on another split: give one of them, not both"
-        )
     held_out = HeldOut(select_fraction, dev_size, report_split)
     held_out = None if held_out == HeldOut(None, None, None) else held_out  # all of dev chooses the epoch
     return RunSpec(data, model_spec, TrainConfig(**given(**train)), **given(seed=seed), held_out=held_out)
+
+
+def given(**values) -> dict:
+    """The keyword arguments that were given (not None): the rest take their field's default."""
+    return {k: v for k, v in values.items() if v is not None}

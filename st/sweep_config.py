@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from st.errors import UserError
 from st.pipeline import resolve_defaults
-from st.specs import HeldOut, RunSpec, run_spec
+from st.specs import HeldOut, RunSpec, given, run_spec
 from st.tickets import KINDS, Ticket
 
 RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 9))  # 0.1 ... 0.8, the paper's grid
@@ -46,14 +46,8 @@ class SweepConfig:
                 raise UserError(f"--kinds must be among {', '.join(KINDS)}, got {k!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise UserError(f"--seeds must be at least 1, got {self.seeds}")
-        fraction = self.held_out.select_fraction
-        if (fraction is None) == (self.held_out.report_split is None):
-            raise UserError(
-                "--select-fraction splits dev into a choosing and a reporting part, --report-split reports "
-                "on another split: give one of them, not both"
-            )
-        if fraction is not None and not 0 < fraction < 1:
-            raise UserError(f"--select-fraction must be in (0, 1), got {fraction}")
+        if self.held_out.select_fraction is None and self.held_out.report_split is None:  # both: HeldOut refuses
+            raise UserError("a sweep reports on a held-out part: give --select-fraction or --report-split")
         if self.spec.model.ticket is not None or self.spec.model.init:
             raise UserError("a sweep starts from the pre-trained model: drop --ticket / --init")
         kinds = tuple(k for k in KINDS if k in kinds)
@@ -188,12 +182,9 @@ def plan(
             control_ratios = list(preset.control_ratios)
         jobs = min(preset.jobs, os.cpu_count() or 1) if jobs is None else jobs
 
-    def given(**values):
-        return {k: v for k, v in values.items() if v is not None}
-
-    held_out = HeldOut(**given(select_fraction=select_fraction, dev_size=dev_size, report_split=report_split))
-    if report_split and select_fraction is None:  # the report split replaces dev's report part
-        held_out = replace(held_out, select_fraction=None)
+    if select_fraction is None and not report_split:
+        select_fraction = HeldOut.select_fraction  # the report split, when given, replaces dev's report part
+    held_out = HeldOut(select_fraction, dev_size, report_split)
     sweep = given(
         ratios=ratios and tuple(ratios),
         kinds=kinds and tuple(kinds),

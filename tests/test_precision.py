@@ -173,3 +173,10 @@ def test_a_gpu_without_bf16_is_one_line(monkeypatch):
     assert check_precision("fp16", "cuda") == torch.float16 and check_precision("bf16", "cpu") == torch.bfloat16
     with pytest.raises(UserError, match="--precision must be one of fp32, bf16, fp16"):
         check_precision("int8", "cpu")
+
+
+def test_the_cli_offers_exactly_the_precisions_st_computes_in():
+    from cli.app import PRECISIONS
+    from st.precision import DTYPES
+
+    assert PRECISIONS == list(DTYPES)
