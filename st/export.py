@@ -24,16 +24,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from st.errors import UserError
 from st.io import check_writable, staged_outputs, write_json, write_safetensors
 from st.layout import CONFIG, WEIGHTS
-from st.models.bert import Bert, BertConfig
 from st.models.checkpoint import load_checkpoint, save_checkpoint
-from st.models.families import Family, family_of
+from st.models.families import Family, build_encoder, family_of
 from st.models.heads import BertClassifier
-from st.models.weights import head_rows, load_pretrained_parts, read_config, read_tensors
+from st.models.units import layer_param, per_unit, put
+from st.models.weights import config_with_blocks, load_pretrained_parts, read_config, read_tensors
 from st.onnx_export import export_onnx, quantize_int8, require_onnx
 from st.prune import apply_masks
 from st.tickets import Ticket
@@ -46,12 +47,15 @@ QUANTIZE = ("int8",)
 # ---- Hugging Face tensors ---------------------------------------------------------------------
 
 
-def _slots(config: BertConfig, layer: int, layout: str) -> tuple[list[int], int]:
-    """Where each of our heads (in our order) sits in the HF tensors, and how many head slots they have.
+def _slots(config, layer: int, kind: str, layout: str) -> tuple[list[int], int]:
+    """Where each of a layer's units (in our order) sits in the HF tensors, and how many unit slots they have.
 
-    dense: at its original index among all H0 heads; pruned-heads: HF keeps a layer's remaining heads
-    in increasing original order, so at its rank among the kept ones.
+    Heads, dense: at the original index among all H0 heads; pruned-heads: HF keeps a layer's remaining
+    heads in increasing original order, so at the rank among the kept ones. FFN units: the block's
+    first units, in a full-width block (HF has no per-layer FFN width).
     """
+    if kind == "ffn":
+        return list(range(config.layer_ffn_size(layer))), config.intermediate_size
     heads = config.layer_heads(layer)
     if layout == "dense":
         return list(heads), config.num_heads
@@ -59,38 +63,32 @@ def _slots(config: BertConfig, layer: int, layout: str) -> tuple[list[int], int]
     return [ranked.index(h) for h in heads], len(heads)
 
 
-def _placed(tensor: Tensor, name: str, config: BertConfig, layout: str) -> Tensor:
-    """One encoder tensor of ours in the layout's head slots, zeros in empty slots."""
-    i, rest = int(name.split(".")[1]), name.split(".", 2)[2]
-    slots, total = _slots(config, i, layout)
-    Dh, n = config.head_dim, len(config.layer_heads(i))
-    rows = head_rows(slots, Dh)
-    if rest.startswith("attention.qkv."):
-        full = tensor.new_zeros(3 * total * Dh, *tensor.shape[1:])
-        for b, block in enumerate(tensor.split(n * Dh)):  # Q, K, V
-            full[b * total * Dh + rows] = block
-        return full
-    if rest == "attention.out.weight":
-        full = tensor.new_zeros(tensor.shape[0], total * Dh)
-        full[:, rows] = tensor
-        return full
-    return tensor
-
-
-def _ffn_full_width(tensor: Tensor | None, name: str, c: BertConfig, like: Tensor) -> Tensor:
-    """An FFN tensor zero-padded to intermediate_size (all zeros for a removed block): gelu(0) = 0 and a
-    zero down-projection with a zero bias adds nothing before the LayerNorm, as an FFN mask of 0."""
-    D, F0 = c.hidden_size, c.intermediate_size
-    shape, dim = {
-        "up.weight": ((F0, D), 0),
-        "up.bias": ((F0,), 0),
-        "down.weight": ((D, F0), 1),
-        "down.bias": ((D,), 0),
-    }[name.split(".ffn.")[1]]
-    full = like.new_zeros(shape)
-    if tensor is not None:
-        full.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
-    return full
+def _full_size_state(model: BertClassifier, layout: str) -> dict[str, Tensor]:
+    """The encoder's tensors at the size HF builds from its config: each head and FFN unit in its slot
+    (the architecture's `units()` says where its entries are), zeros in empty slots; a removed FFN
+    block all zeros. Zero FFN weights make the block's output exactly zero (act(0) = 0, or a GLU's
+    0 · gate), as an FFN mask of 0; zero heads are discussed in the module docstring."""
+    config = model.encoder.config
+    units = config.units()
+    ours = {k: v.detach() for k, v in model.encoder.state_dict().items()}
+    like = ours["embeddings.word.weight"]
+    heads = None if layout == "dense" else [config.layer_heads(i) for i in range(config.num_layers)]
+    hf_sized = config_with_blocks(config, heads, None)  # pruned-heads: the kept heads, full FFN blocks
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build_encoder(hf_sized).state_dict().items()}
+    out = {}
+    for name, shape in shapes.items():
+        where = layer_param(name)
+        found = units.place(where[1]) if where else None
+        if name not in ours:  # a removed FFN block
+            out[name] = like.new_zeros(shape)
+        elif found is None:
+            out[name] = ours[name]
+        else:
+            place, kind = found
+            slots, total = _slots(config, where[0], kind, layout)
+            out[name] = put(ours[name], place, slots, total, per_unit(config, kind))
+    return out
 
 
 def _family(model: BertClassifier) -> Family:
@@ -102,17 +100,10 @@ def hf_state(model: BertClassifier, layout: str = "dense") -> dict[str, Tensor]:
     if layout not in HF_LAYOUTS:
         raise UserError(f"unknown Hugging Face layout {layout!r}; choose one of: {', '.join(HF_LAYOUTS)}")
     config, family = model.encoder.config, _family(model)
-    ours = {k: v.detach() for k, v in model.encoder.state_dict().items()}
-    like = ours["embeddings.word.weight"]
+    full = _full_size_state(model, layout)
     out = {}
     for name, hf_names in family.encoder_table(config).items():
-        if ".ffn." in name:
-            tensor = _ffn_full_width(ours.get(name), name, config, like)
-        elif name.startswith("layers."):
-            tensor = _placed(ours[name], name, config, layout)
-        else:
-            tensor = ours[name]
-        for part, hf_name in zip(tensor.chunk(len(hf_names)), hf_names):  # Q, K, V are three HF tensors
+        for part, hf_name in zip(full[name].chunk(len(hf_names)), hf_names):  # Q, K, V are three HF tensors
             out[family.prefix + hf_name] = part
     top = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}  # pooler.*, classifier.*
     for name, hf_name in family.head_table.items():
@@ -191,7 +182,9 @@ def load_hf_classifier(folder: str | Path, remove_zeros: bool = False) -> tuple[
     top = {ours: raw[hf].float() for ours, hf in family.head_table.items()}  # pooler.*, classifier.*
     dropout = cfg.get(family.head_dropout_field)
     model = BertClassifier(
-        Bert(config), top["classifier.out.weight"].shape[0], config.hidden_dropout if dropout is None else dropout
+        build_encoder(config),
+        top["classifier.out.weight"].shape[0],
+        config.hidden_dropout if dropout is None else dropout,
     )
     model.encoder.load_state_dict(encoder)
     for name, module in (("pooler.", model.pooler), ("classifier.", model.classifier)):

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from st.errors import UserError
 from st.io import read_json, write_json, write_safetensors
 from st.layout import CONFIG, WEIGHTS
-from st.models.bert import Bert, BertConfig, init_weights
+from st.models.bert import Bert, init_weights
+from st.models.families import build_encoder, config_from_dict
 from st.models.heads import BertClassifier, Pooler, TaskHead
 from st.models.weights import read_tensors
 from st.prune import prune_encoder
@@ -155,7 +156,7 @@ class MultiTask:
             return sum(p.numel() for p in m.parameters())
 
         with torch.device("meta"):
-            dense = Bert(self.dense_config)
+            dense = build_encoder(self.dense_config)
         shared_top = numel(self.model.pooler) + numel(self.model.heads)
         return {
             "encoder": numel(self.model.encoder),
@@ -214,7 +215,7 @@ class MultiTask:
         cfg = read_mtl_config(folder) if config is None else config
         entries = cfg["tasks"]
         model = MultiTaskModel(
-            Bert(BertConfig.from_dict(cfg["encoder"])), [(e["num_labels"], e["dropout"]) for e in entries]
+            build_encoder(config_from_dict(cfg["encoder"])), [(e["num_labels"], e["dropout"]) for e in entries]
         )
         tensors, source = read_tensors(folder)
         missing, unexpected = model.load_state_dict(tensors, strict=False)

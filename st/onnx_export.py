@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from st.errors import UserError
 from st.io import atomic_path
-from st.models.bert import Packing
 from st.models.heads import BertClassifier
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -39,23 +38,6 @@ def require_onnx() -> None:
         raise UserError(INSTALL) from None
 
 
-class _Padded(Packing):
-    """Packing's interface without the packing: nonzero() gives a data-dependent shape, which ONNX
-    graphs handle badly, so the exported graph keeps the padded B,T layout and only masks attention."""
-
-    def __init__(self, attention_mask: Tensor, dtype: torch.dtype):  # B,T: 1 for real tokens
-        # Additive (0 or the lowest float), not boolean: SDPA's boolean-mask graph adds an IsNaN and a
-        # Where over every B,H,T,T score tensor, 15% of a pruned MiniLM's time in ONNX Runtime at batch 1.
-        keep = attention_mask[:, None, None, :].to(dtype)  # B,1,1,T
-        self.key_padding = (1.0 - keep) * torch.finfo(dtype).min
-
-    def pack(self, x: Tensor) -> Tensor:
-        return x
-
-    def unpack(self, x: Tensor) -> Tensor:
-        return x
-
-
 class OnnxClassifier(nn.Module):
     """`model` as a graph with the input order and names ONNX users expect; no masks, no packing."""
 
@@ -64,12 +46,8 @@ class OnnxClassifier(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:  # B,T each -> B,C
-        encoder = self.model.encoder
-        x = encoder.embeddings(input_ids, token_type_ids)  # B,T,D
-        padded = _Padded(attention_mask, x.dtype)
-        for layer in encoder.layers:
-            x = layer(x, padded, None, None)  # B,T,D
-        return self.model.classifier(self.model.pooler(x))  # B,C
+        # packed=False: no packing, whose nonzero() would give the graph a data-dependent shape
+        return self.model(input_ids, token_type_ids, attention_mask, packed=False)  # B,C
 
 
 def example_batch(config, batch: int = 3, length: int = 16, seed: int = 0) -> dict[str, Tensor]:

@@ -22,6 +22,7 @@ from st.importance import Scores, compute_importance
 from st.io import file_digest
 from st.layout import CONFIG, TORCH_WEIGHTS, WEIGHTS
 from st.models import Bert, BertClassifier, BertConfig, load_checkpoint, load_pretrained_parts, resolve_model_dir
+from st.models.families import build_encoder, config_from_dict
 from st.models.weights import config_from_hf, read_config
 from st.multitask import FORMAT as MULTITASK_FORMAT
 from st.multitask import MultiTask
@@ -63,7 +64,7 @@ def pretrained_config(folder: Path) -> BertConfig:
     """The encoder config of a model folder, checked, without reading its weights. Our checkpoints
     (single- and multi-task) nest it under "encoder"; a Hugging Face config is converted."""
     raw = read_config(folder)
-    return BertConfig.from_dict(raw["encoder"]) if "encoder" in raw else config_from_hf(raw, folder)
+    return config_from_dict(raw["encoder"]) if "encoder" in raw else config_from_hf(raw, folder)
 
 
 def files_digest(folder: Path) -> str:
@@ -98,7 +99,7 @@ def pretrained_encoder(model: ModelSpec) -> tuple[Bert, dict | None]:
     """The pre-trained encoder with the run's dropout, and its pooler's weights where the checkpoint
     has them; the checkpoint is read once for both."""
     config, encoder_state, pooler_state, _ = load_pretrained_parts(model.name)
-    encoder = Bert(replace(config, hidden_dropout=model.dropout, attention_dropout=model.dropout))
+    encoder = build_encoder(config.with_dropout(model.dropout))
     encoder.load_state_dict(encoder_state)
     return encoder, pooler_state
 

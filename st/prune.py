@@ -4,9 +4,10 @@ A mask is in original-head coordinates: head_mask (L, H0) and ffn_mask (L,) of 0
 tensors the dense model takes as forward arguments. Pruning keeps exactly what the masked dense
 model computes:
   - a head with mask 0 contributes a zero context, so only the output projection's bias is left of
-    it; deleting its Q/K/V rows and its columns of `out.weight` (keeping `out.bias`) is exact;
-  - an FFN with mask 0 leaves LayerNorm(attention_out); deleting the block and keeping `ffn_norm`
-    is exact.
+    it; deleting its entries (its Q/K/V rows and its output-projection columns, wherever the
+    architecture's `units()` puts them) and keeping the projection's bias is exact;
+  - an FFN with mask 0 adds nothing (post-LN: LayerNorm(attention_out); pre-LN: the residual stream
+    as it was); deleting the block and keeping its norm is exact.
 A model pruned already can be pruned again with a mask for the full model: heads gone stay gone.
 Writing the result (st, Hugging Face, ONNX) is `st.export`'s job.
 """
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from st.errors import UserError
-from st.models.bert import Bert, BertConfig
+from st.models.bert import BertConfig
+from st.models.families import build_encoder
 from st.models.heads import BertClassifier
 from st.models.weights import config_with_blocks, pruned_state
 
@@ -68,7 +70,7 @@ def config_for_masks(config: BertConfig, head_mask, ffn_mask) -> BertConfig:
 # ---- pruning --------------------------------------------------------------------------------------
 
 
-def prune_encoder(model: Bert, head_mask, ffn_mask) -> Bert:
+def prune_encoder(model, head_mask, ffn_mask):
     """A new, physically smaller Bert that computes `model(..., head_mask=head_mask, ffn_mask=ffn_mask)`.
 
     Weights are copied exactly; dtype, device and train/eval mode are those of `model`, which is
@@ -77,7 +79,7 @@ def prune_encoder(model: Bert, head_mask, ffn_mask) -> Bert:
     config = config_for_masks(model.config, head_mask, ffn_mask)
     state = pruned_state(model.state_dict(), model.config, config)
     reference = next(model.parameters())
-    pruned = Bert(config).to(device=reference.device, dtype=reference.dtype)
+    pruned = build_encoder(config).to(device=reference.device, dtype=reference.dtype)
     pruned.load_state_dict(state)
     return pruned.train(model.training)
 

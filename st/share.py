@@ -15,14 +15,14 @@ forward through M_t and updates only θ ⊙ M_t:
     those partly inside are snapshotted before `optimizer.step()` and their outside elements
     restored after it with `torch.where`.
 
-What belongs to M_t (element level):
-  - head h of layer l, where M_t keeps it: its Dh rows in each of the Q, K and V blocks of the
-    fused `attention.qkv` (weight rows and bias entries) and its Dh input columns of
-    `attention.out.weight`;
-  - FFN block l, where M_t keeps it: `ffn.up` (weight, bias) and `ffn.down` (weight AND bias: ν
-    multiplies the whole FFN output, down's bias included);
-  - shared by every task, so updated by every step: embeddings, LayerNorms, `attention.out.bias`
-    (a masked head's output projection still adds it), the pooler;
+What belongs to M_t (element level), as the architecture's `units()` places it:
+  - head h of layer l, where M_t keeps it: its entries (for BERT, its Dh rows in each of the Q, K
+    and V blocks of the fused `attention.qkv`, weight rows and bias entries, and its Dh input
+    columns of `attention.out.weight`);
+  - FFN block l, where M_t keeps it: every parameter of the block (for BERT `ffn.up` and `ffn.down`,
+    down's bias included: ν multiplies the whole FFN output);
+  - shared by every task, so updated by every step: embeddings, norms, the output projection's
+    bias (a masked head's projection still adds it), shared position tables, the pooler;
   - task t's head; the other tasks' heads are never touched by a task-t step.
 Per-tensor scalars of the optimizer (Adam's `step` counter) cannot be split by element: they
 count the steps that touched the tensor. Gradient clipping uses the norm of task t's gradient.
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from st.data import EncodedSet
 from st.errors import UserError
 from st.models.bert import Bert
+from st.models.units import layer_param, unit_mask
 from st.multitask import MultiTask, MultiTaskModel, union_masks
 from st.prune import prune_encoder
 from st.specs import TrainConfig
@@ -59,25 +60,22 @@ def update_masks(model: MultiTaskModel, task: int, ticket: Ticket) -> list[tuple
     original index in each layer's kept heads, so this is right for the union-pruned encoder.
     """
     c = model.encoder.config
-    heads, ffn = ticket.head_mask, ticket.ffn_mask
+    units, heads, ffn = c.units(), ticket.head_mask, ticket.ffn_mask
     masks = []
     for name, p in model.named_parameters():
         mask: UpdateMask = True
+        where = layer_param(name.removeprefix("encoder.")) if name.startswith("encoder.") else None
         if name.startswith("heads."):
             mask = int(name.split(".")[1]) == task
-        elif name.startswith("encoder.layers."):
-            _, _, layer, rest = name.split(".", 3)
-            i = int(layer)
-            if rest.startswith("ffn."):
+        elif where is not None:
+            i, rest = where
+            found = units.place(rest)
+            if rest.startswith(units.ffn_block):
                 mask = bool(ffn[i])
-            elif rest.startswith("attention.qkv.") or rest == "attention.out.weight":
-                keep = torch.tensor([bool(heads[i][h]) for h in c.layer_heads(i)]).repeat_interleave(c.head_dim)  # H·Dh
+            elif found is not None and found[1] == "heads":
+                keep = torch.tensor([bool(heads[i][h]) for h in c.layer_heads(i)])  # H: this layer's heads
                 if not keep.all():
-                    if rest == "attention.out.weight":
-                        mask = keep[None, :]  # 1, H·Dh: input columns of the kept heads
-                    else:
-                        rows = keep.repeat(3)  # 3·H·Dh: the same heads in the Q, K and V blocks
-                        mask = rows[:, None] if rest.endswith("weight") else rows
+                    mask = unit_mask(found[0], keep, c.head_dim, p.dim())
         masks.append((name, mask.to(p.device) if isinstance(mask, Tensor) else mask))
     return masks
 

@@ -27,8 +27,8 @@ import torch
 from st.errors import UserError
 from st.io import read_json, write_json
 from st.layout import FULL, RESULTS, check_results, run_dir, ticket_path
-from st.models.bert import Bert
 from st.models.checkpoint import read_checkpoint_config
+from st.models.families import build_encoder
 from st.models.heads import BertClassifier
 from st.onnx_export import export_onnx, inference_session
 from st.prune import prune_classifier
@@ -157,7 +157,7 @@ def measure_sweep(out: str | Path, workload: Workload = Workload(), runtime: str
         if r["kind"] == "winning" and r["ratio"] not in tickets:
             tickets[r["ratio"]] = Ticket.load(ticket_path(out, r["seed"], "winning", r["ratio"]))
     torch.manual_seed(0)
-    model = BertClassifier(Bert(config), num_labels)
+    model = BertClassifier(build_encoder(config), num_labels)
     speedups, info = measure_speedups(model, tickets, workload, runtime)
     for r in doc["runs"]:
         r["speedup"] = 1.0 if r["kind"] == FULL else speedups.get(r["ratio"]) if r["kind"] == "winning" else None

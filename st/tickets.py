@@ -25,7 +25,8 @@ from st.errors import UserError
 from st.importance import Scores, check_fingerprint
 from st.io import read_json, write_json
 from st.layout import SCORES, first_seed_scores, full_ticket_json, ticket_json
-from st.models.bert import Bert, BertConfig
+from st.models.bert import BertConfig
+from st.models.families import build_encoder
 from st.models.heads import BertClassifier
 from st.prune import config_for_masks
 
@@ -244,8 +245,8 @@ def percent_remaining(config: BertConfig, ticket: Ticket, num_labels: int = 2) -
 
     small = pruned_config(config, ticket)
     with torch.device("meta"):
-        dense = BertClassifier(Bert(config), num_labels)
-        pruned = BertClassifier(Bert(small), num_labels)
+        dense = BertClassifier(build_encoder(config), num_labels)
+        pruned = BertClassifier(build_encoder(small), num_labels)
     return {
         "model": 100.0 * numel(pruned) / numel(dense),
         "encoder": 100.0 * numel(pruned.encoder) / numel(dense.encoder),

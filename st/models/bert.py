@@ -11,19 +11,24 @@ exception, bf16/fp16 training on CPU, is `attend`'s).
 A padded batch is packed to its N real tokens for everything but attention (projections, FFN,
 LayerNorm): padding then costs no matmul work; outputs at padding positions are zeros.
 A physically pruned model keeps, per layer, the original indices of its surviving heads, so a
-mask or ticket made for the full model applies to it unchanged.
+mask or ticket made for the full model applies to it unchanged. MPNet's relative-position bias is one
+(buckets, H0) table for all layers: it stays whole when heads are pruned, and each layer takes its kept
+heads' columns.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from st.errors import UserError
+from st.models.attention import Dropout, attend, relative_buckets
+from st.models.packing import Packing, Padded
+from st.models.units import Place, UnitLayout
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ class BertConfig:
     embedding_size: int | None = None  # ELECTRA: embedding width E != D, projected to D after the LayerNorm
     positions_after_padding: bool = False  # RoBERTa/XLM-R: position ids start at pad_token_id + 1
     sinusoidal_positions: bool = False  # DistilBERT option: a fixed sinusoidal position table, never trained
+    # MPNet: a learned bias per head and relative-position bucket (T5-style, bidirectional), added to every
+    # layer's attention scores; 0 = none.
+    relative_attention_buckets: int = 0
     # After physical pruning: the original indices of each layer's kept heads, and each layer's
     # FFN width (0 = FFN removed). None means "all heads" / "full width".
     kept_heads: tuple[tuple[int, ...], ...] | None = None
@@ -68,7 +76,7 @@ class BertConfig:
                 raise UserError(f"the model config's {name} must be a non-negative number, got {value!r}")
         if not self.hidden_dropout < 1 or not self.attention_dropout < 1:
             raise UserError("the model config's dropout probabilities must be below 1")
-        for name in ("type_vocab_size", "pad_token_id"):
+        for name in ("type_vocab_size", "pad_token_id", "relative_attention_buckets"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise UserError(f"the model config's {name} must be a whole number >= 0, got {value!r}")
@@ -100,6 +108,14 @@ class BertConfig:
     def layer_ffn_size(self, layer: int) -> int:
         return self.intermediate_size if self.ffn_sizes is None else self.ffn_sizes[layer]
 
+    def units(self) -> UnitLayout:
+        """Where each head and FFN unit lives in a layer's weights (the contract of `st.models.units`)."""
+        return BERT_UNITS
+
+    def with_dropout(self, p: float) -> "BertConfig":
+        """This config with every dropout of the encoder at `p` (a run's --dropout)."""
+        return replace(self, hidden_dropout=p, attention_dropout=p)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -111,6 +127,17 @@ class BertConfig:
         if d.get("ffn_sizes") is not None:
             d["ffn_sizes"] = tuple(d["ffn_sizes"])
         return cls(**d)
+
+
+# Q, K and V are one fused projection: head h owns Dh rows of each of its three blocks and Dh input
+# columns of the output projection. FFN unit j owns a row of `up` and a column of `down`.
+BERT_UNITS = UnitLayout(
+    heads=(Place("attention.qkv.weight", 0, 3), Place("attention.qkv.bias", 0, 3), Place("attention.out.weight", 1)),
+    ffn=(Place("ffn.up.weight"), Place("ffn.up.bias"), Place("ffn.down.weight", 1)),
+    ffn_block="ffn.",
+    ffn_silent=("ffn.down.weight", "ffn.down.bias"),
+    head_silencers=((("attention.out.weight", 0),), (("attention.qkv.weight", 2), ("attention.qkv.bias", 2))),
+)
 
 
 def check_allocatable(c: BertConfig) -> None:
@@ -134,36 +161,6 @@ def check_allocatable(c: BertConfig) -> None:
             f"the model config's {field} = {getattr(c, field):,} makes weights of {need / 2**30:,.0f} GiB, more than "
             f"this machine's {have / 2**30:,.0f} GiB of memory: is config.json damaged?"
         )
-
-
-class Packing:
-    """The real tokens of a padded batch, flattened to N rows. Projections, FFN and LayerNorm work
-    per token, so they run on the N real tokens only; attention alone needs the B,T layout."""
-
-    def __init__(self, attention_mask: Tensor):  # B,T: 1 for real tokens
-        self.B, self.T = attention_mask.shape
-        self.index = attention_mask.flatten().nonzero().squeeze(1)  # N: flat positions of real tokens
-        self.example = self.index // self.T  # N: the example each real token belongs to
-        self.key_padding = attention_mask.bool()[:, None, None, :]  # B,1,1,T: True = attend
-        self._offsets: tuple[Tensor, int] | None = None
-
-    def offsets(self) -> tuple[Tensor, int]:
-        """(cumulative token offsets of the examples, B+1 int32; the longest example): varlen attention's input."""
-        if self._offsets is None:
-            lengths = self.key_padding.flatten(1).sum(1, dtype=torch.int32)  # B
-            cumulative = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))  # B+1
-            self._offsets = cumulative, int(lengths.max())
-        return self._offsets
-
-    def pack(self, x: Tensor) -> Tensor:  # B,T,... -> N,...
-        return x.flatten(0, 1)[self.index]  # backward: index_put, far cheaper than index_select's index_add
-
-    def unpack(self, x: Tensor) -> Tensor:  # N,... -> B,T,..., zeros at padding
-        out = x.new_zeros(self.B * self.T, *x.shape[1:]).index_copy(0, self.index, x)
-        return out.view(self.B, self.T, *x.shape[1:])
-
-    def per_token(self, mask: Tensor) -> Tensor:  # a per-example (B,) mask -> (N,)
-        return mask[self.example]
 
 
 class Embeddings(nn.Module):
@@ -217,10 +214,10 @@ class Attention(nn.Module):
         full = heads == tuple(range(c.num_heads))
         self.register_buffer("kept", None if full else torch.tensor(heads, dtype=torch.long), persistent=False)
 
-    def forward(self, x: Tensor, pack: Packing | None, head_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, pack: Packing | None, head_mask: Tensor | None, bias: Tensor | None = None) -> Tensor:
         qkv = self.qkv(x)  # B,T,3·H·Dh or, packed, N,3·H·Dh
         dropout = self.dropout_p if self.training else 0.0
-        if pack is not None and use_varlen(qkv, dropout):
+        if pack is not None and bias is None and use_varlen(qkv, dropout):  # varlen_attn takes no bias
             return self.out(self.varlen(qkv, pack, head_mask))  # N,D
         if pack is not None:
             qkv = pack.unpack(qkv)  # B,T,3·H·Dh
@@ -228,8 +225,11 @@ class Attention(nn.Module):
         # Unbind along the Q/K/V axis, then transpose: in backward the three gradients stack straight
         # into qkv's layout (a permute first would cost an extra copy of the whole tensor).
         q, k, v = (t.transpose(1, 2) for t in qkv.view(B, T, 3, self.n_heads, self.head_dim).unbind(2))  # 3 × B,H,T,Dh
-        key_padding = None if pack is None else pack.key_padding
-        ctx = attend(q, k, v, key_padding, dropout)  # B,H,T,Dh
+        if bias is not None:  # 1,H0,T,T or B,H0,T,T, padding included: this layer's heads' part
+            mask = bias if self.kept is None else bias[:, self.kept]
+        else:
+            mask = None if pack is None else pack.key_padding
+        ctx = attend(q, k, v, mask, dropout)  # B,H,T,Dh
         if head_mask is not None:  # (H0,) or (B, H0)
             if self.kept is not None:
                 head_mask = head_mask[..., self.kept]
@@ -274,8 +274,8 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = Dropout(c.hidden_dropout)
 
-    def forward(self, x, pack, head_mask, ffn_mask):
-        a = self.attention_norm(x + self.dropout(self.attention(x, pack, head_mask)))  # B,T,D or N,D
+    def forward(self, x, pack, head_mask, ffn_mask, bias=None):
+        a = self.attention_norm(x + self.dropout(self.attention(x, pack, head_mask, bias)))  # B,T,D or N,D
         if self.ffn is None:
             return self.ffn_norm(a)
         f = self.dropout(self.ffn(a))  # B,T,D or N,D
@@ -292,6 +292,8 @@ class Bert(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_layers))
+        buckets = config.relative_attention_buckets
+        self.relative_bias = nn.Embedding(buckets, config.num_heads) if buckets else None  # buckets,H0
         self.apply(lambda m: init_weights(m, config.initializer_range))
         if config.sinusoidal_positions:
             with torch.no_grad():
@@ -304,15 +306,30 @@ class Bert(nn.Module):
         attention_mask: Tensor | None = None,  # B,T: 1 for real tokens, 0 for padding
         head_mask: Tensor | None = None,  # L,H0 or B,L,H0
         ffn_mask: Tensor | None = None,  # L or B,L
+        packed: bool = True,  # False: keep B,T and only mask attention (graphs without data-dependent shapes)
     ) -> Tensor:  # B,T,D
         x = self.embeddings(input_ids, token_type_ids)  # B,T,D
         pack = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if not packed and attention_mask is not None:
+            pack = Padded(attention_mask, x.dtype)
+        elif attention_mask is not None and not bool(attention_mask.all()):
             pack = Packing(attention_mask)
             x = pack.pack(x)  # N,D: from here on, padding costs nothing outside attention
+        bias = None if self.relative_bias is None else self.position_bias(input_ids.shape[1], pack)
         for i, layer in enumerate(self.layers):
-            x = layer(x, pack, _layer_slice(head_mask, i, 2), _layer_slice(ffn_mask, i, 1))
+            x = layer(x, pack, _layer_slice(head_mask, i, 2), _layer_slice(ffn_mask, i, 1), bias)
         return x if pack is None else pack.unpack(x)  # B,T,D, zeros at padding
+
+    def position_bias(self, T: int, pack: Packing | None) -> Tensor:  # 1,H0,T,T or B,H0,T,T
+        """MPNet's relative-position bias, once per forward for all layers, with padding keys at -inf
+        (or Padded's additive mask): one additive attention mask, as SDPA takes it."""
+        buckets = relative_buckets(T, self.relative_bias.num_embeddings, self.relative_bias.weight.device)  # T,T
+        bias = self.relative_bias(buckets).permute(2, 0, 1)[None]  # 1,H0,T,T
+        if pack is None:
+            return bias
+        if pack.key_padding.dtype == torch.bool:  # B,1,1,T: True = attend
+            return bias.masked_fill(~pack.key_padding, float("-inf"))
+        return bias + pack.key_padding
 
 
 VARLEN = True  # tests switch it off to compare against the padded path
@@ -322,39 +339,6 @@ def use_varlen(qkv: Tensor, dropout: float) -> bool:
     """Varlen flash attention runs on CUDA, in bf16/fp16, without dropout (it has none): evaluation,
     importance scoring; training and everything else take SDPA over the padded batch."""
     return VARLEN and dropout == 0 and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, dropout: float) -> Tensor:  # 3 × B,H,T,Dh
-    """softmax(q·kᵀ/√Dh) · v, padding keys masked (key_padding B,1,1,T: True = attend), probabilities
-    dropped out with probability `dropout`. SDPA's fused kernels, except in bf16/fp16 training on CPU:
-    there SDPA takes its math path anyway (no fused CPU kernel has dropout), and its bernoulli_ draw
-    over B·H·T² probabilities took a third of a bf16 training step; this is that math path, with the
-    softmax in fp32 and the cheaper mask of `drop`."""
-    if dropout == 0 or q.device.type != "cpu" or q.dtype == torch.float32:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding, dropout_p=dropout)
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # B,H,T,T
-    if key_padding is not None:
-        scores = scores.masked_fill(~key_padding, float("-inf"))
-    return drop(scores.softmax(-1).to(q.dtype), dropout) @ v  # B,H,T,Dh
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with `drop`'s cheaper mask in bf16/fp16 on CPU."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return drop(x, self.p) if self.training and self.p > 0 else x
-
-
-def drop(x: Tensor, p: float) -> Tensor:
-    """Dropout (training): F.dropout, except in bf16/fp16 on CPU, where the keep mask comes from 16-bit
-    slices of 64-bit random integers: one draw per four elements, 6× cheaper than bernoulli_. The
-    drop probability is p rounded to a multiple of 1/65536, and the kept values are scaled to match."""
-    if x.device.type != "cpu" or x.dtype == torch.float32:
-        return F.dropout(x, p, training=True)
-    cut = round(p * 65536)  # P(drop) = cut / 65536
-    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
-    bits = draws.random_(-(2**63), 2**63 - 1).view(torch.int16)[: x.numel()].view(x.shape)  # uniform over int16
-    return x * (bits >= cut - 32768) * (65536 / (65536 - cut))
 
 
 def _layer_slice(mask: Tensor | None, i: int, unbatched_dims: int) -> Tensor | None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from st.errors import UserError
 from st.io import write_json, write_safetensors
 from st.layout import CONFIG, WEIGHTS
-from st.models.bert import Bert, BertConfig
+from st.models.bert import BertConfig
+from st.models.families import build_encoder, config_from_dict
 from st.models.heads import BertClassifier
 from st.models.weights import ST_FORMAT, read_config, read_tensors
 
@@ -32,7 +33,7 @@ def load_checkpoint(folder: str | Path, config: dict | None = None) -> tuple[Ber
     if not folder.is_dir():
         raise UserError(f"checkpoint folder {folder} does not exist; pass the --out folder of `st finetune`")
     encoder, num_labels, cfg = _read_checked(folder, config)
-    model = BertClassifier(Bert(encoder), num_labels, cfg["head"]["dropout"])
+    model = BertClassifier(build_encoder(encoder), num_labels, cfg["head"]["dropout"])
     tensors, source = read_tensors(folder)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -65,7 +66,7 @@ def _read_checked(folder: Path, cfg: dict | None = None) -> tuple[BertConfig, in
     try:
         head = cfg["head"]
         labels, dropout = head["num_labels"], head["dropout"]
-        encoder = BertConfig.from_dict(cfg["encoder"])
+        encoder = config_from_dict(cfg["encoder"])
     except (KeyError, TypeError, AttributeError) as e:  # a hand-edited config.json
         raise UserError(
             f"{folder}/config.json has a broken encoder or head entry ({type(e).__name__}: {e}); {fix}"

@@ -3,8 +3,8 @@
 A family is one `Family` row; reading (`st.models.weights`) and writing (`st.export`) both go
 through it, so a family is a row (its key tables, its classes, its config both ways), not new code
 paths. The encoder is the same for all (post-LN BERT layers); what differs is names, the embedding
-rule (BertConfig's model_type .. sinusoidal_positions fields, applied in `st.models.bert`) and the
-classification head's activation.
+rule (BertConfig's model_type .. sinusoidal_positions fields, applied in `st.models.bert`), MPNet's
+relative-position bias and the classification head's activation.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from st.errors import UserError
-from st.models.bert import BertConfig
+from st.models.bert import Bert, BertConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Family:
     skipped_prefixes: tuple[str, ...]  # pre-training heads and HF task heads, unused by an encoder
     read_config: Callable[[dict], dict]  # HF config.json -> BertConfig fields
     config_fields: Callable[[BertConfig], dict]  # the encoder's part of an HF config.json
+    # The architecture: its config class and encoder module (one model file each, one contract).
+    config_class: type = BertConfig
+    encoder_class: type = Bert
 
 
 # Each layer's tensors (ours -> the HF modules they are made of; Q, K and V are concatenated, in that order).
@@ -80,6 +83,28 @@ def electra_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
     table = bert_key_table(c)
     if c.embedding_size not in (None, c.hidden_size):  # ElectraModel.embeddings_project, outside "embeddings."
         table.update({f"embeddings.project.{p}": (f"embeddings_project.{p}",) for p in ("weight", "bias")})
+    return table
+
+
+_MPNET_LAYER = {
+    "attention.qkv": ("attention.attn.q", "attention.attn.k", "attention.attn.v"),
+    "attention.out": ("attention.attn.o",),
+    "attention_norm": ("attention.LayerNorm",),
+    "ffn.up": ("intermediate.dense",),
+    "ffn.down": ("output.dense",),
+    "ffn_norm": ("output.LayerNorm",),
+}
+
+
+def mpnet_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
+    table = {
+        "embeddings.word.weight": ("embeddings.word_embeddings.weight",),
+        "embeddings.position.weight": ("embeddings.position_embeddings.weight",),
+        "embeddings.norm.weight": ("embeddings.LayerNorm.weight",),
+        "embeddings.norm.bias": ("embeddings.LayerNorm.bias",),
+        "relative_bias.weight": ("encoder.relative_attention_bias.weight",),  # buckets,H0: whole, however pruned
+    }
+    table.update(_layer_table(c, "encoder.layer.", _MPNET_LAYER))
     return table
 
 
@@ -163,6 +188,30 @@ def read_distilbert_config(hf: dict) -> dict:
     }
 
 
+# transformers' MPNetEncoder.compute_position_bias uses 32 buckets whatever the config says (a larger
+# table's extra rows go unused, a smaller one fails), and MPNetEmbeddings pads with id 1 whatever
+# pad_token_id says: st follows the code, so a config that says otherwise is refused, not misread.
+MPNET_BUCKETS, MPNET_PAD = 32, 1
+
+
+def read_mpnet_config(hf: dict) -> dict:
+    buckets, pad = hf.get("relative_attention_num_buckets", MPNET_BUCKETS), hf.get("pad_token_id", MPNET_PAD)
+    if buckets != MPNET_BUCKETS:
+        raise UserError(
+            f"relative_attention_num_buckets is {buckets!r}; transformers' MPNet uses {MPNET_BUCKETS}, as st"
+        )
+    if pad != MPNET_PAD:
+        raise UserError(f"pad_token_id is {pad!r}; transformers' MPNet pads with id {MPNET_PAD}, as st")
+    # MPNetConfig's defaults: eps 1e-12, 512 positions (read_bert_config's); no token types.
+    return {
+        **read_bert_config(hf),
+        "type_vocab_size": 0,
+        "pad_token_id": MPNET_PAD,
+        "positions_after_padding": True,
+        "relative_attention_buckets": MPNET_BUCKETS,
+    }
+
+
 def bert_config_fields(c: BertConfig) -> dict:
     fields = {
         "model_type": c.model_type,
@@ -184,6 +233,13 @@ def bert_config_fields(c: BertConfig) -> dict:
     if c.model_type == "electra":
         fields["embedding_size"] = c.embedding_size or c.hidden_size
     return fields
+
+
+def mpnet_config_fields(c: BertConfig) -> dict:
+    fields = bert_config_fields(c)
+    for name in ("type_vocab_size", "position_embedding_type"):  # not MPNetConfig's
+        del fields[name]
+    return {**fields, "relative_attention_num_buckets": c.relative_attention_buckets}
 
 
 def distilbert_config_fields(c: BertConfig) -> dict:
@@ -286,9 +342,25 @@ DISTILBERT = Family(
     read_config=read_distilbert_config,
     config_fields=distilbert_config_fields,
 )
+MPNET = Family(
+    model_type="mpnet",
+    prefix="mpnet.",
+    classifier_class="MPNetForSequenceClassification",
+    encoder_table=mpnet_key_table,
+    # MPNetForSequenceClassification drops the pre-trained pooler; its head's dense layer starts fresh.
+    pooler_table={},
+    head_table=_CLASSIFICATION_HEAD,
+    pooler_activation="tanh",
+    # HF's MPNet head drops out with hidden_dropout_prob, the encoder's: the head's own rate goes in a field
+    # MPNet ignores, so hidden_dropout_prob stays the encoder's and the rate comes back into st.
+    head_dropout_field="classifier_dropout",
+    skipped_prefixes=("lm_head.", "pooler.", *_TASK_HEADS),
+    read_config=read_mpnet_config,
+    config_fields=mpnet_config_fields,
+)
 
 FAMILIES = {
-    f.model_type: f for f in (BERT, ROBERTA, XLM_ROBERTA, ELECTRA, DISTILBERT)
+    f.model_type: f for f in (BERT, ROBERTA, XLM_ROBERTA, ELECTRA, DISTILBERT, MPNET)
 }  # config.json model_type -> its family
 
 
@@ -297,6 +369,18 @@ def family_of(model_type: str | None, where: str) -> Family:
     if model_type not in FAMILIES:
         raise UserError(
             f"{where} has model_type {model_type!r}; st supports {', '.join(repr(k) for k in FAMILIES)} "
-            f"(BERT, RoBERTa, XLM-RoBERTa, ELECTRA discriminator, DistilBERT): use a checkpoint of one of these"
+            f"(BERT, RoBERTa, XLM-RoBERTa, ELECTRA discriminator, DistilBERT, MPNet): use a checkpoint of one of these"
         )
     return FAMILIES[model_type]
+
+
+def config_from_dict(d: dict):
+    """An encoder config, of the architecture its model_type names, from its `to_dict()` form."""
+    if not isinstance(d, dict):
+        raise UserError(f"the model's encoder config is a {type(d).__name__}, not a JSON object")
+    return family_of(d.get("model_type", "bert"), "the model's encoder config").config_class.from_dict(d)
+
+
+def build_encoder(config):
+    """A freshly initialised encoder of `config`'s architecture."""
+    return family_of(config.model_type, "the model's encoder config").encoder_class(config)

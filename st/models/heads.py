@@ -61,8 +61,10 @@ class BertClassifier(nn.Module):
     def num_labels(self) -> int:
         return self.classifier.out.out_features
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, head_mask=None, ffn_mask=None) -> Tensor:
-        hidden = self.encoder(input_ids, token_type_ids, attention_mask, head_mask, ffn_mask)  # B,T,D
+    def forward(
+        self, input_ids, token_type_ids=None, attention_mask=None, head_mask=None, ffn_mask=None, packed=True
+    ) -> Tensor:
+        hidden = self.encoder(input_ids, token_type_ids, attention_mask, head_mask, ffn_mask, packed)  # B,T,D
         return self.classifier(self.pooler(hidden))  # B,num_labels
 
 

