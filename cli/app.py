@@ -77,6 +77,42 @@ def _options(*options):
     return lambda f: functools.reduce(lambda g, o: o(g), reversed(options), f)
 
 
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(),
+    default=None,
+    help="Task data folder. GLUE/SNLI/SciTail: the official files (the task folder or the GLUE root; default "
+    "$GLUE_DIR) or the hub's parquet layout; csv/jsonl: train/dev/test files; hf: a save_to_disk or parquet folder.",
+)
+dataset_option = click.option(
+    "--dataset",
+    default=None,
+    metavar="HUB_ID[:CONFIG]",
+    help="A Hugging Face dataset instead of --data-dir (pip install 'st[datasets]'), from the local cache when "
+    "offline: e.g. nyu-mll/glue with --task rte (the config defaults to the task's), or any with --task hf.",
+)
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def _trackers(ctx, param, values) -> tuple[str, ...]:
+    names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise UserError(f"--log-to {unknown[0]!r} is not one of {', '.join(TRACKERS)}")
+    return tuple(dict.fromkeys(names))
+
+
+log_to_option = click.option(
+    "--log-to",
+    multiple=True,
+    callback=_trackers,
+    metavar="TRACKER[,TRACKER]",
+    help="Also log every step and epoch to tensorboard, wandb and/or mlflow (repeat or comma-separate; each "
+    "pip install 'st[NAME]'): TensorBoard files in the run folder, W&B's and MLflow's usual settings "
+    "(WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI; without it an MLflow file store in the run folder).",
+)
+
+
 def task_options(required: bool = True):
     """--task and the options that locate and describe its data."""
     task_help = "Task name (see `st tasks`)." + (
@@ -84,20 +120,18 @@ def task_options(required: bool = True):
     )
     return _options(
         click.option("--task", required=required, help=task_help),
+        data_dir_option,
+        dataset_option,
         click.option(
-            "--data-dir",
-            type=click.Path(),
+            "--text-columns", default=None, help="csv/jsonl/hf tasks: text column, or two comma-separated for pairs."
+        ),
+        click.option("--label-column", default=None, help="csv/jsonl/hf tasks: label column."),
+        click.option(
+            "--labels",
             default=None,
-            help="Task data folder (GLUE: the task folder or the GLUE root; default $GLUE_DIR).",
+            help="csv/jsonl/hf tasks: comma-separated label set (default: hf's ClassLabel names, else from train).",
         ),
-        click.option(
-            "--text-columns", default=None, help="csv/jsonl tasks: text column, or two comma-separated for pairs."
-        ),
-        click.option("--label-column", default=None, help="csv/jsonl tasks: label column."),
-        click.option(
-            "--labels", default=None, help="csv/jsonl tasks: comma-separated label set (default: from train)."
-        ),
-        click.option("--regression", is_flag=True, default=None, help="csv/jsonl tasks: a real-valued label."),
+        click.option("--regression", is_flag=True, default=None, help="csv/jsonl/hf tasks: a real-valued label."),
         click.option(
             "--max-length",
             type=click.IntRange(8, 512),
@@ -161,3 +195,15 @@ precision_option = click.option(
     default=None,
     help="Compute precision (bf16/fp16 on CPU and GPU alike). Default: the one the checkpoint was fine-tuned in.",
 )
+
+
+def tracking_for(log_to, out):
+    """--log-to as the library's `Tracking` of the command writing `out`; each library checked installed first."""
+    if not log_to:
+        return None
+    from pathlib import Path
+
+    from st.tracking import Tracking, check_installed
+
+    check_installed(log_to)
+    return Tracking(tuple(log_to), root=str(Path(out).resolve()))

@@ -12,7 +12,18 @@ import click
 from rich.console import Console
 
 from cli import studies  # noqa: F401  (registers its commands on the group)
-from cli.app import cli, console, device_option, overwrite_option, precision_option, task_options, train_options
+from cli.app import (
+    cli,
+    console,
+    dataset_option,
+    device_option,
+    log_to_option,
+    overwrite_option,
+    precision_option,
+    task_options,
+    tracking_for,
+    train_options,
+)
 from cli.params import TICKET
 from st.errors import UserError
 
@@ -44,7 +55,8 @@ def tasks_command():
 @click.option(
     "--init", type=click.Path(exists=True, file_okay=False), help="Continue from a fine-tuned checkpoint folder."
 )
-def finetune_command(out, device, **options):
+@log_to_option
+def finetune_command(out, device, log_to, **options):
     """Fine-tune a pre-trained BERT on one task (ST-DNN), optionally a ticket's subnetwork."""
     from cli.progress import training_progress
     from st import dist
@@ -52,9 +64,9 @@ def finetune_command(out, device, **options):
     from st.specs import run_spec
 
     with dist.session():
-        spec, device = run_spec(**options), dist.pick_device(device)
+        spec, device, tracking = run_spec(**options), dist.pick_device(device), tracking_for(log_to, out)
         with training_progress(enabled=dist.is_main()) as (on_step, on_epoch):
-            result = run_finetune(spec, out, device=device, on_step=on_step, on_epoch=on_epoch)
+            result = run_finetune(spec, out, device=device, on_step=on_step, on_epoch=on_epoch, tracking=tracking)
         if dist.is_main():
 
             def shown(metrics):
@@ -74,7 +86,8 @@ def finetune_command(out, device, **options):
 @cli.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(), help="A folder written by `st finetune`.")
 @click.option("--task", default=None, help="Default: the checkpoint's task.")
-@click.option("--data-dir", type=click.Path(), default=None)
+@click.option("--data-dir", type=click.Path(), default=None, help="Default: the checkpoint's data.")
+@dataset_option
 @click.option(
     "--split", default="dev", show_default=True, help="dev or test (or a task's split name, e.g. dev_mismatched)."
 )
@@ -88,7 +101,7 @@ def finetune_command(out, device, **options):
 @device_option
 @precision_option
 @overwrite_option
-def eval_command(checkpoint, task, data_dir, split, predictions, batch_size, device, precision, overwrite):
+def eval_command(checkpoint, task, data_dir, dataset, split, predictions, batch_size, device, precision, overwrite):
     """Evaluate a fine-tuned checkpoint on a split; write predictions."""
     from st import dist
     from st.evaluate import evaluate_checkpoint
@@ -104,6 +117,7 @@ def eval_command(checkpoint, task, data_dir, split, predictions, batch_size, dev
             dist.pick_device(device),
             precision,
             overwrite=overwrite,
+            dataset=dataset,
         )
         if dist.is_main():
             for name, values in metrics.items():

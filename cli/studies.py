@@ -11,7 +11,16 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from cli.app import cli, console, device_option, overwrite_option, task_options, train_options
+from cli.app import (
+    cli,
+    console,
+    device_option,
+    log_to_option,
+    overwrite_option,
+    task_options,
+    tracking_for,
+    train_options,
+)
 from cli.params import (
     NAMES,
     NUMBERS,
@@ -38,7 +47,15 @@ from st.errors import UserError
     "data_dirs",
     multiple=True,
     callback=pairs_option,
-    help="TASK=DIR, for each task that needs one (GLUE: $GLUE_DIR/<Task> by default).",
+    help="TASK=DIR, for each task that needs one (GLUE: $GLUE_DIR/<Task> by default, or the hub's parquet layout).",
+)
+@click.option(
+    "--dataset",
+    "hub_datasets",
+    multiple=True,
+    callback=pairs_option,
+    metavar="TASK=HUB_ID[:CONFIG]",
+    help="A Hugging Face dataset for that task instead of --data-dir, e.g. rte=nyu-mll/glue (repeat).",
 )
 @click.option(
     "--tickets",
@@ -68,7 +85,10 @@ from st.errors import UserError
 @train_options
 @device_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumes if interrupted).")
-def share_command(names, data_dirs, tickets, ratios, no_tickets, train_sizes, out, device, **options):
+@log_to_option
+def share_command(
+    names, data_dirs, hub_datasets, tickets, ratios, no_tickets, train_sizes, out, device, log_to, **options
+):
     """Multi-task training with ticket sharing (Algorithm 1), or plain MT-DNN with --no-tickets."""
     from cli.progress import training_progress
     from st import dist
@@ -80,16 +100,18 @@ def share_command(names, data_dirs, tickets, ratios, no_tickets, train_sizes, ou
     if no_tickets == bool(tickets) or (no_tickets and ratios):
         raise UserError("pass --tickets (one per task, optionally with --ratios) or --no-tickets, not both or neither")
     data_dirs, sizes = only_listed(names, data_dirs, "--data-dir"), sizes_for_tasks(names, train_sizes)
+    hub, tracking = only_listed(names, hub_datasets, "--dataset"), tracking_for(log_to, out)
     with dist.session():
         size = options.pop("train_size")  # for the tasks --train-sizes leaves out
-        specs = [run_spec(task=n, data_dir=data_dirs.get(n), train_size=sizes.get(n, size), **options) for n in names]
+        where = {n: dict(data_dir=data_dirs.get(n), dataset=hub.get(n), train_size=sizes.get(n, size)) for n in names}
+        specs = [run_spec(task=n, **where[n], **options) for n in names]
         chosen = None
         if not no_tickets:
             ratios = ratios and ratios_for_tasks(names, ratios)
             chosen = share_tickets(for_tasks(names, tickets, "--tickets"), options["model"], ratios)
         device = dist.pick_device(device)
         with training_progress(enabled=dist.is_main()) as (on_step, on_epoch):
-            result = run_share(specs, chosen, out, device=device, on_step=on_step, on_epoch=on_epoch)
+            result = run_share(specs, chosen, out, device=device, on_step=on_step, on_epoch=on_epoch, tracking=tracking)
         if dist.is_main():
             Console().print(multitask_table(result))
             precision = specs[0].train.precision
@@ -152,7 +174,8 @@ def share_command(names, data_dirs, tickets, ratios, no_tickets, train_sizes, ou
     show_default=True,
     help="Whose weights stay once the sweep is done: the full model's and the super ticket's, every run's, or none.",
 )
-def sweep_command(ctx, out, device, ray, keep_weights, min_speedup, **options):
+@log_to_option
+def sweep_command(ctx, out, device, ray, keep_weights, min_speedup, log_to, **options):
     """Phase transition: the full model and winning/random/losing tickets at every ratio and seed; the super ticket.
 
     Without --task: the main job, rotten_tomatoes on minilm-l6 with 512 training examples, 2 epochs,
@@ -181,6 +204,7 @@ def sweep_command(ctx, out, device, ray, keep_weights, min_speedup, **options):
             on_start=started,
             measure_speed=True,
             min_speedup=min_speedup,
+            tracking=tracking_for(log_to, out),
         )
         if dist.is_main():
             show_report(out, min_speedup)
@@ -262,7 +286,8 @@ def show_report(folder, min_speedup: float | None = None) -> None:
     help="How many seeds per fraction: --seed, --seed+1, ...",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (resumes if interrupted).")
-def adapt_command(sources, fractions, seeds, out, device, **options):
+@log_to_option
+def adapt_command(sources, fractions, seeds, out, device, log_to, **options):
     """Domain adaptation: fine-tune on a new task with 0.1%, 1%, 10%, 100% of its data (Table 4)."""
     from st import dist
     from st.adapt import run_adapt
@@ -277,6 +302,7 @@ def adapt_command(sources, fractions, seeds, out, device, **options):
         range(first, first + seeds),
         out,
         device=dist.pick_device(device),
+        tracking=tracking_for(log_to, out),
     )
     console.print(f"{len(result['rows'])} runs -> {Path(out) / 'report.md'}")
     Console().print(Path(out, "report.md").read_text())

@@ -20,6 +20,7 @@ from st.runs import RunFolder
 from st.select import stats
 from st.specs import RunSpec
 from st.tasks.sampling import check_nonempty, subsample
+from st.tracking import Tracking
 
 FRACTIONS = (0.001, 0.01, 0.1, 1.0)
 
@@ -58,8 +59,10 @@ def run_adapt(
     out: str | Path = "adapt",
     *,
     device: str = "cpu",
+    tracking: Tracking | None = None,
 ) -> dict:
-    """Every (source, fraction, seed) run; returns {"rows": [...], "table": {source: {fraction: stats}}}."""
+    """Every (source, fraction, seed) run; returns {"rows": [...], "table": {source: {fraction: stats}}}.
+    `tracking`: each run logged as its own run, tagged with its source, fraction and seed."""
     if not sources:
         raise UserError("pass at least one --from NAME=MODEL_OR_CHECKPOINT")
     if not fractions or any(not 0 < f <= 1 for f in fractions):
@@ -77,7 +80,9 @@ def run_adapt(
     check_runs(runs, out)  # every run's input and folder, before the first starts
     rows = []
     for name, fraction, seed, spec in runs:
-        result = run_finetune(spec, out / name / f"fraction{fraction:g}-seed{seed}", device=device)
+        folder = f"{name}/fraction{fraction:g}-seed{seed}"
+        each = tracking and tracking.for_run(folder, source=name, fraction=fraction, seed=seed)
+        result = run_finetune(spec, out / folder, device=device, tracking=each)
         rows.append(
             {
                 "source": name,

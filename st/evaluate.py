@@ -13,12 +13,22 @@ from st.train import predict_set
 
 
 def evaluate_checkpoint(
-    checkpoint, task_name, data_dir, split, predictions, batch_size, device, precision, *, overwrite: bool = False
+    checkpoint,
+    task_name,
+    data_dir,
+    split,
+    predictions,
+    batch_size,
+    device,
+    precision,
+    *,
+    overwrite: bool = False,
+    dataset: str | None = None,
 ) -> dict:
     """{split: metrics} for `split` ("dev", "test" or an exact split name); metrics are empty for
     unlabelled test splits, whose predictions go to `predictions` (one file per split). Existing
     prediction files are refused before any work, unless `overwrite` (and they are predictions)."""
-    model, spec, task, tokenizer = checkpoint_spec(checkpoint, task_name, data_dir)
+    model, spec, task, tokenizer = checkpoint_spec(checkpoint, task_name, data_dir, dataset)
     precision = precision or spec.train.precision  # None: the precision it was fine-tuned in
     if model.num_labels != task.num_labels:
         raise UserError(

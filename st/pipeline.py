@@ -33,6 +33,7 @@ from st.tasks import Example, Task, get_task
 from st.tasks.sampling import check_nonempty, subsample
 from st.tickets import Ticket, make_ticket, tickets_for_tasks
 from st.tokenize import TOKENIZER_FILES, Tokenizer, check_vocab, copy_tokenizer
+from st.tracking import Tracking
 from st.train import OnEpoch, OnStep, finetune
 
 log = logging.getLogger("st")
@@ -208,8 +209,10 @@ def run_finetune(
     device: str = "cpu",
     on_step: OnStep | None = None,
     on_epoch: OnEpoch | None = None,
+    tracking: Tracking | None = None,
 ) -> dict:
-    """Fine-tune `spec` into `out`; a finished run is returned as it is, an interrupted one resumed."""
+    """Fine-tune `spec` into `out`; a finished run is returned as it is, an interrupted one resumed.
+    `tracking`: where its steps and epochs are logged too (`st.tracking`)."""
     spec = resolve_defaults(spec)
     run = RunFolder(out)
     finished = run.check(spec.settings())
@@ -235,6 +238,7 @@ def run_finetune(
         on_epoch=on_epoch,
         meta=meta,
         report=inputs.report,
+        tracking=tracking,
     )
 
 
@@ -285,10 +289,10 @@ def subset(data: EncodedSet, indices: list[int]) -> EncodedSet:
 
 
 def checkpoint_spec(
-    checkpoint: str | Path, task: str | None = None, data_dir: str | None = None
+    checkpoint: str | Path, task: str | None = None, data_dir: str | None = None, dataset: str | None = None
 ) -> tuple[BertClassifier, RunSpec, Task, Tokenizer]:
-    """A fine-tuned checkpoint with the spec that made it (another `task` or `data_dir` if given),
-    its task and its tokenizer."""
+    """A fine-tuned checkpoint with the spec that made it (another `task`, `data_dir` or Hugging Face
+    `dataset` if given: either replaces where the data was), its task and its tokenizer."""
     model, cfg = load_checkpoint(checkpoint)
     try:
         spec = RunSpec.from_settings(cfg["job"])
@@ -298,6 +302,9 @@ def checkpoint_spec(
             "restore it from the run's run.json"
         ) from None
     data = replace(spec.data, **{k: v for k, v in (("task", task), ("data_dir", data_dir)) if v is not None})
+    if data_dir is not None or dataset is not None:
+        options = {k: v for k, v in data.task_options if k != "dataset"} | ({"dataset": dataset} if dataset else {})
+        data = replace(data, data_dir=None if dataset else data.data_dir, task_options=tuple(options.items()))
     spec = replace(spec, data=data, model=replace(spec.model, init=str(checkpoint)))
     return model, spec, build_task(spec.data), Tokenizer.from_dir(checkpoint, max_length=spec.data.max_length)
 

@@ -37,6 +37,7 @@ from st.share import TicketSharer, epoch_plan
 from st.specs import RunSpec, TrainConfig
 from st.tickets import Ticket
 from st.tokenize import copy_tokenizer
+from st.tracking import Tracking
 from st.train import Group, OnEpoch, OnStep, groups, train
 
 
@@ -48,6 +49,7 @@ def run_share(
     device: str = "cpu",
     on_step: OnStep | None = None,
     on_epoch: OnEpoch | None = None,
+    tracking: Tracking | None = None,
 ) -> dict:
     """Multi-task training of one run spec per task (model, max length, dropout, training settings and
     seed must agree) with ticket sharing, or plain MT-DNN when `tickets` is None. A finished run is
@@ -170,6 +172,7 @@ def run_share(
         on_step=on_step,
         on_epoch=on_epoch,
         shown=shown,
+        tracking=tracking,
     )
 
 

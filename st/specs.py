@@ -33,7 +33,7 @@ class DataSpec:
 
     task: str
     data_dir: str | None = None
-    task_options: tuple[tuple[str, str], ...] = ()  # e.g. (("text_columns", "a,b"),) for csv tasks
+    task_options: tuple[tuple[str, str], ...] = ()  # e.g. (("text_columns", "a,b"),), (("dataset", "nyu-mll/glue"),)
     train_size: int | None = None  # a seeded sample of N training examples
     train_fraction: float | None = None  # or of this fraction of them
     max_length: int | None = None  # None: DEFAULT_MAX_LENGTH, or the model's positions where fewer
@@ -155,6 +155,7 @@ def run_spec(
     *,
     model: str | None = None,
     data_dir: str | None = None,
+    dataset: str | None = None,
     text_columns: str | None = None,
     label_column: str | None = None,
     labels: str | None = None,
@@ -173,7 +174,8 @@ def run_spec(
     **train,
 ) -> RunSpec:
     """A run from option values (`st finetune`'s options); None, an option not given, takes the default.
-    `train`: TrainConfig's fields. text_columns ... regression are the csv/jsonl tasks' options."""
+    `train`: TrainConfig's fields. text_columns ... regression are the csv/jsonl/hf tasks' options; `dataset`
+    (HUB_ID[:CONFIG]) is a Hugging Face dataset in place of --data-dir."""
     numbers = {"train_fraction": train_fraction, "dropout": dropout, "head_dropout": head_dropout, **train}
     for name, value in numbers.items():
         if isinstance(value, float) and not math.isfinite(value):  # inf and nan pass click's range checks
@@ -182,7 +184,9 @@ def run_spec(
         raise UserError(f"--train-fraction must be in (0, 1], got {train_fraction}")
 
     options = tuple(
-        given(text_columns=text_columns, label_column=label_column, labels=labels, regression=regression).items()
+        given(
+            dataset=dataset, text_columns=text_columns, label_column=label_column, labels=labels, regression=regression
+        ).items()
     )
 
     # Paths are recorded absolute: a run's data and start are the same wherever its command ran from.

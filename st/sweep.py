@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,6 +37,7 @@ from st.specs import RunSpec
 from st.speed import measure_sweep
 from st.sweep_config import SweepConfig
 from st.tickets import KINDS, Ticket, make_ticket
+from st.tracking import Tracking, open_tracker
 
 log = logging.getLogger("st")
 
@@ -57,10 +59,12 @@ def _record(seed: int, kind: str, ratio: float, out: Path) -> dict:
     }
 
 
-def _finish(record: dict, folder: Path, spec: RunSpec, device: str) -> dict:
+def _finish(record: dict, folder: Path, spec: RunSpec, device: str, tracking: Tracking | None) -> dict:
     """Fine-tune into `folder` (or read back the finished run there) and fill in its metrics."""
     record["reused"] = (folder / "metrics.json").exists()
-    metrics = run_finetune(spec, folder, device=device)
+    if tracking is not None:  # each run its own run in the trackers, tagged with its place in the grid
+        tracking = tracking.for_run(record["run"], seed=record["seed"], kind=record["kind"], ratio=record["ratio"])
+    metrics = run_finetune(spec, folder, device=device, tracking=tracking)
     record.update(
         selection=metrics["dev"],
         report=metrics["report"],
@@ -76,7 +80,9 @@ def _failed(record: dict, error: BaseException) -> dict:
     return record
 
 
-def full_stage(cfg: SweepConfig, out: Path, seed: int, *, device: str = "cpu") -> tuple[dict, str | None]:
+def full_stage(
+    cfg: SweepConfig, out: Path, seed: int, tracking: Tracking | None = None, *, device: str = "cpu"
+) -> tuple[dict, str | None]:
     """Fine-tune the full model of `seed`, score it and write every ticket of the grid. Returns the
     full model's record, and why the tickets could not be made (None when they were)."""
     out = Path(out)
@@ -84,7 +90,7 @@ def full_stage(cfg: SweepConfig, out: Path, seed: int, *, device: str = "cpu") -
     record["percent_remaining"] = {"model": 100.0, "encoder": 100.0}
     folder = run_dir(out, seed, FULL, 0.0)
     try:
-        _finish(record, folder, cfg.seed_spec(seed), device)
+        _finish(record, folder, cfg.seed_spec(seed), device, tracking)
     except UserError:  # bad input, the same for every run: stop the sweep with its one-line message
         raise
     except Exception as e:
@@ -112,14 +118,23 @@ def full_stage(cfg: SweepConfig, out: Path, seed: int, *, device: str = "cpu") -
     return record, None
 
 
-def ticket_run(cfg: SweepConfig, out: Path, seed: int, kind: str, ratio: float, *, device: str = "cpu") -> dict:
+def ticket_run(
+    cfg: SweepConfig,
+    out: Path,
+    seed: int,
+    kind: str,
+    ratio: float,
+    tracking: Tracking | None = None,
+    *,
+    device: str = "cpu",
+) -> dict:
     """Rewind to the pre-trained weights and fine-tune the pruned subnetwork of one ticket."""
     out = Path(out)
     record = _record(seed, kind, ratio, out)
     try:
         ticket = Ticket.load(ticket_path(out, seed, kind, ratio))
         record["percent_remaining"] = ticket.percent_remaining
-        _finish(record, run_dir(out, seed, kind, ratio), cfg.seed_spec(seed, ticket), device)
+        _finish(record, run_dir(out, seed, kind, ratio), cfg.seed_spec(seed, ticket), device, tracking)
     except UserError:
         raise
     except Exception as e:
@@ -131,13 +146,13 @@ def _ticket_specs(cfg: SweepConfig, seed: int) -> list[tuple[int, str, float]]:
     return [(seed, kind, ratio) for kind, ratio in cfg.grid]
 
 
-def _runs(cfg: SweepConfig, out: Path, engine: Engine) -> Iterator[dict]:
+def _runs(cfg: SweepConfig, out: Path, engine: Engine, tracking: Tracking | None = None) -> Iterator[dict]:
     """Every seed's full model first, then its ticket runs as soon as its tickets exist; each record as
     its run finishes. Keys are (seed, position): the in-process engine runs them seed by seed."""
     runs = {}
     for seed in cfg.seed_list:
         runs[seed, 0] = (seed, FULL, 0.0)
-        engine.submit((seed, 0), full_stage, cfg, out, seed)
+        engine.submit((seed, 0), full_stage, cfg, out, seed, tracking)
     while runs:
         key, result, error = engine.next()
         seed, kind, ratio = runs.pop(key)
@@ -154,7 +169,7 @@ def _runs(cfg: SweepConfig, out: Path, engine: Engine) -> Iterator[dict]:
         for i, spec in enumerate(_ticket_specs(cfg, seed), 1):
             if why_not is None:
                 runs[seed, i] = spec
-                engine.submit((seed, i), ticket_run, cfg, out, *spec)
+                engine.submit((seed, i), ticket_run, cfg, out, *spec, tracking)
             else:
                 yield _failed(_record(*spec, out), RuntimeError(why_not))
 
@@ -195,6 +210,7 @@ def run_sweep(
     on_result: Callable[[dict], None] | None = None,
     measure_speed: bool = False,
     min_speedup: float | None = None,
+    tracking: Tracking | None = None,
 ) -> dict:
     """Run (or resume) the sweep into `out`; returns results.json's contents. `jobs` runs at once in
     local processes, or on the Ray cluster at `ray` ("local", "auto", host:port; see `st.engines`);
@@ -203,7 +219,8 @@ def run_sweep(
     `on_start(runs at once)` is called once the input is checked, and `on_result(record)` as each run
     finishes (records of runs finished before this call carry reused=True). `measure_speed`: once
     every run finished, each winning ticket's inference speed-up on this machine (`st.speed`);
-    `min_speedup`: keep the weights of the deploy ticket under that target too."""
+    `min_speedup`: keep the weights of the deploy ticket under that target too. `tracking`: every run
+    logged as its own run of the sweep's group (`st.tracking`), and the sweep's summary."""
     out = Path(out).resolve()  # absolute: a Ray worker on another node has another working directory
     check_engine(jobs, ray)  # everything is checked before anything starts or is written
     if keep_weights not in KEEP_WEIGHTS:
@@ -215,12 +232,12 @@ def run_sweep(
     lock = lock_folder(out) if dist.is_main() else None  # one sweep at a time in a folder
     # how many processes or which engine is no setting: any may resume
     guard_settings(out, cfg.settings(), SWEEP_SETTINGS, "sweep")
-    records, engine = [], None
+    records, engine, summary = [], None, SweepTracker(tracking, out, cfg.settings(), cfg.total_runs)
     try:
         engine = open_engine(jobs, device, ray)  # inside: a cluster that cannot be joined releases the lock
         if on_start and dist.is_main():
             on_start(engine.slots)
-        for record in _runs(cfg, out, engine):
+        for record in _runs(cfg, out, engine, summary.runs):
             records.append(record)
             if dist.is_main():
                 write_results(out, results_doc(cfg, records, task))
@@ -231,7 +248,8 @@ def run_sweep(
             engine.close()  # on an interrupt too: no worker goes on running
         if lock is not None:
             lock.close()
-    doc = results_doc(cfg, records, task)
+        doc = results_doc(cfg, records, task)
+        summary.finish(doc)
     if dist.is_main():
         write_results(out, doc)
         if measure_speed and not any(r["error"] for r in doc["runs"]):
@@ -273,3 +291,39 @@ def drop_weights(out: Path, doc: dict, keep: str, min_speedup: float | None = No
     for path in dropped:
         path.unlink(missing_ok=True)
     return dropped
+
+
+class SweepTracker:
+    """The sweep's own log (`--log-to`): its settings, and once every run finished its summary, the
+    super ticket and its difference from the full model; `runs` is what each run logs with (the W&B
+    group, the MLflow parent run)."""
+
+    def __init__(self, tracking: Tracking | None, out: Path, settings: dict, total_runs: int):
+        self.runs, self.tracker, self.total = tracking, None, total_runs
+        if tracking is not None and tracking.to:
+            group = tracking.group or out.name
+            self.tracker = open_tracker(replace(tracking, group=group, name=f"{group} summary"), out, 0, settings)
+            parent = next((b.id for b in self.tracker.backends if b.name == "mlflow"), None)
+            self.runs = replace(tracking, group=group, parent=parent)
+
+    def finish(self, doc: dict) -> None:
+        if self.tracker is None:
+            return
+        with self.tracker:
+            if len(doc["runs"]) < self.total or any(r["error"] for r in doc["runs"]):
+                return  # an interrupted or failed sweep has no super ticket yet: the rerun logs it
+            chosen = select_super_ticket(doc)
+            ci = chosen.ci or [None, None]
+            self.tracker.summary(
+                {
+                    "super_ticket": {
+                        "ratio": chosen.ratio,
+                        "is_full_model": float(chosen.kind == FULL),
+                        "percent_remaining": (chosen.percent_remaining or {}).get("model"),
+                        "difference": 0.0 if chosen.kind == FULL else chosen.gain,  # the full model is itself
+                        "difference_ci_low": ci[0],
+                        "difference_ci_high": ci[1],
+                        "p_value": chosen.p_value,
+                    }
+                }
+            )

@@ -30,6 +30,7 @@ from st.precision import accumulate_grads, check_precision, compute_copy, sync_w
 from st.runs import RunFolder
 from st.specs import TrainConfig
 from st.tasks import Task
+from st.tracking import Tracking, open_tracker
 
 log = logging.getLogger("st")
 
@@ -182,6 +183,7 @@ class TrainingStep:
         else:
             params = group.update.mask_gradients()  # the clip norm is that of what the step may change
         norm = nn.utils.clip_grad_norm_(params, self.cfg.clip)
+        self.grad_norm = norm.item()  # before clipping: what a tracker plots
         if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps itself
             check_finite(loss, norm, group.where, self.cfg.lr)
         if group.update is None:
@@ -228,11 +230,12 @@ def train(
     on_step: OnStep | None = None,
     on_epoch: OnEpoch | None = None,
     shown: Callable[[dict], dict] = lambda record: record["dev"],
+    tracking: Tracking | None = None,
 ) -> dict:
     """Train `learner` for cfg.epochs epochs into `run`, resuming from its progress: after every epoch
     evaluate, keep the best epoch's folder and save the progress. Then load the best epoch's weights,
     and commit `finish({"best", "history"})` = (metrics.json's contents, further text files). Returns
-    the metrics. `shown(record)`: the metrics `on_epoch` gets."""
+    the metrics. `shown(record)`: the metrics `on_epoch` gets, and a tracker (`tracking`) logs as dev."""
     model = learner.model.to(device)
     optimizer = make_optimizer(model, cfg)
     schedule = make_schedule(optimizer, learner.steps * cfg.epochs, cfg.warmup)
@@ -240,25 +243,30 @@ def train(
     step = TrainingStep(model, optimizer, cfg, device, find_unused=learner.find_unused)  # from the resumed weights
     if not history:
         torch.manual_seed(seed)  # dropout masks depend on the seed only
-    for epoch in range(len(history), cfg.epochs):
-        model.train()
-        for done, group in enumerate(learner.groups(epoch), 1):
-            loss = step(group)
-            schedule.step()
-            if on_step:
-                on_step(done, learner.steps, loss)
-        check_finite_weights(model, epoch + 1)  # never evaluate, let alone keep, diverged weights
-        record = {"epoch": epoch + 1, **learner.evaluate()}
-        history.append(record)
-        if on_epoch:
-            on_epoch(epoch + 1, shown(record))
-        if dist.is_main():
-            if max(history, key=learner.score) is record:
-                learner.save(run.best_dir)
-            run.save_progress(model, optimizer, schedule, history)
-        dist.barrier()
-    load_best(model, run, device)
-    result, texts = finish({"best": max(history, key=learner.score), "history": history})
+    with open_tracker(tracking, run.path, len(history) * learner.steps) as tracker:
+        for epoch in range(len(history), cfg.epochs):
+            model.train()
+            for done, group in enumerate(learner.groups(epoch), 1):
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+                loss = step(group)
+                schedule.step()
+                tracker.step(epoch * learner.steps + done, {"loss": loss, "lr": lr, "grad_norm": step.grad_norm})
+                if on_step:
+                    on_step(done, learner.steps, loss)
+            check_finite_weights(model, epoch + 1)  # never evaluate, let alone keep, diverged weights
+            record = {"epoch": epoch + 1, **learner.evaluate()}
+            history.append(record)
+            tracker.epoch((epoch + 1) * learner.steps, epoch + 1, shown(record))
+            if on_epoch:
+                on_epoch(epoch + 1, shown(record))
+            if dist.is_main():
+                if max(history, key=learner.score) is record:
+                    learner.save(run.best_dir)
+                run.save_progress(model, optimizer, schedule, history)
+            dist.barrier()
+        load_best(model, run, device)
+        result, texts = finish({"best": max(history, key=learner.score), "history": history})
+        tracker.summary({"final": {k: v for k, v in result.items() if k != "epochs"}})  # the chosen epoch's
     if dist.is_main():
         run.commit(result, texts)
     dist.barrier()
@@ -336,6 +344,7 @@ def finetune(
     on_epoch: OnEpoch | None = None,
     meta: dict | None = None,
     report: EncodedSet | None = None,
+    tracking: Tracking | None = None,
 ) -> dict:
     """Fine-tune `model` on `data`, choosing the epoch by `task.main_metric` on `dev`, into `run`.
 
@@ -360,4 +369,14 @@ def finetune(
             result.update(report=metrics, dev_examples=len(dev), report_examples=len(report))
         return result, {}
 
-    return train(learner, run, cfg, seed=seed, device=device, finish=finish, on_step=on_step, on_epoch=on_epoch)
+    return train(
+        learner,
+        run,
+        cfg,
+        seed=seed,
+        device=device,
+        finish=finish,
+        on_step=on_step,
+        on_epoch=on_epoch,
+        tracking=tracking,
+    )

@@ -13,7 +13,8 @@ from cli.main import cli
 from st.errors import UserError
 from st.importance import compute_importance
 from st.models import load_checkpoint
-from st.models.bert import Bert, BertConfig, drop
+from st.models.attention import drop
+from st.models.bert import Bert, BertConfig
 from st.models.heads import BertClassifier
 from st.pipeline import run_finetune
 from st.precision import check_precision, compute_copy

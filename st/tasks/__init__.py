@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import pkgutil
 import sys
 from dataclasses import dataclass
@@ -71,7 +72,16 @@ def get_task(name: str, **options) -> Task:
         close = difflib.get_close_matches(name, TASKS, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UserError(f"unknown task {name!r}.{hint} Run `st tasks` to list all tasks.")
-    return TASKS[name](**options)
+    factory = TASKS[name]
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        params = {}
+    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [key for key in options if key not in params]
+        if unknown:  # e.g. --text-columns with a GLUE task: a one-line refusal, not a TypeError traceback
+            raise UserError(f"task {name} takes no --{unknown[0].replace('_', '-')}; drop it for this task")
+    return factory(**options)
 
 
 def import_user_dir(path: str | Path) -> None:

@@ -19,6 +19,8 @@ from typing import Iterator, Sequence
 
 from st.errors import UserError
 from st.tasks import Example, register_task
+from st.tasks._glue_hub import hub_config, hub_examples
+from st.tasks._hf import is_dataset_folder, locate
 
 NLI = ("contradiction", "entailment", "neutral")  # HF run_glue's MNLI order, so checkpoints interoperate
 BINARY = ("0", "1")
@@ -128,8 +130,8 @@ GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnl
 class GlueTask:
     """One task of the table: loads its splits as `Example`s, scores predictions, writes GLUE submissions."""
 
-    def __init__(self, spec: Spec, data_dir: str | Path | None = None):
-        self.spec = spec
+    def __init__(self, spec: Spec, data_dir: str | Path | None = None, dataset: str | None = None):
+        self.spec, self.dataset = spec, dataset
         self.name, self.labels, self.metrics = spec.name, spec.labels, spec.metrics
         self.main_metric, self.head_dropout = spec.metrics[0], spec.head_dropout
         self.dev_splits = tuple(s for s in spec.splits if s.startswith("dev"))
@@ -144,6 +146,9 @@ class GlueTask:
         return len(self.labels) or 1
 
     def load(self, split: str) -> list[Example]:
+        if self.dataset or (self.data_dir is not None and is_dataset_folder(self.data_dir, hub_config(self.spec.name))):
+            self._check_split(split)  # the hub's copies: `st.tasks._glue_hub`
+            return hub_examples(self.spec, split, lambda config: locate(self.data_dir, self.dataset, config))
         path = self._path(split)
         index = {label: i for i, label in enumerate(self.labels)}
         rows = (
