@@ -2,7 +2,8 @@
 # The study of docs/study/PLAN.md, part by part. Every command resumes: rerun this script after an
 # interruption and finished runs are skipped. Runs go to $OUT (runs/study); docs/study/summarize.py
 # collects their JSON into docs/study/results/ and renders REPORT.md.
-# Parts: pilot (how the sizes were chosen), rt, bbc (sweeps), mtl (multi-task), adapt (domain adaptation).
+# Parts: pilot (how the sizes were chosen), rt, bbc (sweeps), mtl (multi-task), adapt (domain adaptation),
+# mpnet (part 5: part 1's sweep on all-mpnet-base-v2 in bf16; `make mpnet` first).
 set -euo pipefail
 OUT=${OUT:-runs/study}
 PARTS=${*:-rt bbc mtl adapt}
@@ -43,5 +44,8 @@ adapt)  # from seed s's two multi-task models, at 1%, 3%, 10% and 100% of presid
     if (( seed % 2 == 1 )); then waitall; fi  # two at a time
   done
   waitall ;;
+mpnet)  # part 5: part 1's sizes on a 110M encoder, bf16, 3 seeds; the pilot (seed 100) chose nothing new
+  st sweep --task rotten_tomatoes --model mpnet-base --train-size 1024 --epochs 2 --batch-size 32 --max-length 64 \
+    --precision bf16 --seeds 3 --control-ratios 0.3,0.6 --report-split test --jobs 2 --device cpu --out $OUT/mpnet ;;
 *) echo "unknown part $part" >&2; exit 2 ;;
 esac; done

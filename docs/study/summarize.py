@@ -20,7 +20,8 @@ from st.select import FULL, fmt, fmt_paired, paired, select_super_ticket, stats
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-SWEEPS = {"rt": "rotten_tomatoes", "bbc": "bbc_news"}
+SWEEPS = {"rt": "rotten_tomatoes", "bbc": "bbc_news", "mpnet": "rotten_tomatoes"}
+MODELS = {"rt": "all-MiniLM-L6-v2", "bbc": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
 MTL_TASKS = ("rotten_tomatoes", "bbc_news")
 
 
@@ -29,12 +30,14 @@ MTL_TASKS = ("rotten_tomatoes", "bbc_news")
 
 def collect(runs: Path) -> None:
     RESULTS.mkdir(exist_ok=True)
-    pilot = {}
+    # Merged into what is there: a later part's pilot (run in a fresh checkout) keeps the earlier ones.
+    pilot = json.loads((RESULTS / "pilot.json").read_text()) if (RESULTS / "pilot.json").exists() else {}
     for log in sorted((runs / "pilot").glob("*.log")):  # the logs hold every epoch, also of a stopped run
         epochs = [float(x) for x in re.findall(r"epoch \d+: dev accuracy ([0-9.]+)", log.read_text())]
         settings = json.loads((runs / "pilot" / log.stem / "run.json").read_text())
         pilot[log.stem] = {
             "task": settings["task"],
+            "model": settings.get("model", "minilm-l6"),
             "train_size": settings["train_size"],
             "batch_size": settings["train"]["batch_size"],
             "dev_accuracy_by_epoch": epochs,
@@ -104,7 +107,7 @@ def sweep_section(part: str, doc: dict) -> list[str]:
     plot_phase(doc, sel, HERE / f"{part}_phase.png")
     job = s["job"]
     lines = [
-        f"## {doc['task']}: the phase transition",
+        f"## {doc['task']}, {MODELS[part]}: the phase transition",
         "",
         f"{job['train_size']} training examples, {job['train']['epochs']} epochs, batch {job['train']['batch_size']}, "
         f"lr {job['train']['lr']:g}, max length {job['max_length']}; seeds {', '.join(map(str, seeds))} "
@@ -250,12 +253,12 @@ def pilot_section(doc: dict) -> list[str]:
     lines = [
         "## Pilot (dev accuracy ×100 by epoch, seed 100)",
         "",
-        "| run | task | train | batch | by epoch |",
-        "|---|---|---|---|---|",
+        "| run | model | task | train | batch | by epoch |",
+        "|---|---|---|---|---|---|",
     ]
     for name, p in doc.items():
         lines.append(
-            f"| {name} | {p['task']} | {p['train_size'] or 'all'} | {p['batch_size']} | "
+            f"| {name} | {p.get('model', 'minilm-l6')} | {p['task']} | {p['train_size'] or 'all'} | {p['batch_size']} | "
             + ", ".join(f"{100 * a:.1f}" for a in p["dev_accuracy_by_epoch"])
             + " |"
         )
