@@ -32,7 +32,7 @@ from st.io import check_writable, staged_outputs, write_json, write_safetensors
 from st.layout import CONFIG, WEIGHTS
 from st.models.checkpoint import load_checkpoint, save_checkpoint
 from st.models.families import Family, build_encoder, family_of
-from st.models.heads import BertClassifier
+from st.models.heads import BertClassifier, Pooler
 from st.models.units import layer_param, per_unit, put
 from st.models.weights import config_with_blocks, load_pretrained_parts, read_config, read_tensors
 from st.onnx_export import export_onnx, quantize_int8, require_onnx
@@ -95,11 +95,21 @@ def _family(model: BertClassifier) -> Family:
     return family_of(model.encoder.config.model_type, "the model's encoder config")
 
 
+def _check_layout(family: Family, layout: str) -> None:
+    if layout == "pruned-heads" and not family.prunes_heads:
+        raise UserError(
+            f"the pruned-heads layout does not exist for {family.model_type}: transformers cannot build a "
+            f"{family.model_type} model with pruned heads; export the dense layout (the default), which loads "
+            "everywhere with the same outputs"
+        )
+
+
 def hf_state(model: BertClassifier, layout: str = "dense") -> dict[str, Tensor]:
     """The tensors of the family's HF sequence-classification model for `model`, in `layout`."""
     if layout not in HF_LAYOUTS:
         raise UserError(f"unknown Hugging Face layout {layout!r}; choose one of: {', '.join(HF_LAYOUTS)}")
     config, family = model.encoder.config, _family(model)
+    _check_layout(family, layout)
     full = _full_size_state(model, layout)
     out = {}
     for name, hf_names in family.encoder_table(config).items():
@@ -107,13 +117,15 @@ def hf_state(model: BertClassifier, layout: str = "dense") -> dict[str, Tensor]:
             out[family.prefix + hf_name] = part
     top = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}  # pooler.*, classifier.*
     for name, hf_name in family.head_table.items():
-        out[hf_name] = top[name].detach()
+        if name in top:  # a head's optional biases (ModernBERT's) are in the table whether the model has them or not
+            out[hf_name] = top[name].detach()
     return out
 
 
 def hf_config(model: BertClassifier, id2label=None, layout: str = "dense") -> dict:
     """config.json of the family's HF sequence-classification model for `model`, in `layout`."""
     c, n, family = model.encoder.config, model.num_labels, _family(model)
+    _check_layout(family, layout)
     if id2label is None:
         id2label = {i: f"LABEL_{i}" for i in range(n)}
     elif not isinstance(id2label, dict):
@@ -173,18 +185,25 @@ def load_hf_classifier(folder: str | Path, remove_zeros: bool = False) -> tuple[
     cfg = read_config(folder)
     family = family_of(cfg.get("model_type"), f"{folder}/config.json") if cfg.get("format") != "st" else None
     raw, source = read_tensors(folder)
-    missing = [k for k in family.head_table.values() if k not in raw] if family else ["config.json model_type"]
+    with torch.device("meta"):  # the head's tensors for this config (ModernBERT's biases are optional)
+        ours = {f"pooler.{k}" for k in Pooler.for_config(config).state_dict()} | {
+            "classifier.out.weight",
+            "classifier.out.bias",
+        }
+    table = {k: v for k, v in family.head_table.items() if k in ours} if family else {}
+    missing = [k for k in table.values() if k not in raw] if family else ["config.json model_type"]
     if missing:
         raise UserError(
             f"{folder} is not a Hugging Face sequence-classification folder (no {missing[0]}); "
             f"for st checkpoints use load_checkpoint"
         )
-    top = {ours: raw[hf].float() for ours, hf in family.head_table.items()}  # pooler.*, classifier.*
+    top = {ours: raw[hf].float() for ours, hf in table.items()}  # pooler.*, classifier.*
     dropout = cfg.get(family.head_dropout_field)
     model = BertClassifier(
         build_encoder(config),
         top["classifier.out.weight"].shape[0],
-        config.hidden_dropout if dropout is None else dropout,
+        # BERT's head drops out at hidden_dropout_prob when classifier_dropout is null; ModernBERT always writes it
+        getattr(config, "hidden_dropout", 0.0) if dropout is None else dropout,
     )
     model.encoder.load_state_dict(encoder)
     for name, module in (("pooler.", model.pooler), ("classifier.", model.classifier)):

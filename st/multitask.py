@@ -51,7 +51,7 @@ class MultiTaskModel(nn.Module):
         self, task: int, input_ids, token_type_ids=None, attention_mask=None, head_mask=None, ffn_mask=None
     ) -> Tensor:
         hidden = self.encoder(input_ids, token_type_ids, attention_mask, head_mask, ffn_mask)  # B,T,D
-        return self.heads[task](self.pooler(hidden))  # B,num_labels
+        return self.heads[task](self.pooler(hidden, attention_mask))  # B,num_labels
 
 
 class TaskView(nn.Module):

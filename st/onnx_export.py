@@ -84,7 +84,8 @@ def export_onnx(model: BertClassifier, path: str | Path, id2label=None) -> float
         example = example_batch(model.encoder.config, batch=2)
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=model.encoder.config.max_tokens)
         axes = {name: {0: batch, 1: sequence} for name in INPUTS}
-        with _quiet():
+        # no_grad: a trained attention bias (MPNet's) would otherwise send SDPA down a path the exporter cannot convert
+        with _quiet(), torch.no_grad():
             program = torch.onnx.export(
                 wrapper,
                 tuple(example[k] for k in INPUTS),

@@ -261,7 +261,7 @@ def test_invalid_config_json(tmp_path):
         load_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "deberta-v2"])
+@pytest.mark.parametrize("model_type", ["gpt2", "t5"])
 def test_unsupported_model_type_names_the_supported_families(tiny_hf, model_type):
     folder, _, _ = tiny_hf
     cfg = json.loads((folder / "config.json").read_text())

@@ -258,9 +258,8 @@ def pilot_section(doc: dict) -> list[str]:
     ]
     for name, p in doc.items():
         lines.append(
-            f"| {name} | {p.get('model', 'minilm-l6')} | {p['task']} | {p['train_size'] or 'all'} | {p['batch_size']} | "
-            + ", ".join(f"{100 * a:.1f}" for a in p["dev_accuracy_by_epoch"])
-            + " |"
+            f"| {name} | {p.get('model', 'minilm-l6')} | {p['task']} | {p['train_size'] or 'all'} | "
+            f"{p['batch_size']} | " + ", ".join(f"{100 * a:.1f}" for a in p["dev_accuracy_by_epoch"]) + " |"
         )
     return lines + [""]
 

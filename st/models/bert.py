@@ -80,6 +80,13 @@ class BertConfig:
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise UserError(f"the model config's {name} must be a whole number >= 0, got {value!r}")
+        if self.relative_attention_buckets and (
+            self.relative_attention_buckets < 4 or self.relative_attention_buckets % 2
+        ):
+            raise UserError(  # two halves (keys before / after), each of exact and logarithmic buckets
+                f"the model config's relative_attention_buckets must be 0 or an even number >= 4, "
+                f"got {self.relative_attention_buckets!r}"
+            )
         if self.embedding_size is not None and (type(self.embedding_size) is not int or self.embedding_size < 1):
             raise UserError(
                 f"the model config's embedding_size must be a positive whole number, got {self.embedding_size!r}"
@@ -143,7 +150,7 @@ BERT_UNITS = UnitLayout(
 def check_allocatable(c: BertConfig) -> None:
     """Refuse, before any tensor is built, a config whose fp32 weights would not fit in this machine's
     memory (a hand-edited size: hidden_size 4,000,000 asks for 192 TB), naming its largest part."""
-    E = c.embedding_size or c.hidden_size
+    E = getattr(c, "embedding_size", None) or c.hidden_size  # any architecture's config: ELECTRA's E, else D
     parts = {  # parameters, by the fields that size them
         "vocab_size": c.vocab_size * E,
         "max_position_embeddings": c.max_position_embeddings * E,
@@ -359,7 +366,8 @@ def init_weights(module: nn.Module, std: float) -> None:
                 module.weight[module.padding_idx].zero_()
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:  # ModernBERT's norms have none unless norm_bias
+            nn.init.zeros_(module.bias)
 
 
 def sinusoidal_table(positions: int, dim: int) -> Tensor:  # P,E

@@ -2,9 +2,10 @@
 
 A family is one `Family` row; reading (`st.models.weights`) and writing (`st.export`) both go
 through it, so a family is a row (its key tables, its classes, its config both ways), not new code
-paths. The encoder is the same for all (post-LN BERT layers); what differs is names, the embedding
+paths. The BERT families share one encoder (post-LN BERT layers); what differs is names, the embedding
 rule (BertConfig's model_type .. sinusoidal_positions fields, applied in `st.models.bert`), MPNet's
-relative-position bias and the classification head's activation.
+relative-position bias and the classification head's activation. ModernBERT is its own architecture
+(`st.models.modernbert`: config_class, encoder_class) behind a row like the others.
 """
 
 from __future__ import annotations
@@ -13,7 +14,32 @@ from dataclasses import dataclass
 from typing import Callable
 
 from st.errors import UserError
+from st.models import deberta_hf
 from st.models.bert import Bert, BertConfig
+from st.models.bert_hf import (
+    bert_config_fields,
+    bert_key_table,
+    distilbert_config_fields,
+    distilbert_key_table,
+    electra_key_table,
+    mpnet_config_fields,
+    mpnet_key_table,
+    read_bert_config,
+    read_distilbert_config,
+    read_electra_config,
+    read_mpnet_config,
+    read_roberta_config,
+)
+from st.models.deberta import DebertaV2, DebertaV2Config
+from st.models.modernbert import ModernBert, ModernBertConfig
+from st.models.modernbert_hf import (
+    MODERNBERT_HEAD,
+    MODERNBERT_POOLER,
+    modernbert_config_fields,
+    modernbert_key_table,
+    modernbert_pooler_options,
+    read_modernbert_config,
+)
 
 
 @dataclass(frozen=True)
@@ -32,232 +58,13 @@ class Family:
     # The architecture: its config class and encoder module (one model file each, one contract).
     config_class: type = BertConfig
     encoder_class: type = Bert
-
-
-# Each layer's tensors (ours -> the HF modules they are made of; Q, K and V are concatenated, in that order).
-_BERT_LAYER = {
-    "attention.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
-    "attention.out": ("attention.output.dense",),
-    "attention_norm": ("attention.output.LayerNorm",),
-    "ffn.up": ("intermediate.dense",),
-    "ffn.down": ("output.dense",),
-    "ffn_norm": ("output.LayerNorm",),
-}
-_DISTILBERT_LAYER = {
-    "attention.qkv": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
-    "attention.out": ("attention.out_lin",),
-    "attention_norm": ("sa_layer_norm",),
-    "ffn.up": ("ffn.lin1",),
-    "ffn.down": ("ffn.lin2",),
-    "ffn_norm": ("output_layer_norm",),
-}
-
-
-def _layer_table(c: BertConfig, hf_layers: str, layer: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """`layer`'s names for every layer: layers.{i}.<ours>.{weight,bias} -> <hf_layers>{i}.<HF module>.{weight,bias}."""
-    return {
-        f"layers.{i}.{ours}.{p}": tuple(f"{hf_layers}{i}.{module}.{p}" for module in modules)
-        for i in range(c.num_layers)
-        for p in ("weight", "bias")
-        for ours, modules in layer.items()
-    }
-
-
-def bert_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
-    """Our parameter name -> the HF names it is made of (Q, K and V are concatenated, in that order).
-    BERT, RoBERTa, XLM-R and ELECTRA share these names."""
-    table = {
-        "embeddings.word.weight": ("embeddings.word_embeddings.weight",),
-        "embeddings.position.weight": ("embeddings.position_embeddings.weight",),
-        "embeddings.token_type.weight": ("embeddings.token_type_embeddings.weight",),
-        "embeddings.norm.weight": ("embeddings.LayerNorm.weight",),
-        "embeddings.norm.bias": ("embeddings.LayerNorm.bias",),
-    }
-    if not c.type_vocab_size:
-        del table["embeddings.token_type.weight"]
-    table.update(_layer_table(c, "encoder.layer.", _BERT_LAYER))
-    return table
-
-
-def electra_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
-    table = bert_key_table(c)
-    if c.embedding_size not in (None, c.hidden_size):  # ElectraModel.embeddings_project, outside "embeddings."
-        table.update({f"embeddings.project.{p}": (f"embeddings_project.{p}",) for p in ("weight", "bias")})
-    return table
-
-
-_MPNET_LAYER = {
-    "attention.qkv": ("attention.attn.q", "attention.attn.k", "attention.attn.v"),
-    "attention.out": ("attention.attn.o",),
-    "attention_norm": ("attention.LayerNorm",),
-    "ffn.up": ("intermediate.dense",),
-    "ffn.down": ("output.dense",),
-    "ffn_norm": ("output.LayerNorm",),
-}
-
-
-def mpnet_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
-    table = {
-        "embeddings.word.weight": ("embeddings.word_embeddings.weight",),
-        "embeddings.position.weight": ("embeddings.position_embeddings.weight",),
-        "embeddings.norm.weight": ("embeddings.LayerNorm.weight",),
-        "embeddings.norm.bias": ("embeddings.LayerNorm.bias",),
-        "relative_bias.weight": ("encoder.relative_attention_bias.weight",),  # buckets,H0: whole, however pruned
-    }
-    table.update(_layer_table(c, "encoder.layer.", _MPNET_LAYER))
-    return table
-
-
-def distilbert_key_table(c: BertConfig) -> dict[str, tuple[str, ...]]:
-    table = {
-        "embeddings.word.weight": ("embeddings.word_embeddings.weight",),
-        "embeddings.position.weight": ("embeddings.position_embeddings.weight",),
-        "embeddings.norm.weight": ("embeddings.LayerNorm.weight",),
-        "embeddings.norm.bias": ("embeddings.LayerNorm.bias",),
-    }
-    table.update(_layer_table(c, "transformer.layer.", _DISTILBERT_LAYER))
-    return table
-
-
-# ---- config.json, both ways ---------------------------------------------------------------------
-
-_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-
-
-def read_bert_config(hf: dict) -> dict:
-    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-        raise UserError("st supports hidden_act 'gelu' with absolute position embeddings")
-    missing = [k for k in _REQUIRED if k not in hf]
-    if missing:
-        raise UserError(f"it lacks {missing[0]}; it is not a complete {hf['model_type']} config")
-    return dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 512),
-        type_vocab_size=hf.get("type_vocab_size", 2),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        initializer_range=hf.get("initializer_range", 0.02),
-        pad_token_id=hf.get("pad_token_id", 0) or 0,
-        model_type=hf["model_type"],
-    )
-
-
-def read_roberta_config(hf: dict) -> dict:
-    # RobertaConfig's defaults differ from BERT's: pad 1, one token type, eps 1e-5 (always written in practice).
-    hf = {"pad_token_id": 1, "type_vocab_size": 1, **hf}
-    return {**read_bert_config(hf), "pad_token_id": hf["pad_token_id"], "positions_after_padding": True}
-
-
-def read_electra_config(hf: dict) -> dict:
-    fields = read_bert_config(hf)
-    E = hf.get("embedding_size", 128)  # ElectraConfig's default
-    return {**fields, "embedding_size": None if E == fields["hidden_size"] else E}
-
-
-def read_distilbert_config(hf: dict) -> dict:
-    if hf.get("activation", "gelu") != "gelu":
-        raise UserError("st supports activation 'gelu'")
-    renamed = {
-        "dim": "hidden_size",
-        "n_layers": "num_hidden_layers",
-        "n_heads": "num_attention_heads",
-        "hidden_dim": "intermediate_size",
-    }
-    missing = [k for k in ("vocab_size", *renamed) if k not in hf]
-    if missing:
-        raise UserError(f"it lacks {missing[0]}; it is not a complete distilbert config")
-    bert_like = {renamed.get(k, k): v for k, v in hf.items() if k not in ("hidden_act", "position_embedding_type")}
-    fields = read_bert_config(
-        {
-            **bert_like,
-            "hidden_dropout_prob": hf.get("dropout", 0.1),
-            "attention_probs_dropout_prob": hf.get("attention_dropout", 0.1),
-        }
-    )
-    # DistilBERT has no token types, and its LayerNorm eps is fixed at 1e-12 in HF's code, not in the config.
-    return {
-        **fields,
-        "type_vocab_size": 0,
-        "layer_norm_eps": 1e-12,
-        "sinusoidal_positions": bool(hf.get("sinusoidal_pos_embds", False)),
-    }
-
-
-# transformers' MPNetEncoder.compute_position_bias uses 32 buckets whatever the config says (a larger
-# table's extra rows go unused, a smaller one fails), and MPNetEmbeddings pads with id 1 whatever
-# pad_token_id says: st follows the code, so a config that says otherwise is refused, not misread.
-MPNET_BUCKETS, MPNET_PAD = 32, 1
-
-
-def read_mpnet_config(hf: dict) -> dict:
-    buckets, pad = hf.get("relative_attention_num_buckets", MPNET_BUCKETS), hf.get("pad_token_id", MPNET_PAD)
-    if buckets != MPNET_BUCKETS:
-        raise UserError(
-            f"relative_attention_num_buckets is {buckets!r}; transformers' MPNet uses {MPNET_BUCKETS}, as st"
-        )
-    if pad != MPNET_PAD:
-        raise UserError(f"pad_token_id is {pad!r}; transformers' MPNet pads with id {MPNET_PAD}, as st")
-    # MPNetConfig's defaults: eps 1e-12, 512 positions (read_bert_config's); no token types.
-    return {
-        **read_bert_config(hf),
-        "type_vocab_size": 0,
-        "pad_token_id": MPNET_PAD,
-        "positions_after_padding": True,
-        "relative_attention_buckets": MPNET_BUCKETS,
-    }
-
-
-def bert_config_fields(c: BertConfig) -> dict:
-    fields = {
-        "model_type": c.model_type,
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "intermediate_size": c.intermediate_size,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": c.hidden_dropout,
-        "attention_probs_dropout_prob": c.attention_dropout,
-        "max_position_embeddings": c.max_position_embeddings,
-        "type_vocab_size": c.type_vocab_size,
-        "initializer_range": c.initializer_range,
-        "layer_norm_eps": c.layer_norm_eps,
-        "pad_token_id": c.pad_token_id,
-        "position_embedding_type": "absolute",
-    }
-    if c.model_type == "electra":
-        fields["embedding_size"] = c.embedding_size or c.hidden_size
-    return fields
-
-
-def mpnet_config_fields(c: BertConfig) -> dict:
-    fields = bert_config_fields(c)
-    for name in ("type_vocab_size", "position_embedding_type"):  # not MPNetConfig's
-        del fields[name]
-    return {**fields, "relative_attention_num_buckets": c.relative_attention_buckets}
-
-
-def distilbert_config_fields(c: BertConfig) -> dict:
-    return {
-        "model_type": "distilbert",
-        "vocab_size": c.vocab_size,
-        "dim": c.hidden_size,
-        "n_layers": c.num_layers,
-        "n_heads": c.num_heads,
-        "hidden_dim": c.intermediate_size,
-        "activation": "gelu",
-        "dropout": c.hidden_dropout,
-        "attention_dropout": c.attention_dropout,
-        "max_position_embeddings": c.max_position_embeddings,
-        "sinusoidal_pos_embds": c.sinusoidal_positions,
-        "initializer_range": c.initializer_range,
-        "pad_token_id": c.pad_token_id,
-    }
+    # The task head's shape beyond `pooler_activation`, from the encoder config (`st.models.heads.Pooler`'s
+    # keyword arguments): ModernBERT's head pools by its config, has a norm and an optional dense bias.
+    pooler_options: Callable[[object], dict] = lambda config: {}
+    # transformers can load the `pruned-heads` export (False for DeBERTa: its prune_heads raises).
+    prunes_heads: bool = True
+    # HF names (under prefix) a checkpoint may carry that this config does not use, as HF ignores them.
+    unused_keys: Callable[[object], tuple[str, ...]] = lambda config: ()
 
 
 # ---- the rows -------------------------------------------------------------------------------------
@@ -357,10 +164,49 @@ MPNET = Family(
     skipped_prefixes=("lm_head.", "pooler.", *_TASK_HEADS),
     read_config=read_mpnet_config,
     config_fields=mpnet_config_fields,
+    prunes_heads=False,  # transformers' MPNet prunes q/k/v/o but not its bias table: forward then fails
+)
+
+
+MODERNBERT = Family(
+    model_type="modernbert",
+    prefix="model.",
+    classifier_class="ModernBertForSequenceClassification",
+    encoder_table=modernbert_key_table,
+    pooler_table=MODERNBERT_POOLER,  # ModernBertForMaskedLM's head: transformers starts a classifier from it
+    head_table=MODERNBERT_HEAD,
+    pooler_activation="gelu",  # the config's classifier_activation decides (pooler_options)
+    head_dropout_field="classifier_dropout",
+    skipped_prefixes=("decoder.", "classifier."),
+    read_config=read_modernbert_config,
+    config_fields=modernbert_config_fields,
+    config_class=ModernBertConfig,
+    encoder_class=ModernBert,
+    pooler_options=modernbert_pooler_options,
+    prunes_heads=False,  # transformers' ModernBERT has no prune_heads
+)
+
+DEBERTA_V2 = Family(  # DeBERTa-v2 and v3: st.models.deberta, its HF names and config.json in st.models.deberta_hf
+    model_type="deberta-v2",
+    prefix="deberta.",
+    classifier_class="DebertaV2ForSequenceClassification",
+    encoder_table=deberta_hf.deberta_key_table,
+    pooler_table={},  # pre-trained DeBERTa checkpoints have no pooler; the task head's dense layer starts fresh
+    head_table=deberta_hf.DEBERTA_HEAD,
+    pooler_activation="gelu",  # the config's pooler_hidden_act decides (pooler_options)
+    head_dropout_field="cls_dropout",
+    skipped_prefixes=("lm_predictions.", "mask_predictions.", "pooler.", *_TASK_HEADS),
+    read_config=deberta_hf.read_deberta_config,
+    config_fields=deberta_hf.deberta_config_fields,
+    config_class=DebertaV2Config,
+    encoder_class=DebertaV2,
+    pooler_options=lambda config: {"activation": config.pooler_hidden_act},
+    prunes_heads=False,  # transformers' DeBERTa raises NotImplementedError in prune_heads
+    unused_keys=deberta_hf.deberta_unused_keys,
 )
 
 FAMILIES = {
-    f.model_type: f for f in (BERT, ROBERTA, XLM_ROBERTA, ELECTRA, DISTILBERT, MPNET)
+    f.model_type: f for f in (BERT, ROBERTA, XLM_ROBERTA, ELECTRA, DISTILBERT, MPNET, MODERNBERT, DEBERTA_V2)
 }  # config.json model_type -> its family
 
 
@@ -369,7 +215,8 @@ def family_of(model_type: str | None, where: str) -> Family:
     if model_type not in FAMILIES:
         raise UserError(
             f"{where} has model_type {model_type!r}; st supports {', '.join(repr(k) for k in FAMILIES)} "
-            f"(BERT, RoBERTa, XLM-RoBERTa, ELECTRA discriminator, DistilBERT, MPNet): use a checkpoint of one of these"
+            f"(BERT, RoBERTa, XLM-RoBERTa, ELECTRA discriminator, DistilBERT, MPNet, ModernBERT, DeBERTa-v2/v3): use "
+            "a checkpoint of one of these"
         )
     return FAMILIES[model_type]
 

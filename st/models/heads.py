@@ -1,36 +1,57 @@
-"""Pooler and task layer on top of the encoder: a first-token pooler, dropout, one linear layer.
+"""Pooler and task layer on top of the encoder: a pooler, dropout, one linear layer.
 
 The pooler's activation is the family's (`Family.pooler_activation`): BERT's pooler and RoBERTa's
-classification head use tanh, ELECTRA's head gelu, DistilBERT's pre_classifier relu."""
+classification head use tanh, ELECTRA's head gelu, DistilBERT's pre_classifier relu. A family's
+`pooler_options` may shape it further from the encoder config: ModernBERT's head pools the first token or
+the mean of the real tokens, has an optional dense bias and a LayerNorm after the activation."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from st.errors import UserError
 from st.models.bert import Bert, BertConfig, init_weights
 from st.models.families import FAMILIES
-
-ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
+from st.models.modernbert import ACTIVATIONS
 
 
 class Pooler(nn.Module):
-    def __init__(self, hidden_size: int, activation: str = "tanh"):
+    """pool (the first token, or the mean over real tokens), dense, activation (, LayerNorm)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        activation: str = "tanh",
+        pooling: str = "cls",
+        dense_bias: bool = True,
+        norm_eps: float | None = None,  # None: no norm (BERT families); ModernBERT: its norm_eps
+        norm_bias: bool = True,
+    ):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = nn.Linear(hidden_size, hidden_size, bias=dense_bias)
         self.activation = ACTIVATIONS[activation]
+        self.mean = pooling == "mean"
+        self.norm = None if norm_eps is None else nn.LayerNorm(hidden_size, eps=norm_eps, bias=norm_bias)
 
     @classmethod
     def for_config(cls, config: BertConfig) -> "Pooler":
         """The pooler of the config's family (its HF classification head's activation)."""
         if config.model_type not in FAMILIES:  # a hand-edited st checkpoint
             raise UserError(f"the model config's model_type {config.model_type!r} is not one of {', '.join(FAMILIES)}")
-        return cls(config.hidden_size, FAMILIES[config.model_type].pooler_activation)
+        family = FAMILIES[config.model_type]
+        return cls(config.hidden_size, **{"activation": family.pooler_activation, **family.pooler_options(config)})
 
-    def forward(self, hidden: Tensor) -> Tensor:  # B,T,D -> B,D
-        return self.activation(self.dense(hidden[:, 0]))
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:  # B,T,D (and B,T) -> B,D
+        if not self.mean:
+            pooled = hidden[:, 0]  # B,D
+        elif attention_mask is None:
+            pooled = hidden.mean(1)
+        else:  # real tokens only: the unpacked hidden states hold zeros at padding, the ONNX graph does not
+            real = attention_mask[..., None].to(hidden.dtype)  # B,T,1
+            pooled = (hidden * real).sum(1) / real.sum(1)
+        pooled = self.activation(self.dense(pooled))
+        return pooled if self.norm is None else self.norm(pooled)
 
 
 class TaskHead(nn.Module):
@@ -65,7 +86,7 @@ class BertClassifier(nn.Module):
         self, input_ids, token_type_ids=None, attention_mask=None, head_mask=None, ffn_mask=None, packed=True
     ) -> Tensor:
         hidden = self.encoder(input_ids, token_type_ids, attention_mask, head_mask, ffn_mask, packed)  # B,T,D
-        return self.classifier(self.pooler(hidden))  # B,num_labels
+        return self.classifier(self.pooler(hidden, attention_mask))  # B,num_labels
 
 
 def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:  # B,C and B -> B

@@ -163,10 +163,10 @@ def _normalise_hf_name(key: str, family: Family) -> str:
 
 def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: Path, family: Family = BERT):
     """(encoder state, pooler state or None) in our names; unknown, missing or misshapen keys raise."""
-    hf = {}
+    hf, unused = {}, family.unused_keys(config)
     for key, tensor in raw.items():
         name = _normalise_hf_name(key, family)
-        if name in SKIPPED_KEYS or name.startswith(family.skipped_prefixes):
+        if name in SKIPPED_KEYS or name.startswith(family.skipped_prefixes) or name in unused:
             continue
         hf[name] = tensor
     encoder_table, pooler_table = family.encoder_table(config), family.pooler_table
@@ -179,8 +179,8 @@ def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: P
         )
     with torch.device("meta"):  # shapes only: the model itself is the one source of truth for them
         expected = {k: tuple(v.shape) for k, v in build_encoder(config).state_dict().items()}
-    d = config.hidden_size
-    expected_pooler = {"dense.weight": (d, d), "dense.bias": (d,)}
+    d = config.hidden_size  # a pooler is a dense D×D layer, with D-sized biases (and ModernBERT's norm)
+    expected_pooler = {k: (d, d) if k == "dense.weight" else (d,) for k in pooler_table}
     # Check every HF tensor before Q, K and V are concatenated: a wrong width would otherwise fail
     # inside torch.cat, and a wrong length would be reported as the sum of three keys.
     for table, shapes in ((encoder_table, expected), (pooler_table, expected_pooler)):
@@ -190,8 +190,9 @@ def convert_hf_state(raw: dict[str, torch.Tensor], config: BertConfig, source: P
                 if n in hf and tuple(hf[n].shape) != part:
                     raise UserError(f"{source}: {n} has shape {tuple(hf[n].shape)}, config.json implies {part}")
     encoder = _gather(hf, encoder_table, source)
-    has_pooler = bool(pooler_table) and all(n in hf for names in pooler_table.values() for n in names)
-    pooler = _gather(hf, pooler_table, source) if has_pooler else None
+    # The pooler's tensors that the checkpoint has (ModernBERT's biases are optional); none without its dense weight.
+    present = {k: names for k, names in pooler_table.items() if all(n in hf for n in names)}
+    pooler = _gather(hf, present, source) if "dense.weight" in present else None
     return encoder, pooler
 
 
