@@ -110,7 +110,8 @@ def sweep_section(part: str, doc: dict) -> list[str]:
         f"## {doc['task']}, {MODELS[part]}: the phase transition",
         "",
         f"{job['train_size']} training examples, {job['train']['epochs']} epochs, batch {job['train']['batch_size']}, "
-        f"lr {job['train']['lr']:g}, max length {job['max_length']}; seeds {', '.join(map(str, seeds))} "
+        f"lr {job['train']['lr']:g}, max length {job['max_length']}, "
+        f"{job['train'].get('precision', 'fp32')}; seeds {', '.join(map(str, seeds))} "
         f"({len(seeds)} of {s['seeds']} finished). Test {metric} ×100, mean ± std over seeds; "
         "epochs and the super ticket chosen on all of dev.",
         "",
@@ -167,6 +168,22 @@ def sweep_section(part: str, doc: dict) -> list[str]:
                 f"- r = {ratio:g}, winning − {control}: {compare(test('winning', ratio), test(control, ratio))}"
             )
     return lines + [""]
+
+
+def size_section(small: dict, large: dict) -> list[str]:
+    """H6: the super ticket's test gain on the 110M MPNet next to the 22M MiniLM's (part 5 vs part 1)."""
+    lines = ["## H6, model size: the super ticket's gain (test, paired over seeds)", ""]
+    for part, doc in (("rt", small), ("mpnet", large)):
+        sel = select_super_ticket(doc)
+        gain = (
+            fmt_paired(sel.gain, sel.ci, sel.n_paired, sel.p_value)
+            if sel.kind != FULL
+            else "none: the full model is its own super ticket (gain 0 by construction)"
+        )
+        where = f"r = {sel.ratio:g}" if sel.kind != FULL else "full model"
+        lines.append(f"- {MODELS[part]} ({where}): {gain}")
+    lines += ["", "Descriptive, as planned: the two intervals side by side; 3 seeds against 5 cannot test H6.", ""]
+    return lines
 
 
 def mtl_section(doc: dict) -> list[str]:
@@ -276,6 +293,10 @@ def render() -> str:
         "two-sided paired t-test (`st.select.paired`).",
         "",
     ]
+    if load("rt") and load("mpnet"):
+        sections_h6 = size_section(load("rt"), load("mpnet"))
+    else:
+        sections_h6 = ["## H6, model size: not run", ""]
     for part, section in (
         *((p, sweep_section) for p in SWEEPS),
         ("mtl", mtl_section),
@@ -288,6 +309,8 @@ def render() -> str:
             if doc
             else [f"## {part}: not run", ""]
         )
+        if part == "mpnet":
+            lines += sections_h6
     return "\n".join(lines)
 
 
