@@ -113,6 +113,31 @@ log_to_option = click.option(
 )
 
 
+column_options = _options(
+    click.option(
+        "--text-columns", default=None, help="csv/jsonl/hf tasks: text column, or two comma-separated for pairs."
+    ),
+    click.option("--label-column", default=None, help="csv/jsonl/hf tasks: label column."),
+    click.option(
+        "--labels",
+        default=None,
+        help="csv/jsonl/hf tasks: comma-separated label set (default: hf's ClassLabel names, else from train).",
+    ),
+)
+# `st eval` and `st score`: the checkpoint's data, recorded when it was fine-tuned, unless these say otherwise
+checkpoint_data_options = _options(
+    click.option(
+        "--data-dir",
+        type=click.Path(),
+        default=None,
+        help="Where the checkpoint's data is now (as for finetune). Default: where it was fine-tuned from; "
+        "--dataset and the csv/jsonl/hf column options likewise default to the checkpoint's.",
+    ),
+    dataset_option,
+    column_options,
+)
+
+
 def task_options(required: bool = True):
     """--task and the options that locate and describe its data."""
     task_help = "Task name (see `st tasks`)." + (
@@ -122,15 +147,7 @@ def task_options(required: bool = True):
         click.option("--task", required=required, help=task_help),
         data_dir_option,
         dataset_option,
-        click.option(
-            "--text-columns", default=None, help="csv/jsonl/hf tasks: text column, or two comma-separated for pairs."
-        ),
-        click.option("--label-column", default=None, help="csv/jsonl/hf tasks: label column."),
-        click.option(
-            "--labels",
-            default=None,
-            help="csv/jsonl/hf tasks: comma-separated label set (default: hf's ClassLabel names, else from train).",
-        ),
+        column_options,
         click.option("--regression", is_flag=True, default=None, help="csv/jsonl/hf tasks: a real-valued label."),
         click.option(
             "--max-length",

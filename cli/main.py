@@ -13,9 +13,9 @@ from rich.console import Console
 
 from cli import studies  # noqa: F401  (registers its commands on the group)
 from cli.app import (
+    checkpoint_data_options,
     cli,
     console,
-    dataset_option,
     device_option,
     log_to_option,
     overwrite_option,
@@ -86,8 +86,7 @@ def finetune_command(out, device, log_to, **options):
 @cli.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(), help="A folder written by `st finetune`.")
 @click.option("--task", default=None, help="Default: the checkpoint's task.")
-@click.option("--data-dir", type=click.Path(), default=None, help="Default: the checkpoint's data.")
-@dataset_option
+@checkpoint_data_options
 @click.option(
     "--split", default="dev", show_default=True, help="dev or test (or a task's split name, e.g. dev_mismatched)."
 )
@@ -101,7 +100,9 @@ def finetune_command(out, device, log_to, **options):
 @device_option
 @precision_option
 @overwrite_option
-def eval_command(checkpoint, task, data_dir, dataset, split, predictions, batch_size, device, precision, overwrite):
+def eval_command(
+    checkpoint, task, data_dir, dataset, split, predictions, batch_size, device, precision, overwrite, **columns
+):
     """Evaluate a fine-tuned checkpoint on a split; write predictions."""
     from st import dist
     from st.evaluate import evaluate_checkpoint
@@ -118,6 +119,7 @@ def eval_command(checkpoint, task, data_dir, dataset, split, predictions, batch_
             precision,
             overwrite=overwrite,
             dataset=dataset,
+            options=columns,
         )
         if dist.is_main():
             for name, values in metrics.items():
@@ -137,10 +139,11 @@ def eval_command(checkpoint, task, data_dir, dataset, split, predictions, batch_
 )
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+@checkpoint_data_options
 @device_option
 @precision_option
 @overwrite_option
-def score_command(checkpoint, out, num_examples, batch_size, seed, device, precision, overwrite):
+def score_command(checkpoint, out, num_examples, batch_size, seed, device, precision, overwrite, **data):
     """Importance of every head and FFN block: E_x |dL/d mask| over the training set."""
     from st import dist
     from st.importance import plot_heatmap
@@ -152,7 +155,15 @@ def score_command(checkpoint, out, num_examples, batch_size, seed, device, preci
     with dist.session():
         device = dist.pick_device(device)
         scores = score_checkpoint(
-            checkpoint, num_examples=num_examples, batch_size=batch_size, device=device, seed=seed, precision=precision
+            checkpoint,
+            num_examples=num_examples,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            precision=precision,
+            data_dir=data.pop("data_dir"),
+            dataset=data.pop("dataset"),
+            options=data,
         )
         if dist.is_main():
             with staged_outputs([Path(out), Path(out).with_suffix(".png")]) as (json_path, png_path):

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from st import dist
-from st.errors import UserError
-from st.io import check_output, read_json, staged_outputs, starts_with
-from st.layout import CONFIG
+from st.io import check_output, staged_outputs, starts_with
 from st.pipeline import checkpoint_spec, load_split
 from st.train import predict_set
 
@@ -24,23 +22,14 @@ def evaluate_checkpoint(
     *,
     overwrite: bool = False,
     dataset: str | None = None,
+    options: dict | None = None,
 ) -> dict:
     """{split: metrics} for `split` ("dev", "test" or an exact split name); metrics are empty for
     unlabelled test splits, whose predictions go to `predictions` (one file per split). Existing
-    prediction files are refused before any work, unless `overwrite` (and they are predictions)."""
-    model, spec, task, tokenizer = checkpoint_spec(checkpoint, task_name, data_dir, dataset)
+    prediction files are refused before any work, unless `overwrite` (and they are predictions).
+    `options`: csv/jsonl/hf task options (text_columns, label_column, labels) replacing the checkpoint's."""
+    model, spec, task, tokenizer = checkpoint_spec(checkpoint, task_name, data_dir, dataset, options)
     precision = precision or spec.train.precision  # None: the precision it was fine-tuned in
-    if model.num_labels != task.num_labels:
-        raise UserError(
-            f"{checkpoint} has {model.num_labels} outputs but task {task.name} needs {task.num_labels}; pass "
-            "the task it was fine-tuned on"
-        )
-    trained = read_json(Path(checkpoint) / CONFIG).get("labels") or []
-    if trained and list(task.labels) and list(trained) != list(task.labels):  # output i must mean the same label
-        raise UserError(
-            f"{checkpoint} was trained with labels {trained} but task {task.name} has {list(task.labels)}; "
-            "pass --labels in the checkpoint's order, or evaluate on the task it was fine-tuned on"
-        )
     splits = {"dev": task.dev_splits, "test": task.test_splits}.get(split, (split,))
     paths = {}
     if predictions:

@@ -289,10 +289,16 @@ def subset(data: EncodedSet, indices: list[int]) -> EncodedSet:
 
 
 def checkpoint_spec(
-    checkpoint: str | Path, task: str | None = None, data_dir: str | None = None, dataset: str | None = None
+    checkpoint: str | Path,
+    task: str | None = None,
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    options: dict | None = None,
 ) -> tuple[BertClassifier, RunSpec, Task, Tokenizer]:
     """A fine-tuned checkpoint with the spec that made it (another `task`, `data_dir` or Hugging Face
-    `dataset` if given: either replaces where the data was), its task and its tokenizer."""
+    `dataset` if given: either replaces where the data was; both are refused by the task), its task and
+    its tokenizer. `options`: csv/jsonl/hf task options (text_columns, ...) replacing the recorded ones.
+    A task whose outputs differ from the checkpoint's (their number, or the labels' order) is refused."""
     model, cfg = load_checkpoint(checkpoint)
     try:
         spec = RunSpec.from_settings(cfg["job"])
@@ -302,11 +308,26 @@ def checkpoint_spec(
             "restore it from the run's run.json"
         ) from None
     data = replace(spec.data, **{k: v for k, v in (("task", task), ("data_dir", data_dir)) if v is not None})
+    recorded = dict(data.task_options)
     if data_dir is not None or dataset is not None:
-        options = {k: v for k, v in data.task_options if k != "dataset"} | ({"dataset": dataset} if dataset else {})
-        data = replace(data, data_dir=None if dataset else data.data_dir, task_options=tuple(options.items()))
+        recorded = {k: v for k, v in recorded.items() if k != "dataset"} | ({"dataset": dataset} if dataset else {})
+        data = replace(data, data_dir=None if dataset and data_dir is None else data.data_dir)
+    passed = {k: v for k, v in (options or {}).items() if v is not None}
+    data = replace(data, task_options=tuple((recorded | passed).items()))
     spec = replace(spec, data=data, model=replace(spec.model, init=str(checkpoint)))
-    return model, spec, build_task(spec.data), Tokenizer.from_dir(checkpoint, max_length=spec.data.max_length)
+    task = build_task(spec.data)
+    if model.num_labels != task.num_labels:
+        raise UserError(
+            f"{checkpoint} has {model.num_labels} outputs but task {task.name} needs {task.num_labels}; pass "
+            "the task it was fine-tuned on"
+        )
+    trained = cfg.get("labels") or []
+    if trained and list(task.labels) and list(trained) != list(task.labels):  # output i must mean the same label
+        raise UserError(
+            f"{checkpoint} was trained with labels {trained} but task {task.name} has {list(task.labels)}; "
+            "pass --labels in the checkpoint's order, or the task it was fine-tuned on"
+        )
+    return model, spec, task, Tokenizer.from_dir(checkpoint, max_length=spec.data.max_length)
 
 
 def score_checkpoint(
@@ -317,11 +338,15 @@ def score_checkpoint(
     device: str = "cpu",
     seed: int = 0,
     precision: str | None = None,
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    options: dict | None = None,
 ) -> Scores:
     """Importance of every head and FFN block of a fine-tuned checkpoint over its training set
     (the examples it was fine-tuned on; `num_examples` samples fewer, with the seed), computed in
-    `precision` (None: the one it was fine-tuned in)."""
-    model, spec, task, tokenizer = checkpoint_spec(checkpoint)
+    `precision` (None: the one it was fine-tuned in). `data_dir`, `dataset`, `options`: where that
+    data is now and how to read it, when not where it was (`checkpoint_spec`)."""
+    model, spec, task, tokenizer = checkpoint_spec(checkpoint, None, data_dir, dataset, options)
     if model.encoder.config.kept_heads is not None or model.encoder.config.ffn_sizes is not None:
         raise UserError(f"{checkpoint} is physically pruned; score the full fine-tuned model")
     train = load_train(spec, task, tokenizer)

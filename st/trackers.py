@@ -2,8 +2,9 @@
 TensorBoard (torch's `SummaryWriter`), W&B (`wandb.init` / `run.log`), MLflow (`MlflowClient`).
 
 Each has `name`, `id` (what resumes its log, kept in the run folder), `step(step, metrics)`,
-`summary(values)` and `close(failed)`; each is built from the run's `st.tracking.Tracking` (which imports
-this module, so the type is not named here). The libraries load only when a backend is built.
+`summary(values)`, `flush()` (at each epoch's end, so that a killed run keeps its finished epochs) and
+`close(failed)`; each is built from the run's `st.tracking.Tracking` (which imports this module, so
+the type is not named here). The libraries load only when a backend is built.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class TensorBoard:
         for key, value in values.items():
             self.writer.add_scalar(key, value, 0)
 
+    def flush(self) -> None:
+        # events wait in a queue for the writer's thread, and on TensorFlow's or a remote file system in a
+        # buffer flushed every 2 minutes: a kill in between would lose finished epochs
+        self.writer.flush()
+
     def close(self, failed: bool) -> None:
         self.writer.close()
 
@@ -73,13 +79,15 @@ class WandB:
             dir=str(root),
             reinit="create_new",  # a sweep's in-process runs follow one another in one process
         )
-        self.last = start_step
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
     def summary(self, values: dict[str, float]) -> None:
         self.run.summary.update(values)
+
+    def flush(self) -> None:
+        pass  # run.log hands each record to W&B's service process at once; W&B has no flush to call
 
     def close(self, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
@@ -137,6 +145,9 @@ class MLflow:
     def summary(self, values: dict[str, float]) -> None:
         stamp = int(time.time() * 1000)
         self.client.log_batch(self.id, metrics=[self.entities.Metric(k, v, stamp, 0) for k, v in values.items()])
+
+    def flush(self) -> None:
+        pass  # log_batch writes synchronously
 
     def close(self, failed: bool) -> None:
         self.client.set_terminated(self.id, status="FAILED" if failed else "FINISHED")

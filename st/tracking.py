@@ -42,7 +42,7 @@ class Tracking:
     to: tuple[str, ...] = ()
     root: str | None = None  # the command's --out: where W&B's files and a default MLflow store go
     name: str | None = None  # the run's name there (default: its folder's), e.g. a sweep's seed0/winning-r0.30
-    group: str | None = None  # a sweep's name: the W&B group, the MLflow experiment
+    group: str | None = None  # a sweep's name: the W&B group, a "group" tag on MLflow runs
     tags: tuple[tuple[str, str], ...] = ()  # e.g. seed, kind and ratio of a sweep's run
     parent: str | None = None  # the MLflow run id of the sweep that holds this run
 
@@ -83,6 +83,7 @@ class Tracker:
     def epoch(self, step: int, epoch: int, metrics: dict) -> None:
         values = {f"dev/{k}": float(v) for k, v in _numbers(metrics).items()}
         self._each("step", step, {"epoch": float(epoch), **values})
+        self._each("flush")  # before the loop saves the epoch's progress: a killed run keeps its finished epochs
 
     def summary(self, values: dict) -> None:
         self._each("summary", _numbers(values))

@@ -356,3 +356,109 @@ def test_share_adapt_and_score_take_the_same_data_options(tmp_path, tiny_bert_di
     finetune(tiny_bert_dir, tmp_path / "ft", "--task", "sst2", "--data-dir", root, epochs=1)
     run("score", "--checkpoint", tmp_path / "ft", "--out", tmp_path / "scores.json")
     assert json.loads((tmp_path / "scores.json").read_text())["num_examples"] == 96
+
+
+# ---- layouts and options the audit found wanting ----------------------------------------------------
+
+
+def test_shard_names_with_a_hash_are_not_split_names(tmp_path):
+    # older push_to_hub wrote data/{split}-0000i-of-0000N-{hash}.parquet
+    data = tmp_path / "mine" / "data"
+    data.mkdir(parents=True)
+    train = user_dataset(40, 0)
+    for i in range(2):
+        train.shard(2, i, contiguous=True).to_parquet(str(data / f"train-{i:05d}-of-00002-5d5fd3a1b2c4e6f8.parquet"))
+    user_dataset(10, 1).to_parquet(str(data / "validation-00000-of-00001-0a1b2c3d4e5f6789.parquet"))
+    task = get_task("hf", data_dir=str(tmp_path / "mine"), text_columns="review", label_column="stars")
+    assert task.source.split_names() == ["train", "validation"]
+    assert len(task.load("train")) == 40 and len(task.load("dev")) == 10
+
+
+def test_mnli_ax_is_its_own_config_whatever_the_hub_id_or_folder_names(tmp_path):
+    root = cache_snapshot("nyu-mll/glue", write_mnli)
+    for dataset in ("nyu-mll/glue", "nyu-mll/glue:mnli"):  # the named config is mnli's, not ax's
+        task = get_task("mnli", dataset=dataset)
+        assert len(task.load("ax")) == 2 and len(task.load("test_matched")) == 3
+    task = get_task("mnli", data_dir=str(root / "mnli"))  # the config's own folder: no ax beside it
+    assert len(task.load("test_matched")) == 3
+    with pytest.raises(UserError, match=r"holds no ax split .*; GLUE's diagnostic set is the hub's ax config: add it"):
+        task.load("ax")
+
+
+def test_data_dir_and_dataset_together_are_refused(tmp_path, tiny_bert_dir, monkeypatch):
+    root = cache_snapshot("nyu-mll/glue", write_rte)
+    both = ("--data-dir", root, "--dataset", "nyu-mll/glue")
+    result = run("finetune", "--task", "rte", *both, "--model", tiny_bert_dir, "--out", tmp_path / "r", ok=False)
+    message = result.output.strip()
+    assert result.exit_code == 1 and "\n" not in message and "Traceback" not in result.output
+    assert "both say where the data is; pass one of them" in message
+    with pytest.raises(UserError, match="pass one of them"):
+        get_task("hf", data_dir=str(root), dataset="nyu-mll/glue:rte", text_columns="sentence1")
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path / "tsv"))  # a default folder is no --data-dir: the hub id is used
+    assert len(get_task("rte", dataset="nyu-mll/glue").load("dev")) == 32
+
+
+def test_bad_rows_are_one_line_naming_split_row_and_column(tmp_path):
+    def task_of(ds):
+        folder = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        DatasetDict(train=ds, validation=ds).save_to_disk(str(folder))
+        return get_task("hf", data_dir=str(folder), text_columns="review", label_column="stars")
+
+    reviews = [sentence(random.Random(i), i % 2 == 0) for i in range(6)]
+    empty = Dataset.from_dict({"review": reviews[:3] + [None] + reviews[4:], "stars": [0, 1] * 3})
+    with pytest.raises(UserError, match=r"\(validation\), row 3: the 'review' column is empty \(null\); fill it in"):
+        task_of(empty).load("dev")
+    listed = Dataset.from_dict({"review": [[w] for w in reviews], "stars": [0, 1] * 3})
+    with pytest.raises(UserError, match=r"\(train\), row 0: the 'review' column holds a list .*, not text"):
+        task_of(listed).load("train")
+    numbers = Dataset.from_dict({"review": [7, 8, 9, 10, 11, 12], "stars": [0, 1] * 3})
+    assert [e.text_a for e in task_of(numbers).load("train")][:2] == ["7", "8"]  # as the jsonl tasks read them
+    # a ClassLabel whose names lost one: index 2 has no name (datasets checks no range on a cast)
+    labels = Dataset.from_dict({"review": reviews, "stars": [0, 1, 0, 1, 2, 0]})
+    labels = labels.cast_column("stars", ClassLabel(names=["bad", "good"]))
+    with pytest.raises(UserError, match=r"\(train\), row 4: the 'stars' value 2 is not a label index \(0 to 1: bad"):
+        task_of(labels).load("train")
+    # the same in GLUE's hub layout (nyu-mll/glue's rte)
+    root = write_rte(tmp_path / "glue", n_train=8, n_dev=4)
+    ds = datasets.load_dataset("parquet", data_files={"s": str(root / "rte" / "validation-*.parquet")})["s"]
+    for path in (root / "rte").glob("validation-*.parquet"):
+        path.unlink()
+    labels = ds.cast_column("label", Value("int64")).map(lambda r, i: {"label": 5 if i == 1 else r["label"]},
+                                                         with_indices=True)  # fmt: skip
+    labels.cast_column("label", ClassLabel(names=["entailment", "not_entailment"])).to_parquet(
+        str(root / "rte" / "validation-00000-of-00001.parquet")
+    )
+    with pytest.raises(UserError, match=r"\(validation\), row 1: the 'label' value 5 is not a label index"):
+        get_task("rte", data_dir=str(root)).load("dev")
+
+
+def test_eval_and_score_take_the_data_options_of_finetune(tmp_path, tiny_bert_dir):
+    features = Features(review=Value("string"), stars=ClassLabel(names=["good", "bad"]))  # not alphabetical
+    DatasetDict(train=user_dataset(32, 0, features), validation=user_dataset(16, 1, features)).save_to_disk(
+        str(tmp_path / "mine")
+    )
+    data = ("--task", "hf", "--data-dir", tmp_path / "mine", "--text-columns", "review", "--label-column", "stars")
+    finetune(tiny_bert_dir, tmp_path / "ft", *data, epochs=1)
+    # the data moved: score reads it where it is now
+    (tmp_path / "mine").rename(tmp_path / "moved")
+    result = run("score", "--checkpoint", tmp_path / "ft", "--out", tmp_path / "s.json", ok=False)
+    assert result.exit_code == 1 and "does not exist" in result.output
+    run("score", "--checkpoint", tmp_path / "ft", "--data-dir", tmp_path / "moved", "--out", tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text())["num_examples"] == 32
+    # another copy, as plain parquet with other column names and string labels (sorted: bad, good)
+    other = tmp_path / "other"
+    other.mkdir()
+    for split, n, seed in (("train", 16, 2), ("validation", 8, 3)):
+        ds = user_dataset(n, seed)
+        columns = {"text": ds["review"], "verdict": ["bad" if s else "good" for s in ds["stars"]]}
+        Dataset.from_dict(columns).to_parquet(str(other / f"{split}.parquet"))
+    evaluate = ("eval", "--checkpoint", tmp_path / "ft", "--data-dir", other, "--text-columns", "text")
+    result = run(*evaluate, "--label-column", "verdict", ok=False)
+    assert result.exit_code == 1 and "pass --labels in the checkpoint's order" in result.output
+    result = run(*evaluate, "--label-column", "verdict", "--labels", "good,bad")
+    assert "accuracy" in result.output
+    score = ("score", "--checkpoint", tmp_path / "ft", "--data-dir", other, "--text-columns", "text")
+    result = run(*score, "--label-column", "verdict", "--out", tmp_path / "s2.json", ok=False)
+    assert result.exit_code == 1 and "pass --labels in the checkpoint's order" in result.output
+    result = run(*evaluate, "--dataset", "x/y", ok=False)
+    assert result.exit_code == 1 and "pass one of them" in result.output

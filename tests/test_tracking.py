@@ -33,6 +33,12 @@ def offline_trackers(monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
 
 
+def needs(*libraries: str) -> None:
+    """Skip unless the trackers' libraries are installed (the st[tensorboard,wandb,mlflow] extras)."""
+    for name in libraries:
+        pytest.importorskip(name)
+
+
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -75,6 +81,7 @@ def spec(tiny_bert_dir, sentiment_dir):
 
 
 def test_finetune_logs_steps_epochs_and_settings_to_all_three(tmp_path, tiny_bert_dir, sentiment_dir):
+    needs("tensorboard", "wandb", "mlflow")
     out = tmp_path / "run"
     args = ["finetune", "--task", "csv", "--data-dir", sentiment_dir, "--model", tiny_bert_dir, "--train-size", 64]
     args += ["--epochs", EPOCHS, "--batch-size", 16, "--lr", 1e-3, "--log-to", "tensorboard,mlflow", "--log-to"]
@@ -110,6 +117,7 @@ def test_finetune_logs_steps_epochs_and_settings_to_all_three(tmp_path, tiny_ber
 
 
 def test_a_killed_and_resumed_run_has_one_continuous_log(tmp_path, tiny_bert_dir, sentiment_dir):
+    needs("tensorboard", "wandb", "mlflow")
     out, s = tmp_path / "run", spec(tiny_bert_dir, sentiment_dir)
     tracking = Tracking(("tensorboard", "mlflow", "wandb"), root=str(tmp_path))
     with pytest.raises(Interrupt):  # stopped once epoch 2 is evaluated, before its progress is saved
@@ -152,6 +160,7 @@ def test_a_failing_tracker_is_one_warning_and_training_goes_on(tmp_path, tiny_be
     tracker.step(2, {"loss": 1.0})
     assert tracker.backends == [] and len([r for r in caplog.records if "broken logging failed" in r.message]) == 1
     # a tracking URI nobody can reach: a warning, and the run finishes with its metrics
+    needs("mlflow")
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", "unsupported-scheme://nowhere")
@@ -160,6 +169,7 @@ def test_a_failing_tracker_is_one_warning_and_training_goes_on(tmp_path, tiny_be
 
 
 def test_only_rank_0_logs(tmp_path, monkeypatch):
+    needs("tensorboard")
     from st import dist
 
     monkeypatch.setattr(dist, "is_main", lambda: False)
@@ -183,10 +193,12 @@ def test_a_missing_library_says_how_to_install_it(tmp_path, monkeypatch, sentime
 
 
 def test_no_wandb_binary_needed_for_the_rest(tmp_path):
+    needs("wandb")
     assert shutil.which("wandb", path=str(Path(sys.executable).parent))  # the inspector the tests read W&B with
 
 
 def test_a_sweep_logs_each_run_tagged_and_its_summary(tmp_path, tiny_bert_dir, sentiment_dir):
+    needs("tensorboard", "wandb", "mlflow")
     from st.select import select_super_ticket
     from st.specs import DataSpec, HeldOut, ModelSpec, RunSpec, TrainConfig
     from st.sweep import run_sweep
@@ -218,3 +230,32 @@ def test_a_sweep_logs_each_run_tagged_and_its_summary(tmp_path, tiny_bert_dir, s
     starts = [r["run"] for r in wandb_records(out) if r["type"] == "run"]
     assert len(starts) == 5 and {r["run_group"] for r in starts} == {"sweep"}
     assert sum("seed=1" in r.get("tags", []) and "kind=winning" in r.get("tags", []) for r in starts) == 1
+
+
+def test_each_epoch_is_flushed_before_its_progress_is_saved(tmp_path, tiny_bert_dir, sentiment_dir, monkeypatch):
+    """A kill after an epoch's progress is saved must not lose that epoch's log: the backends flush at the
+    epoch's end, before the loop saves its progress (TensorBoard's writer holds events in a queue, and on
+    TensorFlow's or a remote file system, in a buffer, until a flush or two minutes)."""
+    needs("tensorboard")
+    from st import trackers
+    from st.layout import PROGRESS, STATE
+
+    out, calls = tmp_path / "run", []
+
+    class Watched(trackers.TensorBoard):
+        def step(self, step, metrics):
+            calls.append(("step", step, "dev/accuracy" in metrics))
+            super().step(step, metrics)
+
+        def flush(self):
+            super().flush()
+            logged = tensorboard_scalars(out / "tensorboard").get("dev/accuracy", [])
+            calls.append(("flush", (out / PROGRESS / STATE).exists(), [s for s, _ in logged]))
+
+    monkeypatch.setitem(trackers.OPEN, "tensorboard", Watched)
+    s = run_spec("csv", model=str(tiny_bert_dir), data_dir=str(sentiment_dir), train_size=16, batch_size=16, lr=1e-3)
+    with pytest.raises(Interrupt):  # stopped once epoch 2 is logged and flushed, before its progress is saved
+        run_finetune(s, out, tracking=Tracking(("tensorboard",)), on_epoch=stop_at_epoch(2))  # 1 step per epoch
+    flushes = [(i, c) for i, c in enumerate(calls) if c[0] == "flush"]
+    assert [c for _, c in flushes] == [("flush", False, [1]), ("flush", True, [1, 2])]  # epoch 2: epoch 1's state
+    assert all(calls[i - 1] == ("step", epoch, True) for epoch, (i, _) in enumerate(flushes, 1))

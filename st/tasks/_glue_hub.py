@@ -13,11 +13,11 @@ official files' "-"). The guid is the dataset's `idx` (the index GLUE submission
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
 
 from st.errors import UserError
 from st.tasks import Example
-from st.tasks._hf import Source, check_columns, class_names, column_values
+from st.tasks._hf import check_columns, class_name, class_names, column_values, locate, text_values
 
 GLUE = "nyu-mll/glue"
 PREMISE = ("premise", "hypothesis")
@@ -48,27 +48,34 @@ def hub_split(split: str) -> tuple[str | None, str]:
     return None, split.replace("dev", "validation")
 
 
-def hub_examples(spec, split: str, locate: Callable[[str], Source]) -> list[Example]:
+AX = "GLUE's diagnostic set is the hub's ax config: add it, or evaluate --split test_matched"
+
+
+def hub_examples(spec, split: str, data_dir: Path | None, dataset: str | None) -> list[Example]:
     """The `split` (an official split name) of the task whose `st.tasks.glue.Spec` is `spec` (glue.py
-    imports this module, so the type is not named here), from the source `locate(config)` finds."""
+    imports this module, so the type is not named here), from `--data-dir` or `--dataset`."""
     config, name = hub_split(split)
-    text = PREMISE if config == "ax" else HUB.get(spec.name, (None, None, spec.text))[2]
+    ax = config == "ax"
+    text = PREMISE if ax else HUB.get(spec.name, (None, None, spec.text))[2]
     try:
-        source = locate(config or hub_config(spec.name))
+        # ax is its own config even where the hub id names mnli's (nyu-mll/glue:mnli)
+        source = locate(data_dir, dataset, config or hub_config(spec.name), split_config=ax)
+        missing = ax and name not in source.split_names()  # --data-dir the mnli/ folder itself
     except UserError as e:
-        if config != "ax":
+        if not ax:
             raise
-        raise UserError(
-            f"{e}; GLUE's diagnostic set is the hub's ax config: add it, or evaluate --split test_matched"
-        ) from None
+        raise UserError(f"{e}; {AX}") from None
+    if missing:
+        raise UserError(f"{source.where} holds no ax split (its splits: {', '.join(source.split_names())}); {AX}")
     ds = source.load(name)
     where = f"{source.where} ({name})"
     needed = [c for c in text if c] + ["label"]
     check_columns(ds, needed, where, {})
     index = {label: i for i, label in enumerate(spec.labels)}
     names = class_names(ds, "label")
-    test = split.startswith("test") or split == "ax"
-    texts = [column_values(ds, c) if c else None for c in text]
+    test = split.startswith("test") or ax
+    fix = f"fix the row, or check this is the {spec.name} dataset"
+    texts = [text_values(ds, c, where, fix) if c else None for c in text]
     guids = column_values(ds, "idx") if "idx" in ds.column_names else range(len(ds))
     examples = []
     for i, (raw, guid) in enumerate(zip(column_values(ds, "label"), guids)):
@@ -94,11 +101,11 @@ def _label(spec, raw, names, index: dict[str, int], test: bool, where: str):
     if isinstance(raw, str):  # SciTail's tsv_format keeps its labels as strings
         name = raw
     elif names is not None and all(n in index for n in names):
-        name = names[raw]
+        name = class_name(names, raw, where, "label")
     elif spec.labels == BINARY:
         name = str(raw)
     else:
-        name = names[raw] if names else str(raw)
+        name = class_name(names, raw, where, "label") if names else str(raw)
     if name not in index:
         raise UserError(
             f"{where}: label {name!r} is not one of {', '.join(spec.labels)}; is this the {spec.name} dataset?"

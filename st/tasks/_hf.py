@@ -1,8 +1,8 @@
 """Hugging Face datasets as task data, read through the `datasets` library (the `st[datasets]` extra).
 
-A dataset comes from one of three places, found in this order:
+A dataset comes from one of two places (both at once is refused: one would silently lose):
   a folder (`--data-dir`)      a `save_to_disk` folder, or parquet files in the hub's layout
-                               (`{config}/{split}-00000-of-00001.parquet`, `data/...`, or flat)
+                               (`{config}/{split}-00000-of-00001[-hash].parquet`, `data/...`, or flat)
   a hub id (`--dataset`)       its snapshot in the local hub cache (what `load_dataset` downloaded),
                                else `datasets.load_dataset`, which reads its own cache (offline too)
                                or downloads when online
@@ -11,6 +11,7 @@ Only parquet, arrow and JSON are read (never a loading script), so a folder from
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Sequence
 from st.errors import UserError
 
 INSTALL = "pip install 'st[datasets]'"
-SHARD = re.compile(r"^(?P<split>.+?)(-\d{5}-of-\d{5})?$")  # train-00000-of-00003 -> train
+# train-00000-of-00003 -> train; older push_to_hub added a hash: train-00000-of-00001-5d5fd3a1b2 -> train
+SHARD = re.compile(r"^(?P<split>.+?)(-\d{5}-of-\d{5}(-[0-9a-f]+)?)?$")
 DISK_FILES = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes (a DatasetDict, a Dataset)
 
 
@@ -80,12 +82,22 @@ def is_dataset_folder(folder: Path, config: str | None = None) -> bool:
     return _folder_source(folder, config) is not None
 
 
-def locate(data_dir: str | Path | None, dataset: str | None, config: str | None = None) -> Source:
+def check_one_source(data_dir, dataset: str | None) -> None:
+    """Not both `--data-dir` and `--dataset`: either would silently win over the other."""
+    if data_dir is not None and dataset:
+        raise UserError(f"--data-dir {data_dir} and --dataset {dataset} both say where the data is; pass one of them")
+
+
+def locate(
+    data_dir: str | Path | None, dataset: str | None, config: str | None = None, *, split_config: bool = False
+) -> Source:
     """The dataset behind `--data-dir` (a folder) or `--dataset` (HUB_ID[:CONFIG]); `config` is the
-    default config (a GLUE task's), used when the hub id names none."""
+    default config (a GLUE task's), used when the hub id names none, or whatever it names when
+    `split_config` (a split kept in a config of its own: GLUE's ax beside `nyu-mll/glue:mnli`)."""
+    check_one_source(data_dir, dataset)
     if dataset:
         repo, named = parse_dataset(dataset)
-        config = named or config
+        config = config if split_config else named or config
         snapshot = _cached_snapshot(repo)
         found = _folder_source(snapshot, config) if snapshot else None
         return found or Source(f"dataset {repo}" + (f":{config}" if config else ""), hub=(repo, config))
@@ -179,3 +191,28 @@ def class_names(ds, column: str) -> tuple[str, ...] | None:
 
 def column_values(ds, name: str) -> list:
     return list(ds[name])
+
+
+def text_values(ds, name: str, where: str, fix: str) -> list[str]:
+    """A text column's values: numbers and booleans in their JSON spelling (as the jsonl tasks read them);
+    a missing value or a list is one line naming its row (`where` names the split), with `fix`."""
+    values = column_values(ds, name)
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            continue
+        if isinstance(value, (bool, int, float)):
+            values[i] = json.dumps(value)
+            continue
+        what = "is empty (null)" if value is None else f"holds a {type(value).__name__} ({str(value)[:40]}), not text"
+        raise UserError(f"{where}, row {i}: the {name!r} column {what}; {fix}")
+    return values
+
+
+def class_name(names: Sequence[str], raw, where: str, column: str) -> str:
+    """The name of `ClassLabel` index `raw`, or one line saying the index is out of range."""
+    if isinstance(raw, int) and 0 <= raw < len(names):
+        return names[raw]
+    raise UserError(
+        f"{where}: the {column!r} value {raw!r} is not a label index (0 to {len(names) - 1}: {', '.join(names)}); "
+        "fix the row, or the ClassLabel names if a label is missing"
+    )

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 from st.errors import UserError
 from st.tasks import Example, register_task
 from st.tasks._glue_hub import hub_config, hub_examples
-from st.tasks._hf import is_dataset_folder, locate
+from st.tasks._hf import check_one_source, is_dataset_folder
 
 NLI = ("contradiction", "entailment", "neutral")  # HF run_glue's MNLI order, so checkpoints interoperate
 BINARY = ("0", "1")
@@ -136,7 +136,8 @@ class GlueTask:
         self.main_metric, self.head_dropout = spec.metrics[0], spec.head_dropout
         self.dev_splits = tuple(s for s in spec.splits if s.startswith("dev"))
         self.test_splits = tuple(s for s in spec.splits if s.startswith("test") or s == "ax")
-        if data_dir is None and os.environ.get("GLUE_DIR"):
+        check_one_source(data_dir, dataset)
+        if data_dir is None and not dataset and os.environ.get("GLUE_DIR"):  # a hub id is the data too
             data_dir = Path(os.environ["GLUE_DIR"]) / spec.folder
         # A missing folder is reported on load, not here: building a task for its label set needs no data.
         self.data_dir = Path(data_dir) if data_dir is not None else None
@@ -148,7 +149,7 @@ class GlueTask:
     def load(self, split: str) -> list[Example]:
         if self.dataset or (self.data_dir is not None and is_dataset_folder(self.data_dir, hub_config(self.spec.name))):
             self._check_split(split)  # the hub's copies: `st.tasks._glue_hub`
-            return hub_examples(self.spec, split, lambda config: locate(self.data_dir, self.dataset, config))
+            return hub_examples(self.spec, split, self.data_dir, self.dataset)
         path = self._path(split)
         index = {label: i for i, label in enumerate(self.labels)}
         rows = (

@@ -16,7 +16,7 @@ from typing import Sequence
 from st.errors import UserError
 from st.tasks import Example, register_task
 from st.tasks._common import check_split, compute_metrics, write_predictions
-from st.tasks._hf import check_columns, class_names, column_values, locate
+from st.tasks._hf import check_columns, class_name, class_names, column_values, locate, text_values
 
 SPLITS = ("train", "dev", "test")
 ALIASES = {"train": ("train",), "dev": ("validation", "dev", "valid", "val"), "test": ("test",)}
@@ -38,7 +38,7 @@ class HubTask:
             )
         self.label_column, self.regression = label_column, regression
         self._cache: dict[str, list[Example]] = {}
-        train = self._dataset("train", labelled=True)
+        _, train = self._dataset("train", labelled=True)
         named = class_names(train, label_column)
         if regression:
             if labels or named:
@@ -78,12 +78,13 @@ class HubTask:
         return found
 
     def _dataset(self, split: str, labelled: bool):
+        """(where, for messages: the source and the dataset's split name; the split as a `datasets.Dataset`)."""
         name = self._split_name(split)
-        ds = self.source.load(name)
+        ds, where = self.source.load(name), f"{self.source.where} ({name})"
         options = {c: "--text-columns" for c in self.text_columns} | {self.label_column: "--label-column"}
         needed = list(self.text_columns) + ([self.label_column] if labelled else [])
-        check_columns(ds, needed, f"{self.source.where} ({name})", options)
-        return ds
+        check_columns(ds, needed, where, options)
+        return where, ds
 
     def load(self, split: str) -> list[Example]:
         check_split(self.name, split, SPLITS)
@@ -93,9 +94,9 @@ class HubTask:
 
     def _examples(self, split: str) -> list[Example]:
         test = split in self.test_splits
-        ds = self._dataset(split, labelled=not test)
-        where = f"{self.source.where} ({ds.split or split})"
-        texts = [column_values(ds, c) for c in self.text_columns]
+        where, ds = self._dataset(split, labelled=not test)
+        fix = "fill it in or drop the row, or pass the text column with --text-columns"
+        texts = [text_values(ds, c, where, fix) for c in self.text_columns]
         has_labels = self.label_column in ds.column_names
         raw_labels = column_values(ds, self.label_column) if has_labels else [None] * len(ds)
         guids = column_values(ds, "id") if "id" in ds.column_names else range(len(ds))
@@ -116,7 +117,7 @@ class HubTask:
             if not math.isfinite(value):
                 raise UserError(f"{where}: regression label {raw!r} is not a finite number; fix the row")
             return value
-        name = named[raw] if named else str(raw)
+        name = class_name(named, raw, where, self.label_column) if named else str(raw)
         if name not in self.labels:
             raise UserError(
                 f"{where}: label {name!r} is not one of {', '.join(self.labels)}; fix the row or pass the full "
