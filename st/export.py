@@ -1,14 +1,18 @@
 """Exports of a fine-tuned (and usually pruned) model: `st`'s own folder, Hugging Face folders, ONNX.
 
 Hugging Face layouts, each a folder of the family's `...ForSequenceClassification` (Bert, Roberta,
-XLMRoberta, Electra, DistilBert; the family is the encoder config's model_type):
-  dense (default)  full-size tensors; a pruned head's Q/K/V rows and output-projection columns and
-                   a removed FFN block's weights and down bias are zeros. Exact: such a head's scores
-                   are 0, its softmax uniform, its values 0, so it adds nothing, exactly as a head
-                   mask of 0. Loads with `from_pretrained` in transformers 4.x and 5.x.
+XLMRoberta, Electra, DistilBert, MPNet, ModernBert, DebertaV2; the family is the encoder config's
+model_type):
+  dense (default)  full-size tensors; a pruned head's Q/K/V rows (ModernBERT's fused Wqkv; DeBERTa's
+                   positional projections too) and output-projection columns and a removed FFN
+                   block's weights and down bias are zeros. Exact: such a head's scores are 0, its
+                   softmax uniform, its values 0, so it adds nothing, exactly as a head mask of 0.
+                   Loads with `from_pretrained` in transformers 4.x and 5.x.
   pruned-heads     transformers 4.x's `pruned_heads` config field with the smaller Q/K/V/output
                    matrices (a removed FFN block is zero-filled: HF has no per-layer FFN width).
                    transformers 5 removed head pruning and refuses these folders (size mismatch).
+                   Refused where transformers 4.x cannot run pruned heads (`Family.prunes_heads`:
+                   MPNet, ModernBERT, DeBERTa).
 Both read back into `st` (`load_pretrained`, `load_hf_classifier`); `remove_zeros=True` removes the
 dense layout's zero heads and FFN blocks physically, giving back the small model.
 

@@ -169,6 +169,13 @@ class Tokenizer:
                 specials["pad"] = "<pad>"  # RoBERTa-style vocabularies without a tokenizer_config.json
         elif (folder / "vocab.txt").is_file():
             backend = _from_vocab(folder / "vocab.txt", cfg, specials)
+        elif spm := next((n for n in ("spm.model", "sentencepiece.bpe.model") if (folder / n).is_file()), None):
+            # DeBERTa-v3 checkpoints ship only SentencePiece's model; transformers converts it to tokenizer.json
+            raise UserError(
+                f"{folder} has SentencePiece's {spm} but no tokenizer.json, which st reads: write it with "
+                f"`python -c \"from transformers import AutoTokenizer as T; T.from_pretrained('{folder}')"
+                f".save_pretrained('{folder}')\"` (needs transformers, sentencepiece and protobuf)"
+            )
         else:
             raise UserError(
                 f"{folder} has no tokenizer: expected tokenizer.json or vocab.txt (with an optional "

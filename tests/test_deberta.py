@@ -1,8 +1,8 @@
 """DeBERTa-v2/v3 (`model_type: deberta-v2`): parity with transformers 4.57.6's DebertaV2Model on random
 non-default models (hidden states; head and FFN masks against HF with the masked parts zeroed), physical
 pruning of the positional projections, token ids equal to HF's DeBERTa-v2 fast tokenizer, the zero-filled
-export on HF's own DebertaV2ForSequenceClassification, and the pipeline end to end with its exports loading
-in transformers 4 and 5 and ONNX Runtime."""
+export on HF's own DebertaV2ForSequenceClassification (and its zeros, read from the file), and the pipeline
+end to end with its exports loading in transformers 4 and 5 and ONNX Runtime, then share, sweep and adapt."""
 
 from __future__ import annotations
 
@@ -14,13 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from st import speed
 from st.errors import UserError
-from st.export import export_hf, hf_state, load_hf_classifier
+from st.export import export_hf, load_hf_classifier
 from st.models import BertClassifier, load_checkpoint, load_pretrained
 from st.models.deberta import DebertaV2Config
 from st.models.families import FAMILIES
+from st.multitask import load_task_model
 from st.prune import prune_classifier
+from st.tickets import round_half_up
 from st.tokenize import Tokenizer
 from tests.test_export import onnx_logits
 from tests.test_families import CORPUS, PAIRS, TF5, st
@@ -123,9 +127,20 @@ def test_zero_filled_export_adds_nothing_in_transformers(name, tmp_path):
     model = BertClassifier(load_pretrained(tmp_path / "base"), num_labels=2).eval()
     head, ffn = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]]), torch.tensor([1, 0])
     small = export_hf(model, tmp_path / "hf", ["no", "yes"], head_mask=head, ffn_mask=ffn)
-    state = hf_state(small)
-    q = state["deberta.encoder.layer.1.attention.self.query_proj.weight"].view(H, D // H, D)
-    assert not q[1:].any() and q[0].any()
+    state = load_file(tmp_path / "hf" / "model.safetensors")  # what HF reads
+    projections = ["query_proj", "key_proj", "value_proj"]
+    projections += ["pos_key_proj", "pos_query_proj"] if name == "separate-keys" else []  # v3 shares q/k's
+    for i in range(L):
+        gone, kept = head[i] == 0, head[i] == 1
+        at = f"deberta.encoder.layer.{i}.attention"
+        for proj in projections:  # a pruned head's rows, weight and bias, in each projection
+            w, b = state[f"{at}.self.{proj}.weight"].view(H, D // H, D), state[f"{at}.self.{proj}.bias"].view(H, -1)
+            assert not w[gone].any() and not b[gone].any() and all(w[kept].flatten(1).any(1)), (i, proj)
+        out = state[f"{at}.output.dense.weight"].view(D, H, D // H)  # and its output-projection columns
+        assert not out[:, gone].any() and all(out[:, kept].transpose(0, 1).flatten(1).any(1)), i
+    for p in ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight", "output.dense.bias"):
+        assert state[f"deberta.encoder.layer.1.{p}"].shape == state[f"deberta.encoder.layer.0.{p}"].shape
+        assert not state[f"deberta.encoder.layer.1.{p}"].any() and state[f"deberta.encoder.layer.0.{p}"].any(), p
     hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "hf", output_loading_info=True
     )
@@ -152,6 +167,10 @@ def test_zero_filled_export_adds_nothing_in_transformers(name, tmp_path):
         ("pooler_hidden_size", 16, "pooler_hidden_size"),
         ("pooler_dropout", 0.1, "pooler_dropout"),
         ("attention_head_size", 8, "attention_head_size"),
+        ("hidden_size", "24", "hidden_size must be a positive whole number"),  # a hand-edited config.json
+        ("num_attention_heads", "4", "num_attention_heads must be a positive whole number"),
+        ("num_attention_heads", 0, "num_attention_heads must be a positive whole number"),
+        ("conv_kernel_size", "3", "conv_kernel_size must be a whole number"),
     ],
 )
 def test_options_st_does_not_implement_are_refused_in_one_line(field, value, said, tmp_path):
@@ -232,20 +251,28 @@ def test_token_ids_equal_the_deberta_v2_fast_tokenizer(tmp_path):
 # ---- the pipeline end to end ----------------------------------------------------------------------------
 
 
+def train_args(data_dir: Path, model_dir: Path) -> tuple:
+    """The options every run of the pipeline shares (finetune's; sweep and adapt take them too)."""
+    return ("--task", "csv", "--data-dir", data_dir, "--model", model_dir, "--batch-size", 16, "--lr", 5e-3,
+            "--device", "cpu", "--max-length", 16, "--train-size", 64)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, sentiment_dir):
     """A tiny random v3-like model with its tokenizer: finetune, score, prune at r = 0.3, rewind and fine-tune
-    the ticket, export the rewound run as a Hugging Face folder and an ONNX file."""
+    the ticket, export the rewound run as a Hugging Face folder and an ONNX file; ticket sharing (`st share`)."""
     tmp = tmp_path_factory.mktemp("deberta")
     tok = Tokenizer.from_dir(write_tokenizer(tmp / "model"))
     write_model(tmp / "model", "v3", tok.vocab_size, tok.pad_id)
-    train = ("--task", "csv", "--data-dir", sentiment_dir, "--model", tmp / "model", "--batch-size", 16, "--lr", 5e-3,
-             "--device", "cpu", "--max-length", 16, "--train-size", 64)  # fmt: skip
+    train = train_args(sentiment_dir, tmp / "model")
     st("finetune", *train, "--epochs", 1, "--out", tmp / "full")
     st("score", "--checkpoint", tmp / "full", "--out", tmp / "scores.json", "--device", "cpu")
     st("prune", "--scores", tmp / "scores.json", "--ratio", 0.3, "--checkpoint", tmp / "full", "--out", tmp / "t.json")
     st("finetune", *train, "--epochs", 1, "--ticket", tmp / "t.json", "--out", tmp / "rewound")
     st("export", "--checkpoint", tmp / "rewound", "--hf", tmp / "hf", "--onnx", tmp / "model.onnx")
+    st("share", "--tasks", "csv", "--tickets", tmp / "t.json", "--model", tmp / "model", "--data-dir",
+       f"csv={sentiment_dir}", "--train-sizes", "csv=64", "--max-length", 16, "--epochs", 1, "--batch-size", 16,
+       "--lr", 5e-3, "--device", "cpu", "--out", tmp / "share")  # fmt: skip
     model, _ = load_checkpoint(tmp / "rewound")
     batch = Tokenizer.from_dir(tmp / "hf", max_length=16).encode(*PAIRS)
     with torch.no_grad():
@@ -255,7 +282,9 @@ def pipeline(tmp_path_factory, sentiment_dir):
 
 def test_pipeline_exports_load_in_transformers_4_and_5_and_onnx_runtime(pipeline):
     tmp, model, batch, ours = pipeline
-    assert 0 < sum(map(len, model.encoder.config.kept_heads)) < L * H  # physically pruned (r = 0.3: 2 heads)
+    config = model.encoder.config  # physically pruned: round-half-up of r = 0.3 of the 8 heads and 2 FFN blocks
+    assert sum(map(len, config.kept_heads)) == L * H - round_half_up(0.3 * L * H) == 6
+    assert config.ffn_sizes.count(0) == round_half_up(0.3 * L) == 1 and config.ffn_sizes.count(F) == L - 1
     hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp / "hf", output_loading_info=True)
     assert type(hf).__name__ == FAMILIES["deberta-v2"].classifier_class and not any(info.values()), info
     enc = transformers.AutoTokenizer.from_pretrained(tmp / "hf")(
@@ -289,3 +318,37 @@ def test_pipeline_exports_load_in_transformers_4_and_5_and_onnx_runtime(pipeline
     error = (torch.tensor(out[folder]["logits"]) - ours).abs().max().item()
     print(f"deberta-v2: max |logits - transformers 5| = {error:.1e}")
     assert error < 1e-5
+
+
+def test_share_sweep_and_adapt_run_on_deberta(pipeline, sentiment_dir, monkeypatch):
+    """Ticket sharing kept the ticket; a sweep (full model + winning ticket) and domain adaptation from the
+    rewound ticket and the multi-task folder go through unchanged."""
+    tmp, model, _, _ = pipeline
+    metrics = json.loads((tmp / "share" / "metrics.json").read_text())
+    assert metrics["tickets"] == "shared" and 0 <= metrics["dev"]["csv"]["accuracy"] <= 1
+    assert metrics["percent_remaining"] == json.loads((tmp / "t.json").read_text())["percent_remaining"]
+    shared = load_task_model(tmp / "share", "csv").encoder.config  # one task: the shared encoder is its ticket
+    assert (shared.kept_heads, shared.ffn_sizes) == (model.encoder.config.kept_heads, model.encoder.config.ffn_sizes)
+
+    monkeypatch.setattr(speed, "_onnx_installed", lambda: False)  # time st's model: ONNX is `st export`'s above
+    train = train_args(sentiment_dir, tmp / "model")
+    st("sweep", *train, "--epochs", 1, "--ratios", 0.3, "--kinds", "winning", "--seeds", 1, "--out", tmp / "sweep")
+    runs = json.loads((tmp / "sweep" / "results.json").read_text())["runs"]
+    assert [(r["kind"], r["ratio"], r["error"]) for r in runs] == [("full", 0.0, None), ("winning", 0.3, None)]
+    assert runs[1]["percent_remaining"]["encoder"] < 100 and runs[1]["speedup"] > 0
+
+    froms = ("--from", f"ticket={tmp / 'rewound'}", "--from", f"shared={tmp / 'share'}")
+    st("adapt", *train[:-2], *froms, "--fractions", 0.25, "--epochs", 1, "--out", tmp / "adapt")  # no --train-size
+    rows = json.loads((tmp / "adapt" / "results.json").read_text())["rows"]
+    assert len(rows) == 2 and all(0 <= r["dev"]["accuracy"] <= 1 for r in rows), rows
+    for name in ("ticket", "shared"):  # each started from its pruned encoder and kept it
+        adapted, _ = load_checkpoint(tmp / "adapt" / name / "fraction0.25-seed0")
+        assert adapted.encoder.config.kept_heads == model.encoder.config.kept_heads, name
+
+
+def test_a_spm_model_without_tokenizer_json_says_how_to_write_one(tmp_path):
+    """Real DeBERTa-v3 checkpoints ship SentencePiece's spm.model only; st reads tokenizer.json."""
+    (tmp_path / "spm.model").write_bytes(b"\x00")
+    with pytest.raises(UserError, match="spm.model but no tokenizer.json") as e:
+        Tokenizer.from_dir(tmp_path)
+    assert "AutoTokenizer" in str(e.value) and "save_pretrained" in str(e.value) and "\n" not in str(e.value)

@@ -1,5 +1,6 @@
 """ModernBERT (st.models.modernbert) against transformers 4.57.6 and 5.x: hidden states, masks and their
-gradients, token ids, the pipeline end to end (score, prune, rewind, export to HF and ONNX)."""
+gradients, token ids, config options refused or read, the pipeline end to end (score, prune, rewind, export to
+HF and ONNX, share, sweep) and the zeros of the dense export."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from st import speed
 from st.errors import UserError
 from st.export import export_hf, hf_state, load_hf_classifier
 from st.models import load_checkpoint, load_pretrained
@@ -19,9 +22,10 @@ from st.models.families import FAMILIES
 from st.models.heads import BertClassifier
 from st.models.modernbert import ModernBert, ModernBertConfig
 from st.models.weights import config_from_hf
-from st.onnx_export import export_onnx
+from st.multitask import load_task_model
 from st.prune import prune_classifier, prune_encoder
 from st.tokenize import Tokenizer
+from tests.test_export import onnx_logits
 from tests.test_families import CORPUS, PAIRS, ROOT, TF5, st
 
 transformers = pytest.importorskip("transformers")
@@ -192,6 +196,11 @@ def test_config_options_st_does_not_implement_are_one_line(random_model):
         ),
         ({"local_attention": 0}, "local_attention"),
         ({"norm_bias": "yes"}, "norm_bias"),
+        ({"rope_parameters": "default"}, "rope_parameters"),  # not a dict
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 9.0}}, "rope_parameters"),  # flat: tf5 refuses it
+        ({"rope_parameters": {"full_attention": 500.0}}, "rope_parameters"),
+        ({"rope_scaling": {"rope_type": "default", "rope_theta": 9.0}}, "rope_scaling"),  # tf5 would take its theta
+        ({"layer_types": "full_attention"}, "layer_types"),
     ):
         with pytest.raises(UserError, match=named) as e:
             config_from_hf({**hf, **change}, random_model)
@@ -204,6 +213,8 @@ def test_config_options_st_does_not_implement_are_one_line(random_model):
     for k in ("global_attn_every_n_layers", "global_rope_theta", "local_rope_theta"):
         del tf5_style[k]
     assert config_from_hf(tf5_style, random_model) == config_from_hf(hf, random_model)
+    for default in ({"rope_type": "default"}, {"type": "default"}):  # what transformers 4 and 5 read as no scaling
+        assert config_from_hf({**hf, "rope_scaling": default}, random_model) == config_from_hf(hf, random_model)
 
 
 def test_token_ids_equal_transformers_on_pairs_with_truncation(tmp_path):
@@ -234,15 +245,21 @@ def test_the_pruned_heads_layout_is_refused_in_one_line():
 # ---- the pipeline, end to end, and the export in transformers 4 and 5 ------------------------------
 
 
+def train_args(data_dir: Path, model_dir: Path) -> tuple:
+    """The options every run of the pipeline shares (finetune's; sweep and adapt take them too)."""
+    return ("--task", "csv", "--data-dir", data_dir, "--model", model_dir, "--batch-size", 16, "--lr", 5e-3,
+            "--device", "cpu", "--max-length", 16, "--train-size", 64)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, sentiment_dir) -> Path:
-    """finetune, score, prune at r = 0.3, rewind and fine-tune the ticket, export (HF folder and ONNX)."""
+    """finetune, score, prune at r = 0.3, rewind and fine-tune the ticket, export (HF folder and ONNX), and
+    ticket sharing with the ticket (`st share`)."""
     tmp = tmp_path_factory.mktemp("modernbert-pipeline")
     model_dir = write_tokenizer(tmp / "model")
     tok = Tokenizer.from_dir(model_dir)
     write_model(model_dir, tok.vocab_size, tok.pad_id, initializer_range=0.02)
-    train = ("--task", "csv", "--data-dir", sentiment_dir, "--model", model_dir, "--batch-size", 16)
-    train += ("--lr", 5e-3, "--device", "cpu", "--max-length", 16, "--train-size", 64)
+    train = train_args(sentiment_dir, model_dir)
     st("finetune", *train, "--epochs", 1, "--out", tmp / "full")
     st("score", "--checkpoint", tmp / "full", "--out", tmp / "scores.json", "--device", "cpu")
     st(
@@ -258,6 +275,9 @@ def pipeline(tmp_path_factory, sentiment_dir) -> Path:
     )
     st("finetune", *train, "--epochs", 1, "--ticket", tmp / "ticket.json", "--out", tmp / "rewound")
     st("export", "--checkpoint", tmp / "rewound", "--hf", tmp / "hf", "--onnx", tmp / "model.onnx")
+    st("share", "--tasks", "csv", "--tickets", tmp / "ticket.json", "--model", model_dir, "--data-dir",
+       f"csv={sentiment_dir}", "--train-sizes", "csv=64", "--max-length", 16, "--epochs", 1, "--batch-size", 16,
+       "--lr", 5e-3, "--device", "cpu", "--out", tmp / "share")  # fmt: skip
     return tmp
 
 
@@ -268,7 +288,7 @@ def st_logits(tmp: Path):
         return model.eval(), batch, model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
 
 
-def test_pipeline_export_loads_in_transformers_4_with_st_logits(pipeline, tmp_path):
+def test_pipeline_export_loads_in_transformers_4_with_st_logits(pipeline):
     model, batch, ours = st_logits(pipeline)
     config = model.encoder.config
     assert sum(map(len, config.kept_heads)) == L * H - round(0.3 * L * H)  # rewound, physically pruned
@@ -291,8 +311,9 @@ def test_pipeline_export_loads_in_transformers_4_with_st_logits(pipeline, tmp_pa
     assert back.encoder.config == config
     with torch.no_grad():
         assert (back.eval()(batch["input_ids"], None, batch["attention_mask"]) - ours).abs().max().item() < 1e-6
-    assert export_onnx(model, tmp_path / "again.onnx") < 1e-4  # ONNX Runtime on padded pairs, the pruned graph
-    assert (pipeline / "model.onnx").stat().st_size > 0
+    onnx = (onnx_logits(pipeline / "model.onnx", batch) - ours).abs().max().item()  # `st export`'s pruned graph
+    print(f"modernbert: max |logits - ONNX Runtime| = {onnx:.1e}")
+    assert onnx < 1e-4
 
 
 def test_pipeline_export_loads_in_transformers_5_with_st_logits(pipeline):
@@ -317,6 +338,38 @@ def test_pipeline_export_loads_in_transformers_5_with_st_logits(pipeline):
     assert error < 1e-5
 
 
+def test_run_dropouts_replace_the_checkpoints_as_for_bert(pipeline):
+    """--dropout sets every encoder dropout and --head-dropout (the task's 0.1 here) the head's, whatever the
+    checkpoint says (0 in ModernBERT's); the export writes them and reads them back."""
+    pretrained = json.loads((pipeline / "model" / "config.json").read_text())
+    exported = json.loads((pipeline / "hf" / "config.json").read_text())
+    fields = ("embedding_dropout", "attention_dropout", "mlp_dropout", "classifier_dropout")
+    assert [pretrained[k] for k in fields] == [0.0] * 4 and [exported[k] for k in fields] == [0.1] * 4
+    back, _ = load_hf_classifier(pipeline / "hf")
+    assert back.classifier.dropout.p == 0.1 and back.encoder.config.mlp_dropout == 0.1
+
+
+def test_share_trains_the_ticket_and_keeps_it(pipeline):
+    metrics = json.loads((pipeline / "share" / "metrics.json").read_text())
+    assert metrics["tickets"] == "shared" and 0 <= metrics["dev"]["csv"]["accuracy"] <= 1
+    rewound, _ = load_checkpoint(pipeline / "rewound")
+    shared = load_task_model(pipeline / "share", "csv")  # one task: the shared encoder is its ticket
+    assert shared.encoder.config.kept_heads == rewound.encoder.config.kept_heads
+    assert shared.encoder.config.ffn_sizes == rewound.encoder.config.ffn_sizes
+    assert metrics["percent_remaining"] == json.loads((pipeline / "ticket.json").read_text())["percent_remaining"]
+
+
+def test_a_sweep_runs_on_modernbert(pipeline, sentiment_dir, monkeypatch):
+    # The speed-up is timed on st's model, not ONNX Runtime: the pruned graph's export is `st export`'s above,
+    # and two more ONNX exports (the full and the pruned model) would add about 8 s.
+    monkeypatch.setattr(speed, "_onnx_installed", lambda: False)
+    train = train_args(sentiment_dir, pipeline / "model")
+    st("sweep", *train, "--epochs", 1, "--ratios", 0.3, "--kinds", "winning", "--seeds", 1, "--out", pipeline / "sweep")
+    runs = json.loads((pipeline / "sweep" / "results.json").read_text())["runs"]
+    assert [(r["kind"], r["ratio"], r["error"]) for r in runs] == [("full", 0.0, None), ("winning", 0.3, None)]
+    assert runs[1]["percent_remaining"]["encoder"] < 100 and runs[1]["speedup"] > 0
+
+
 def test_export_of_a_masked_model_is_the_pruned_model(random_model, tmp_path):
     """export_hf with masks: zero rows/columns in the dense folder, the same logits as the pruned model."""
     torch.manual_seed(0)
@@ -325,6 +378,18 @@ def test_export_of_a_masked_model_is_the_pruned_model(random_model, tmp_path):
     head_mask[2, :3] = 0
     small = prune_classifier(model, head_mask, ffn_mask)
     export_hf(model, tmp_path, head_mask=head_mask, ffn_mask=ffn_mask)
+    state = load_file(tmp_path / "model.safetensors")  # what HF reads: a pruned head's slots are zeros
+    Dh, gone, kept = D // H, slice(0, 3), 3
+    qkv = state["model.layers.2.attn.Wqkv.weight"].view(3, H, Dh, D)  # [q | k | v] blocks, each H heads of Dh rows
+    qkv_bias = state["model.layers.2.attn.Wqkv.bias"].view(3, H, Dh)
+    wo = state["model.layers.2.attn.Wo.weight"].view(D, H, Dh)  # columns by head
+    assert not qkv[:, gone].any() and not qkv_bias[:, gone].any() and not wo[:, gone].any()
+    assert all(qkv[i, kept].any() for i in range(3)) and wo[:, kept].any()
+    wi, mlp_wo = state["model.layers.1.mlp.Wi.weight"], state["model.layers.1.mlp.Wo.weight"]  # the removed FFN
+    assert wi.shape == (2 * F, D) and mlp_wo.shape == (D, F)  # dense: full size, its 2·F GLU rows and F columns zero
+    assert not wi.any() and not state["model.layers.1.mlp.Wi.bias"].any()
+    assert not mlp_wo.any() and not state["model.layers.1.mlp.Wo.bias"].any()
+    assert state["model.layers.0.mlp.Wi.weight"].any() and state["model.layers.0.mlp.Wo.weight"].any()
     hf = transformers.ModernBertForSequenceClassification.from_pretrained(tmp_path).eval()
     ids, mask = padded_pairs(99, pad=3, seed=3)
     with torch.no_grad():

@@ -82,6 +82,14 @@ def read_deberta_config(hf: dict) -> dict:
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise UserError(f"it lacks {missing[0]}; it is not a complete deberta-v2 config")
+    # The fields computed with here, checked first (DebertaV2Config checks the rest): a hand-edited "768"
+    # is one line, not a TypeError.
+    for field in ("hidden_size", "num_attention_heads"):
+        if type(hf[field]) is not int or hf[field] < 1:
+            raise UserError(f"the model config's {field} must be a positive whole number, got {hf[field]!r}")
+    for field in ("conv_kernel_size", "attention_head_size", "pooler_hidden_size", "embedding_size"):
+        if hf.get(field) is not None and type(hf[field]) is not int:
+            raise UserError(f"the model config's {field} must be a whole number, got {hf[field]!r}")
     D, H = hf["hidden_size"], hf["num_attention_heads"]
     refused = (
         (hf.get("hidden_act", "gelu") != "gelu", f"hidden_act is {hf.get('hidden_act')!r}; st's DeBERTa uses 'gelu'"),
@@ -90,7 +98,7 @@ def read_deberta_config(hf: dict) -> dict:
             "conv_kernel_size > 0 asks for the v2-xlarge convolution layer, which st does not implement",
         ),
         (
-            hf.get("attention_head_size", D // H if isinstance(H, int) and H else None) != D // max(H, 1),
+            hf.get("attention_head_size", D // H) != D // H,
             f"attention_head_size {hf.get('attention_head_size')!r} is not hidden_size / num_attention_heads, "
             "which st requires",
         ),

@@ -4,8 +4,10 @@ A family is one `Family` row; reading (`st.models.weights`) and writing (`st.exp
 through it, so a family is a row (its key tables, its classes, its config both ways), not new code
 paths. The BERT families share one encoder (post-LN BERT layers); what differs is names, the embedding
 rule (BertConfig's model_type .. sinusoidal_positions fields, applied in `st.models.bert`), MPNet's
-relative-position bias and the classification head's activation. ModernBERT is its own architecture
-(`st.models.modernbert`: config_class, encoder_class) behind a row like the others.
+relative-position bias and the classification head's activation. ModernBERT and DeBERTa-v2/v3 are
+architectures of their own (`st.models.modernbert`, `st.models.deberta`: config_class, encoder_class; their
+HF names and config.json in `st.models.modernbert_hf`, `st.models.deberta_hf`) behind rows like the others,
+on the same contract (masks, packing, `st.models.units`), so nothing downstream names an architecture.
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ class Attention(nn.Module):
         return ctx.flatten(1)  # N,H·Dh
 
 
-VARLEN = True  # tests switch it off to compare against the padded path
+VARLEN = True  # False: every layer takes the padded path (bert.VARLEN's twin; no test switches this one yet)
 
 
 def layer_slice(mask: Tensor | None, i: int, unbatched_dims: int) -> Tensor | None:

@@ -6,6 +6,9 @@ configuration_modernbert.py); transformers 5's `layer_types` and `rope_parameter
 config asks for and `st.models.modernbert` does not implement is refused, one line each, never ignored;
 the fields left unread only steer transformers' runtime (compilation, flash attention) or its
 masked-LM head (sparse_prediction, decoder_bias), which a classifier does not have.
+Dropouts are BERT's: a run sets every encoder dropout (embedding, attention, MLP) to its --dropout
+(`ModernBertConfig.with_dropout`) and the task head's to --head-dropout, whatever the checkpoint says;
+an exported folder writes them (the head's as classifier_dropout) and `load_hf_classifier` reads them back.
 """
 
 from __future__ import annotations
@@ -46,6 +49,20 @@ FIELDS = (
 )  # fmt: skip
 
 
+# transformers 5's rope_parameters keys -> the 4.x theta each one holds.
+_ROPE_FIELDS = {"full_attention": "global_rope_theta", "sliding_attention": "local_rope_theta"}
+
+
+def _default_rope(rope, extra: tuple[str, ...]) -> bool:
+    """A dict asking for the default rotary embedding (`rope_type`, or its older name `type`, absent or
+    "default"), with no keys beyond those and `extra`."""
+    return (
+        isinstance(rope, dict)
+        and all(rope.get(k, "default") == "default" for k in ("rope_type", "type"))
+        and not set(rope) - {"rope_type", "type", *extra}
+    )
+
+
 def read_modernbert_config(hf: dict) -> dict:
     missing = [k for k in REQUIRED if k not in hf]
     if missing:
@@ -53,17 +70,27 @@ def read_modernbert_config(hf: dict) -> dict:
     fields = {k: hf[k] for k in FIELDS if hf.get(k) is not None}
     if hf.get("local_rope_theta", 0) is None:  # transformers: local layers then use the global theta
         fields["local_rope_theta"] = fields.get("global_rope_theta", 160000.0)
-    if hf.get("rope_scaling") is not None:
-        raise UserError(f"rope_scaling is {hf['rope_scaling']!r}; st implements ModernBERT's default rotary embeddings")
-    for kind, field in (("full_attention", "global_rope_theta"), ("sliding_attention", "local_rope_theta")):
-        rope = (hf.get("rope_parameters") or {}).get(kind) or {}
-        if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+    scaling = hf.get("rope_scaling")
+    if scaling is not None and not _default_rope(scaling, ()):  # {"rope_type": "default"}: transformers' default
+        raise UserError(f"rope_scaling is {scaling!r}; st implements ModernBERT's default rotary embeddings")
+    ropes = hf.get("rope_parameters") or {}
+    if not isinstance(ropes, dict) or set(ropes) - set(_ROPE_FIELDS):
+        raise UserError(
+            f"rope_parameters is {ropes!r}; st reads it as transformers 5 does: a dict keyed by 'full_attention' "
+            "and 'sliding_attention', each {'rope_type': 'default', 'rope_theta': ...} (transformers 5 refuses "
+            "a flat one)"
+        )
+    for kind, field in _ROPE_FIELDS.items():
+        rope = ropes.get(kind) or {}
+        if not _default_rope(rope, ("rope_theta",)):
             raise UserError(f"rope_parameters[{kind!r}] is {rope!r}; st implements the default rotary embeddings")
         fields[field] = rope.get("rope_theta", fields.get(field, ModernBertConfig.__dataclass_fields__[field].default))
     L, types = hf["num_hidden_layers"], hf.get("layer_types")
     if types is not None and isinstance(L, int):
+        if not isinstance(types, list):
+            raise UserError(f"layer_types is {types!r}; it must be a list of 'full_attention' and 'sliding_attention'")
         every = next((i for i, t in enumerate(types) if i and t == "full_attention"), max(L, 1))
-        if list(types) != ["sliding_attention" if i % every else "full_attention" for i in range(L)]:
+        if types != ["sliding_attention" if i % every else "full_attention" for i in range(L)]:
             raise UserError(f"layer_types is {types!r}; st implements a global layer every n layers, from layer 0")
         fields["global_attn_every_n_layers"] = every
     return dict(

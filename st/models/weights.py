@@ -1,5 +1,5 @@
-"""Hugging Face BERT-family checkpoints (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT) → our names,
-through one explicit key table per family with strict shapes.
+"""Hugging Face checkpoints of every supported family (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, MPNet,
+ModernBERT, DeBERTa-v2/v3) → our names, through one explicit key table per family with strict shapes.
 
 The key tables live in `st.models.families`. Checkpoints pruned by transformers 4.x
 (`pruned_heads`) load at their size; heads and FFN blocks that contribute nothing (dense,
