@@ -135,13 +135,26 @@ def build_model(spec: RunSpec, task: Task) -> BertClassifier:
         # A multi-task folder gives the task's own head and its ticket's subnetwork ("+ ST fine-tuning").
         model = shared.task_model(task.name) if shared is not None else load_checkpoint(m.init, config=init)[0]
         if model.num_labels == task.num_labels:
+            model.encoder = with_dropout(model.encoder, m.dropout)
+            model.classifier.dropout.p = head_dropout(m, task)
             return prune_to_ticket(model, m.ticket)
         encoder, pooler_state = model.encoder, model.pooler.state_dict()  # a new task (domain adaptation): a fresh head
+    encoder = with_dropout(encoder, m.dropout)
     torch.manual_seed(spec.seed)  # the same seed gives the same head, with or without a ticket
     model = BertClassifier(encoder, task.num_labels, head_dropout(m, task))
     if pooler_state is not None:  # BERT's pre-trained pooler, where the checkpoint has one
         model.pooler.load_state_dict(pooler_state)
     return prune_to_ticket(model, m.ticket)
+
+
+def with_dropout(encoder: Bert, p: float) -> Bert:
+    """`encoder` with every dropout at `p`: an st folder's (--init, adapt --from) has its maker's dropouts."""
+    config = encoder.config.with_dropout(p)
+    if config == encoder.config:
+        return encoder
+    rebuilt = build_encoder(config)
+    rebuilt.load_state_dict(encoder.state_dict())
+    return rebuilt
 
 
 def prune_to_ticket(model: BertClassifier, ticket: Ticket | None) -> BertClassifier:

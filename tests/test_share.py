@@ -493,6 +493,15 @@ def test_a_task_the_multitask_model_never_saw_starts_from_its_shared_encoder(tin
     start, csv_model = build_model(spec, build_task(spec.data)), load_task_model(tmp_path / "m", "csv")
     assert torch.equal(start.encoder.layers[0].attention.qkv.weight, csv_model.encoder.layers[0].attention.qkv.weight)
     assert not torch.equal(start.classifier.out.weight, csv_model.classifier.out.weight)
+    # the run's --dropout and --head-dropout replace the folder's (its maker's), for a new task and its own
+    for task in ("jsonl", "csv"):
+        kw = {"data_dir": str(topic_dir)} if task == "jsonl" else {"data_dir": str(sentiment_dir)}
+        spec = run_spec(task, init=str(tmp_path / "m"), seed=0, dropout=0.3, head_dropout=0.25, **kw)
+        model = build_model(spec, build_task(spec.data))
+        assert model.encoder.config == start.encoder.config.with_dropout(0.3)
+        assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3, 0.25}
+        assert model.classifier.dropout.p == 0.25
+        assert torch.equal(model.encoder.layers[0].attention.qkv.weight, start.encoder.layers[0].attention.qkv.weight)
 
 
 # ---- all nine GLUE tasks, in their official layouts ---------------------------------------------
