@@ -19,7 +19,7 @@ heads' columns.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,12 @@ from torch import Tensor, nn
 
 from st.errors import UserError
 from st.models.attention import Dropout, attend, relative_buckets
-from st.models.packing import Packing, Padded
-from st.models.units import Place, UnitLayout
+from st.models.packing import Packing, Padded, scale_tokens
+from st.models.units import LayerSizes, Place, UnitLayout
 
 
 @dataclass(frozen=True)
-class BertConfig:
+class BertConfig(LayerSizes):
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -96,24 +96,12 @@ class BertConfig:
             raise UserError(
                 f"the model config's hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
             )
-        for name, per_layer in (("kept_heads", self.kept_heads), ("ffn_sizes", self.ffn_sizes)):
-            if per_layer is not None and len(per_layer) != self.num_layers:
-                raise ValueError(f"{name} has {len(per_layer)} entries for {self.num_layers} layers")
+        self.check_layer_sizes()
 
     @property
     def max_tokens(self) -> int:
         """The longest input the position table covers (RoBERTa spends pad_token_id + 1 rows before it)."""
         return self.max_position_embeddings - (self.pad_token_id + 1 if self.positions_after_padding else 0)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def layer_heads(self, layer: int) -> tuple[int, ...]:
-        return tuple(range(self.num_heads)) if self.kept_heads is None else self.kept_heads[layer]
-
-    def layer_ffn_size(self, layer: int) -> int:
-        return self.intermediate_size if self.ffn_sizes is None else self.ffn_sizes[layer]
 
     def units(self) -> UnitLayout:
         """Where each head and FFN unit lives in a layer's weights (the contract of `st.models.units`)."""
@@ -122,18 +110,6 @@ class BertConfig:
     def with_dropout(self, p: float) -> "BertConfig":
         """This config with every dropout of the encoder at `p` (a run's --dropout)."""
         return replace(self, hidden_dropout=p, attention_dropout=p)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        d = dict(d)
-        if d.get("kept_heads") is not None:
-            d["kept_heads"] = tuple(tuple(h) for h in d["kept_heads"])
-        if d.get("ffn_sizes") is not None:
-            d["ffn_sizes"] = tuple(d["ffn_sizes"])
-        return cls(**d)
 
 
 # Q, K and V are one fused projection: head h owns Dh rows of each of its three blocks and Dh input
@@ -285,11 +261,7 @@ class Layer(nn.Module):
         a = self.attention_norm(x + self.dropout(self.attention(x, pack, head_mask, bias)))  # B,T,D or N,D
         if self.ffn is None:
             return self.ffn_norm(a)
-        f = self.dropout(self.ffn(a))  # B,T,D or N,D
-        if ffn_mask is not None:  # () or (B,)
-            if pack is not None and ffn_mask.dim() == 1:
-                ffn_mask = pack.per_token(ffn_mask)  # N
-            f = f * ffn_mask.reshape(-1, *(1,) * (f.dim() - 1)).to(f.dtype)
+        f = scale_tokens(self.dropout(self.ffn(a)), ffn_mask, pack)  # B,T,D or N,D; ffn_mask () or (B,)
         return self.ffn_norm(a + f)
 
 

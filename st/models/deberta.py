@@ -21,7 +21,7 @@ Semantics follow transformers 4.57.6's modeling_deberta_v2.py; options it has an
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -29,14 +29,14 @@ from torch import Tensor, nn
 from st.errors import UserError
 from st.models.attention import Dropout, attend
 from st.models.bert import FeedForward, check_allocatable, init_weights
-from st.models.packing import Packing, Padded
-from st.models.units import Place, UnitLayout
+from st.models.packing import Packing, Padded, scale_tokens
+from st.models.units import LayerSizes, Place, UnitLayout
 
 POSITION_TERMS = ("c2p", "p2c")
 
 
 @dataclass(frozen=True)
-class DebertaV2Config:
+class DebertaV2Config(LayerSizes):
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -106,17 +106,11 @@ class DebertaV2Config:
             raise UserError(
                 f"the model config's hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
             )
-        for name, per_layer in (("kept_heads", self.kept_heads), ("ffn_sizes", self.ffn_sizes)):
-            if per_layer is not None and len(per_layer) != self.num_layers:
-                raise ValueError(f"{name} has {len(per_layer)} entries for {self.num_layers} layers")
+        self.check_layer_sizes()
 
     @property
     def max_tokens(self) -> int:
         return self.max_position_embeddings
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def span(self) -> int:
@@ -131,12 +125,6 @@ class DebertaV2Config:
         if not self.relative_attention or self.share_att_key:
             return ()
         return tuple(name for term, name in (("c2p", "pos_k"), ("p2c", "pos_q")) if term in self.pos_att_type)
-
-    def layer_heads(self, layer: int) -> tuple[int, ...]:
-        return tuple(range(self.num_heads)) if self.kept_heads is None else self.kept_heads[layer]
-
-    def layer_ffn_size(self, layer: int) -> int:
-        return self.intermediate_size if self.ffn_sizes is None else self.ffn_sizes[layer]
 
     def units(self) -> UnitLayout:
         """BERT's layout (fused Q|K|V rows, output columns, FFN rows/columns), plus each head's rows of the
@@ -159,19 +147,11 @@ class DebertaV2Config:
         """This config with every dropout of the encoder at `p` (a run's --dropout)."""
         return replace(self, hidden_dropout=p, attention_dropout=p)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict) -> "DebertaV2Config":
-        d = dict(d)
-        if d.get("kept_heads") is not None:
-            d["kept_heads"] = tuple(tuple(h) for h in d["kept_heads"])
-        if d.get("ffn_sizes") is not None:
-            d["ffn_sizes"] = tuple(d["ffn_sizes"])
-        if isinstance(d.get("pos_att_type"), (list, tuple)):
-            d["pos_att_type"] = tuple(d["pos_att_type"])
-        return cls(**d)
+        if isinstance(d.get("pos_att_type"), list):
+            d = {**d, "pos_att_type": tuple(d["pos_att_type"])}
+        return super().from_dict(d)
 
 
 def log_buckets(relative: Tensor, buckets: int, max_position: int) -> Tensor:  # T,T long
@@ -294,11 +274,7 @@ class Layer(nn.Module):
         a = self.attention_norm(x + self.dropout(self.attention(x, pack, head_mask, rel)))  # B,T,D or N,D
         if self.ffn is None:
             return self.ffn_norm(a)
-        f = self.dropout(self.ffn(a))  # B,T,D or N,D
-        if ffn_mask is not None:  # () or (B,)
-            if pack is not None and ffn_mask.dim() == 1:
-                ffn_mask = pack.per_token(ffn_mask)  # N
-            f = f * ffn_mask.reshape(-1, *(1,) * (f.dim() - 1)).to(f.dtype)
+        f = scale_tokens(self.dropout(self.ffn(a)), ffn_mask, pack)  # B,T,D or N,D; ffn_mask () or (B,)
         return self.ffn_norm(a + f)
 
 

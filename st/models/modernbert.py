@@ -21,7 +21,7 @@ its index in its own example.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from st.errors import UserError
 from st.models.attention import Dropout, attend
 from st.models.bert import check_allocatable, init_weights
-from st.models.packing import Packing, Padded
-from st.models.units import Place, UnitLayout
+from st.models.packing import Packing, Padded, scale_tokens
+from st.models.units import LayerSizes, Place, UnitLayout
 
 # The activations st implements, by their transformers names (ACT2FN): "gelu" is the exact (erf) one.
 # Encoders' MLPs and task heads (`st.models.heads`) alike.
@@ -46,7 +46,7 @@ POOLINGS = ("cls", "mean")
 
 
 @dataclass(frozen=True)
-class ModernBertConfig:
+class ModernBertConfig(LayerSizes):
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -97,9 +97,7 @@ class ModernBertConfig:
                 f"the model config's hidden_size {self.hidden_size} must be num_heads {self.num_heads} times an "
                 "even head size (rotary embeddings turn pairs of features)"
             )
-        for name, per_layer in (("kept_heads", self.kept_heads), ("ffn_sizes", self.ffn_sizes)):
-            if per_layer is not None and len(per_layer) != self.num_layers:
-                raise ValueError(f"{name} has {len(per_layer)} entries for {self.num_layers} layers")
+        self.check_layer_sizes()
 
     @property
     def max_tokens(self) -> int:
@@ -109,18 +107,8 @@ class ModernBertConfig:
     def type_vocab_size(self) -> int:
         return 0  # no token types: pairs are told apart by [SEP] alone (ONNX and speed feeds read this)
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
     def is_global(self, layer: int) -> bool:
         return layer % self.global_attn_every_n_layers == 0
-
-    def layer_heads(self, layer: int) -> tuple[int, ...]:
-        return tuple(range(self.num_heads)) if self.kept_heads is None else self.kept_heads[layer]
-
-    def layer_ffn_size(self, layer: int) -> int:
-        return self.intermediate_size if self.ffn_sizes is None else self.ffn_sizes[layer]
 
     def units(self) -> UnitLayout:
         """Where each head and FFN unit lives in a layer's weights (the contract of `st.models.units`)."""
@@ -129,18 +117,6 @@ class ModernBertConfig:
     def with_dropout(self, p: float) -> "ModernBertConfig":
         """This config with every dropout of the encoder at `p` (a run's --dropout)."""
         return replace(self, embedding_dropout=p, attention_dropout=p, mlp_dropout=p)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModernBertConfig":
-        d = dict(d)
-        if d.get("kept_heads") is not None:
-            d["kept_heads"] = tuple(tuple(h) for h in d["kept_heads"])
-        if d.get("ffn_sizes") is not None:
-            d["ffn_sizes"] = tuple(d["ffn_sizes"])
-        return cls(**d)
 
 
 def _number(v) -> bool:
@@ -287,12 +263,7 @@ class Layer(nn.Module):
         x = x + self.attention(self.attention_norm(x), pack, rope, mask, head_mask)
         if self.ffn is None:
             return x
-        f = self.ffn(x)  # N,D or B,T,D
-        if ffn_mask is not None:  # () or (B,)
-            if pack is not None and ffn_mask.dim() == 1:
-                ffn_mask = pack.per_token(ffn_mask)  # N (Padded: B,1)
-            f = f * ffn_mask.reshape(-1, *(1,) * (f.dim() - 1)).to(f.dtype)
-        return x + f
+        return x + scale_tokens(self.ffn(x), ffn_mask, pack)  # N,D or B,T,D; ffn_mask () or (B,)
 
 
 class Embeddings(nn.Module):

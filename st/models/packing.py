@@ -63,3 +63,12 @@ class Padded(Packing):
 
     def per_token(self, mask: Tensor) -> Tensor:  # a per-example (B,) mask, broadcast over B,T
         return mask[:, None]
+
+
+def scale_tokens(x: Tensor, mask: Tensor | None, pack: Packing | None) -> Tensor:  # N,D or B,T,D
+    """x times one layer's mask entry: one number () or one per example (B,), spread over its tokens."""
+    if mask is None:
+        return x
+    if pack is not None and mask.dim() == 1:
+        mask = pack.per_token(mask)  # N (Padded: B,1)
+    return x * mask.reshape(-1, *(1,) * (x.dim() - 1)).to(x.dtype)

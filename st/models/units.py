@@ -14,10 +14,45 @@ its current order (after pruning, its kept heads; an FFN block's first `width` u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
+
+
+class LayerSizes:
+    """What every architecture's config says alike about its layers' sizes: each layer's kept heads
+    (original indices) and FFN width after physical pruning, None before. A base of the frozen config
+    dataclasses, whose fields include num_layers, num_heads, hidden_size, intermediate_size,
+    kept_heads and ffn_sizes."""
+
+    def check_layer_sizes(self) -> None:
+        for name, per_layer in (("kept_heads", self.kept_heads), ("ffn_sizes", self.ffn_sizes)):
+            if per_layer is not None and len(per_layer) != self.num_layers:
+                raise ValueError(f"{name} has {len(per_layer)} entries for {self.num_layers} layers")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def layer_heads(self, layer: int) -> tuple[int, ...]:
+        return tuple(range(self.num_heads)) if self.kept_heads is None else self.kept_heads[layer]
+
+    def layer_ffn_size(self, layer: int) -> int:
+        return self.intermediate_size if self.ffn_sizes is None else self.ffn_sizes[layer]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The config of a config.json's dict: JSON's lists back to the tuples a frozen config holds."""
+        d = dict(d)
+        if d.get("kept_heads") is not None:
+            d["kept_heads"] = tuple(tuple(h) for h in d["kept_heads"])
+        if d.get("ffn_sizes") is not None:
+            d["ffn_sizes"] = tuple(d["ffn_sizes"])
+        return cls(**d)
 
 
 @dataclass(frozen=True)
