@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from st.errors import UserError
 from st.models.attention import Dropout, attend, relative_buckets
-from st.models.packing import Packing, Padded, scale_tokens
+from st.models.packing import Packing, pack_batch, scale_tokens
 from st.models.units import LayerSizes, Place, UnitLayout
 
 
@@ -288,12 +288,7 @@ class Bert(nn.Module):
         packed: bool = True,  # False: keep B,T and only mask attention (graphs without data-dependent shapes)
     ) -> Tensor:  # B,T,D
         x = self.embeddings(input_ids, token_type_ids)  # B,T,D
-        pack = None
-        if not packed and attention_mask is not None:
-            pack = Padded(attention_mask, x.dtype)
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            pack = Packing(attention_mask)
-            x = pack.pack(x)  # N,D: from here on, padding costs nothing outside attention
+        x, pack = pack_batch(x, attention_mask, packed)  # N,D: padding costs nothing outside attention
         bias = None if self.relative_bias is None else self.position_bias(input_ids.shape[1], pack)
         for i, layer in enumerate(self.layers):
             x = layer(x, pack, _layer_slice(head_mask, i, 2), _layer_slice(ffn_mask, i, 1), bias)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from st.errors import UserError
 from st.models.attention import Dropout, attend
 from st.models.bert import FeedForward, check_allocatable, init_weights
-from st.models.packing import Packing, Padded, scale_tokens
+from st.models.packing import Packing, pack_batch, scale_tokens
 from st.models.units import LayerSizes, Place, UnitLayout
 
 POSITION_TERMS = ("c2p", "p2c")
@@ -301,12 +301,7 @@ class DebertaV2(nn.Module):
         packed: bool = True,  # False: keep B,T and only mask attention (graphs without data-dependent shapes)
     ) -> Tensor:  # B,T,D
         x = self.embeddings(input_ids, token_type_ids)  # B,T,D
-        pack = None
-        if not packed and attention_mask is not None:
-            pack = Padded(attention_mask, x.dtype)
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            pack = Packing(attention_mask)
-            x = pack.pack(x)  # N,D: from here on, padding costs nothing outside attention
+        x, pack = pack_batch(x, attention_mask, packed)  # N,D: padding costs nothing outside attention
         x = self.dropout(x)
         rel = self.relative(input_ids.shape[1], input_ids.device, trim=packed)
         for i, layer in enumerate(self.layers):

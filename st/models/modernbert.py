@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from st.errors import UserError
 from st.models.attention import Dropout, attend
 from st.models.bert import check_allocatable, init_weights
-from st.models.packing import Packing, Padded, scale_tokens
+from st.models.packing import Packing, Padded, pack_batch, scale_tokens
 from st.models.units import LayerSizes, Place, UnitLayout
 
 # The activations st implements, by their transformers names (ACT2FN): "gelu" is the exact (erf) one.
@@ -300,12 +300,7 @@ class ModernBert(nn.Module):
         c, T = self.config, input_ids.shape[1]
         x = self.embeddings(input_ids)  # B,T,D
         positions = torch.arange(T, device=input_ids.device)  # T
-        pack = None
-        if not packed and attention_mask is not None:
-            pack = Padded(attention_mask, x.dtype)
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            pack = Packing(attention_mask)
-            x = pack.pack(x)  # N,D: from here on, padding costs nothing outside attention
+        x, pack = pack_batch(x, attention_mask, packed)  # N,D: padding costs nothing outside attention
         ropes = {theta: rotary(positions, c.head_dim, theta) for theta in {c.global_rope_theta, c.local_rope_theta}}
         global_mask = None if pack is None else pack.key_padding  # B,1,1,T
         local = not all(c.is_global(i) for i in range(c.num_layers))

@@ -65,6 +65,17 @@ class Padded(Packing):
         return mask[:, None]
 
 
+def pack_batch(x: Tensor, attention_mask: Tensor | None, packed: bool) -> tuple[Tensor, Packing | None]:
+    """(x, its packing) for an encoder's layers: a batch with padding as its N real tokens (Packing), or,
+    not `packed`, kept B,T with attention masked (Padded); a batch without padding as it is (None)."""
+    if attention_mask is None or (packed and bool(attention_mask.all())):
+        return x, None  # B,T,D
+    if not packed:
+        return x, Padded(attention_mask, x.dtype)  # B,T,D
+    pack = Packing(attention_mask)
+    return pack.pack(x), pack  # N,D
+
+
 def scale_tokens(x: Tensor, mask: Tensor | None, pack: Packing | None) -> Tensor:  # N,D or B,T,D
     """x times one layer's mask entry: one number () or one per example (B,), spread over its tokens."""
     if mask is None:
