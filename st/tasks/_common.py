@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Iterable, Sequence, TypeVar
 
@@ -69,6 +70,13 @@ def stratified_splits(labels: Sequence[int], test_size: float, seed: int) -> dic
     train, rest = train_test_split(list(range(len(labels))), test_size=test_size, stratify=labels, random_state=seed)
     dev, test = train_test_split(rest, test_size=0.5, stratify=[labels[i] for i in rest], random_state=seed)
     return {"train": sorted(train), "dev": sorted(dev), "test": sorted(test)}
+
+
+def as_text(value) -> str | None:
+    """A field as a string: JSON numbers and booleans in their JSON spelling (1, true), None when absent."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
 
 
 def read_text(path: Path) -> str:

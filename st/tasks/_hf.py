@@ -11,13 +11,13 @@ Only parquet, arrow and JSON are read (never a loading script), so a folder from
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from st.errors import UserError
+from st.tasks._common import as_text
 
 INSTALL = "pip install 'st[datasets]'"
 # train-00000-of-00003 -> train; older push_to_hub added a hash: train-00000-of-00001-5d5fd3a1b2 -> train
@@ -198,14 +198,12 @@ def text_values(ds, name: str, where: str, fix: str) -> list[str]:
     a missing value or a list is one line naming its row (`where` names the split), with `fix`."""
     values = column_values(ds, name)
     for i, value in enumerate(values):
-        if isinstance(value, str):
-            continue
-        if isinstance(value, (bool, int, float)):
-            values[i] = json.dumps(value)
-            continue
-        what = "is empty (null)" if value is None else f"holds a {type(value).__name__} ({str(value)[:40]}), not text"
-        raise UserError(f"{where}, row {i}: the {name!r} column {what}; {fix}")
-    return values
+        if value is None or not isinstance(value, (str, bool, int, float)):
+            what = (
+                "is empty (null)" if value is None else f"holds a {type(value).__name__} ({str(value)[:40]}), not text"
+            )
+            raise UserError(f"{where}, row {i}: the {name!r} column {what}; {fix}")
+    return [as_text(value) for value in values]
 
 
 def class_name(names: Sequence[str], raw, where: str, column: str) -> str:

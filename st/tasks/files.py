@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 from st.errors import UserError
 from st.io import strict_json
 from st.tasks import Example, register_task
-from st.tasks._common import check_split, compute_metrics, write_predictions
+from st.tasks._common import as_text, check_split, compute_metrics, write_predictions
 
 SPLITS = ("train", "dev", "test")
 
@@ -67,13 +67,6 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 yield line, row
         except UnicodeDecodeError as e:
             raise UserError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None
-
-
-def _as_text(value) -> str | None:
-    """A field as a string: JSON numbers and booleans in their JSON spelling (1, true), None when absent."""
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value)
 
 
 def _label_order(names) -> tuple[str, ...]:
@@ -155,9 +148,9 @@ class FileTask:
         for line, row in rows:
             if self.fmt == "jsonl":
                 self._check_columns(path, line, row, label_optional)
-            guid = _as_text(row.get("id")) or str(line)
-            texts = tuple(_as_text(row[c]) for c in self.text_columns)
-            label = _as_text(row.get(self.label_column))
+            guid = as_text(row.get("id")) or str(line)
+            texts = tuple(as_text(row[c]) for c in self.text_columns)
+            label = as_text(row.get(self.label_column))
             if label == "":
                 if not label_optional:
                     raise UserError(
